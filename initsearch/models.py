@@ -1,0 +1,365 @@
+"""Proxy networks for the search: an MLP, a plain VGG-style CNN and a small residual CNN.
+
+A study trains many of these briefly, so they are small, and their module names are stable and readable:
+policies refer to layers by name (``fc1``, ``conv3``, ``stages.1.0.conv2``, ``out``), and the same names
+exist at every width, so a policy searched on a narrow proxy (``width_multiplier: 0.5``) applies by name to
+the full-width one. A user's own model is built from a Hydra ``_target_`` instead.
+
+Every bad value raises ``initsearch.errors.ConfigError`` whose message names the config key, e.g.
+``model.depth: must be >= 1, got 0``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from initsearch.activations import ACTIVATIONS, make_activation
+from initsearch.errors import ConfigError
+
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "rescnn")
+MLP_NORMS: tuple[str, ...] = ("batch", "layer")
+CONV_NORMS: tuple[str, ...] = ("batch",)
+
+
+# --------------------------------------------------------------------------------------------------------
+# value checks (each raises ConfigError naming the key)
+# --------------------------------------------------------------------------------------------------------
+def _int_at_least(key: str, value: Any, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``minimum``, else ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _int_list(key: str, values: Any, minimum: int = 1) -> list[int]:
+    """A non-empty sequence of integers >= ``minimum`` as a list, else ConfigError naming ``key``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ConfigError(f"{key}: must be a non-empty list of integers, got {values!r}")
+    return [_int_at_least(f"{key}[{i}]", v, minimum) for i, v in enumerate(values)]
+
+
+def _activation_names(key: str, activation: str | Sequence[str], count: int) -> list[str]:
+    """One activation name per hidden layer: a single name is repeated, a list must have ``count`` names."""
+    names = [activation] * count if isinstance(activation, str) else list(activation)
+    if len(names) != count:
+        raise ConfigError(f"{key}: expected one name or a list of {count} names, got {len(names)}: {activation!r}")
+    for i, name in enumerate(names):
+        if name not in ACTIVATIONS:
+            where = key if isinstance(activation, str) else f"{key}[{i}]"
+            raise ConfigError(f"{where}: unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return names
+
+
+def _norm_name(key: str, norm: str | None, allowed: tuple[str, ...]) -> str | None:
+    """``norm`` if it is ``None`` or one of ``allowed``, else ConfigError naming ``key``."""
+    if norm is not None and norm not in allowed:
+        raise ConfigError(f"{key}: must be null or one of {', '.join(allowed)}, got {norm!r}")
+    return norm
+
+
+def _shape(input_shape: Sequence[int], ndim: int | None = None) -> tuple[int, ...]:
+    """The input shape (without the batch dimension) as a tuple of positive ints."""
+    shape = tuple(_int_list("model.input_shape", input_shape))
+    if ndim is not None and len(shape) != ndim:
+        raise ConfigError(f"model.input_shape: this model needs {ndim} dimensions (C, H, W), got {shape}")
+    return shape
+
+
+# --------------------------------------------------------------------------------------------------------
+# the proxies
+# --------------------------------------------------------------------------------------------------------
+class _FlatSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose slices are plain ``nn.Sequential``s (``model[:-2]`` keeps the names).
+
+    ``nn.Sequential`` builds a slice by calling ``self.__class__`` with the modules, which a subclass with
+    its own constructor arguments cannot take.
+    """
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+
+class MLP(_FlatSequential):
+    """A fully connected net: ``flatten, fc1, [norm1], act1, [drop1], fc2, ..., out``.
+
+    ``depth`` counts the Linear layers including ``out`` (depth 1 is logistic regression on the flattened
+    input). ``activation`` is one name for every hidden layer or a list of ``depth - 1`` names. ``norm``
+    (``"batch"`` or ``"layer"``) sits between each hidden Linear and its activation; dropout follows the
+    activation. It is a flat ``nn.Sequential`` so the module names are the ones listed, with no prefix.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, depth: int = 3, width: int = 128,
+                 activation: str | Sequence[str] = "relu", norm: str | None = None, dropout: float = 0.0) -> None:
+        shape = _shape(input_shape)
+        num_classes = _int_at_least("model.num_classes", num_classes, 1)
+        depth = _int_at_least("model.depth", depth, 1)
+        width = _int_at_least("model.width", width, 1)
+        acts = _activation_names("model.activation", activation, depth - 1)
+        norm = _norm_name("model.norm", norm, MLP_NORMS)
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {dropout!r}")
+        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        fan_in = math.prod(shape)
+        for i, act in enumerate(acts, start=1):
+            layers[f"fc{i}"] = nn.Linear(fan_in, width)
+            if norm is not None:
+                layers[f"norm{i}"] = nn.BatchNorm1d(width) if norm == "batch" else nn.LayerNorm(width)
+            layers[f"act{i}"] = make_activation(act)
+            if dropout > 0:
+                layers[f"drop{i}"] = nn.Dropout(float(dropout))
+            fan_in = width
+        layers["out"] = nn.Linear(fan_in, num_classes)
+        super().__init__(layers)
+
+
+class CNN(_FlatSequential):
+    """A plain VGG-style CNN: ``conv1, [norm1], act1, [pool1], conv2, ..., gap, flatten, [fc1, act_fc], out``.
+
+    Convolutions keep the spatial size (padding ``kernel_size // 2``). A ``MaxPool2d(2)`` named
+    ``pool{i}`` follows conv ``i`` when ``i`` is a multiple of ``pool_every`` and the feature map is still
+    at least 2x2, so the map never shrinks below 1x1 (8x8 inputs with 4 convs pool after conv1-3 only).
+    ``activation`` is one name, or a list with one name per conv plus one for ``fc1`` when ``fc_width`` is
+    set. With ``norm="batch"`` a ``BatchNorm2d`` sits between each conv and its activation, and the conv
+    has no bias (the norm's shift replaces it).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64, 128),
+                 activation: str | Sequence[str] = "relu", norm: str | None = None, pool_every: int = 1,
+                 kernel_size: int = 3, fc_width: int | None = None) -> None:
+        in_ch, height, width = _shape(input_shape, ndim=3)
+        num_classes = _int_at_least("model.num_classes", num_classes, 1)
+        chans = _int_list("model.channels", channels)
+        pool_every = _int_at_least("model.pool_every", pool_every, 1)
+        kernel_size = _int_at_least("model.kernel_size", kernel_size, 1)
+        if fc_width is not None:
+            fc_width = _int_at_least("model.fc_width", fc_width, 1)
+        acts = _activation_names("model.activation", activation, len(chans) + (fc_width is not None))
+        norm = _norm_name("model.norm", norm, CONV_NORMS)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        for i, (out_ch, act) in enumerate(zip(chans, acts), start=1):
+            layers[f"conv{i}"] = nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=norm is None)
+            if norm is not None:
+                layers[f"norm{i}"] = nn.BatchNorm2d(out_ch)
+            layers[f"act{i}"] = make_activation(act)
+            height, width = _conv_out(height, kernel_size), _conv_out(width, kernel_size)
+            if i % pool_every == 0 and min(height, width) >= 2:
+                layers[f"pool{i}"] = nn.MaxPool2d(2)
+                height, width = height // 2, width // 2
+            in_ch = out_ch
+        layers["gap"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten()
+        if fc_width is not None:
+            layers["fc1"] = nn.Linear(in_ch, fc_width)
+            layers["act_fc"] = make_activation(acts[-1])
+            in_ch = fc_width
+        layers["out"] = nn.Linear(in_ch, num_classes)
+        super().__init__(layers)
+
+
+def _conv_out(size: int, kernel_size: int) -> int:
+    """Spatial size after a stride-1 conv with padding ``k // 2`` (same size for odd ``k``, +1 for even)."""
+    return size + 2 * (kernel_size // 2) - kernel_size + 1
+
+
+class BasicBlock(nn.Module):
+    """A residual basic block: ``act2(norm2(conv2(act1(norm1(conv1(x))))) + shortcut(x))``.
+
+    The shortcut is the identity, or a 1x1 conv ``proj`` (followed by ``proj_norm`` when normalized) when
+    the channel count or the stride changes. ``conv1`` carries the stride.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, activation: str, norm: str | None) -> None:
+        super().__init__()
+        bias = norm is None
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=bias)
+        self.norm1 = nn.BatchNorm2d(out_ch) if norm else nn.Identity()
+        self.act1 = make_activation(activation)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=bias)
+        self.norm2 = nn.BatchNorm2d(out_ch) if norm else nn.Identity()
+        needs_proj = in_ch != out_ch or stride != 1
+        self.proj = nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=bias) if needs_proj else None
+        self.proj_norm = nn.BatchNorm2d(out_ch) if needs_proj and norm else None
+        self.act2 = make_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        shortcut = x
+        if self.proj is not None:
+            shortcut = self.proj(x)
+            if self.proj_norm is not None:
+                shortcut = self.proj_norm(shortcut)
+        return self.act2(branch + shortcut)
+
+
+class ResCNN(nn.Module):
+    """A small residual CNN: ``stem`` (3x3 conv), ``stages.{s}.{b}`` basic blocks, ``gap``, ``out``.
+
+    Stage ``s`` has ``channels[s]`` channels and ``blocks_per_stage`` blocks. The first block of every stage
+    after the first halves the spatial size (stride 2) while the map is at least 2x2. ``activation`` is one
+    name for every activation; ``norm="batch"`` adds ``BatchNorm2d`` after each conv (``stem_norm``,
+    ``stages.{s}.{b}.norm1/norm2/proj_norm``); without it those slots are ``nn.Identity`` (or absent).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 64),
+                 blocks_per_stage: int = 1, activation: str = "relu", norm: str | None = None) -> None:
+        super().__init__()
+        in_ch, height, width = _shape(input_shape, ndim=3)
+        num_classes = _int_at_least("model.num_classes", num_classes, 1)
+        chans = _int_list("model.channels", channels)
+        blocks = _int_at_least("model.blocks_per_stage", blocks_per_stage, 1)
+        if not isinstance(activation, str):
+            raise ConfigError(f"model.activation: ResCNN takes one activation name, got {activation!r}")
+        act = _activation_names("model.activation", activation, 1)[0]
+        norm = _norm_name("model.norm", norm, CONV_NORMS)
+        self.stem = nn.Conv2d(in_ch, chans[0], 3, padding=1, bias=norm is None)
+        self.stem_norm = nn.BatchNorm2d(chans[0]) if norm else nn.Identity()
+        self.stem_act = make_activation(act)
+        stages: list[nn.Sequential] = []
+        size, prev = min(height, width), chans[0]
+        for s, out_ch in enumerate(chans):
+            stride = 2 if s > 0 and size >= 2 else 1
+            size = (size + 1) // 2 if stride == 2 else size
+            stage = [BasicBlock(prev if b == 0 else out_ch, out_ch, stride if b == 0 else 1, act, norm)
+                     for b in range(blocks)]
+            stages.append(nn.Sequential(*stage))
+            prev = out_ch
+        self.stages = nn.Sequential(*stages)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(prev, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_act(self.stem_norm(self.stem(x)))
+        return self.out(self.flatten(self.gap(self.stages(x))))
+
+
+# --------------------------------------------------------------------------------------------------------
+# width multiplier and the config entry point
+# --------------------------------------------------------------------------------------------------------
+def scale_width(width_or_channels: int | Sequence[int], multiplier: float) -> int | list[int]:
+    """Scale a width (or each of a list of channel counts) by ``multiplier``: ``max(1, round(w * m))``.
+
+    Only sizes change, never names, so a policy searched at ``0.5`` applies by name at ``1.0``. Python's
+    ``round`` rounds halves to even (``round(2.5) == 2``). Raises ``ValueError`` for a multiplier that is
+    not a positive finite number or a width below 1.
+    """
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) \
+            or not math.isfinite(multiplier) or multiplier <= 0:
+        raise ValueError(f"width multiplier must be a positive finite number, got {multiplier!r}")
+
+    def one(w: int) -> int:
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"width must be an integer >= 1, got {w!r}")
+        return max(1, round(w * multiplier))
+
+    if isinstance(width_or_channels, Sequence):
+        return [one(w) for w in width_or_channels]
+    return one(width_or_channels)
+
+
+_BUILTIN: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "rescnn": ResCNN}
+_WIDTH_KEYS: dict[str, tuple[str, ...]] = {"mlp": ("width",), "cnn": ("channels", "fc_width"), "rescnn": ("channels",)}
+
+
+def build_model(cfg: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build a proxy from a model config (a dict or an OmegaConf ``DictConfig``).
+
+    Either ``cfg["name"]`` is ``mlp``, ``cnn`` or ``rescnn`` and the other keys are that constructor's
+    arguments plus ``width_multiplier`` (default 1.0, applied to ``width``/``channels``/``fc_width``
+    through ``scale_width``); unknown keys are refused (they are usually typos). Or ``cfg["_target_"]``
+    names a user's class (``package.module.Class``) built by ``hydra.utils.instantiate``; ``input_shape``
+    and ``num_classes`` are passed to it only where the config does not set them and the class accepts
+    them (a named parameter or ``**kwargs``). ``_target_`` wins over ``name``.
+    """
+    plain = _to_plain_dict(cfg)
+    if "_target_" in plain:
+        return _build_target(plain, input_shape, num_classes)
+    name = plain.pop("name", None)
+    if name not in _BUILTIN:
+        raise ConfigError(f"model.name: must be one of {', '.join(MODEL_NAMES)} (or give a _target_), got {name!r}")
+    multiplier = plain.pop("width_multiplier", 1.0)
+    _check_keys(name, plain)
+    params = inspect.signature(_BUILTIN[name].__init__).parameters
+    for key in _WIDTH_KEYS[name]:
+        value = plain.get(key, params[key].default)
+        if value is not None:
+            plain[key] = _scaled(key, value, multiplier)
+    return _BUILTIN[name](input_shape, num_classes, **plain)
+
+
+def _to_plain_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain ``dict`` copy of the config (OmegaConf containers resolved and converted)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"model: must be a mapping, got {type(cfg).__name__}")
+    return dict(cfg)
+
+
+def _check_keys(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse keys that the constructor of ``name`` does not take."""
+    params = inspect.signature(_BUILTIN[name].__init__).parameters
+    allowed = [p for p in params if p not in ("self", "input_shape", "num_classes")]
+    for key in kwargs:
+        if key not in allowed:
+            raise ConfigError(f"model.{key}: unknown key for {name}; expected one of "
+                              f"{', '.join(['name', 'width_multiplier', *allowed])}")
+
+
+def _scaled(key: str, value: Any, multiplier: Any) -> int | list[int]:
+    """``scale_width`` with errors turned into ConfigErrors naming the key."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = _int_list(f"model.{key}", value)
+    else:
+        value = _int_at_least(f"model.{key}", value, 1)
+    try:
+        return scale_width(value, multiplier)
+    except ValueError as err:
+        raise ConfigError(f"model.width_multiplier: {err}") from err
+
+
+def _build_target(cfg: dict[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Instantiate a user's ``_target_``, adding ``input_shape``/``num_classes`` where it takes them."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object, instantiate
+
+    target = cfg["_target_"]
+    try:
+        obj = get_object(target)
+    except Exception as err:
+        raise ConfigError(f"model._target_: cannot import {target!r}: {err}") from err
+    extra = {key: value for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes))
+             if key not in cfg and _accepts(obj, key)}
+    cfg.setdefault("_convert_", "all")
+    cfg["_partial_"] = True  # call it ourselves, so input_shape reaches it as a tuple, not an OmegaConf list
+    try:
+        model = instantiate(cfg)(**extra)
+    except InstantiationException as err:
+        raise ConfigError(f"model._target_: building {target!r} failed: {err}") from err
+    except Exception as err:
+        raise ConfigError(f"model._target_: {target!r} raised {type(err).__name__}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_: {target!r} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _accepts(obj: Any, name: str) -> bool:
+    """Whether calling ``obj`` accepts a keyword argument ``name``."""
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
+               for p in params)
