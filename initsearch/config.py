@@ -1,0 +1,161 @@
+"""The composed Hydra config -> typed, validated settings, before anything is trained or written.
+
+Every invalid value raises ``ConfigError`` with one line that names the key, e.g.
+``n_trials: must be a whole number >= 1, got 0``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from initsearch.errors import ConfigError
+from initsearch.scoring import check_aggregate, check_metric, direction
+from initsearch.space import BASELINE_NAMES, SearchSpace, space_from_config
+from initsearch.train import TrainConfig
+
+DEFAULT_STORAGE = "initsearch.journal"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SAMPLERS = ("tpe", "random", "cmaes", "gp")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    metric: str
+    target_acc: float
+    seeds: int
+    aggregate: str
+
+    @property
+    def direction(self) -> str:
+        return direction(self.metric)
+
+
+@dataclass(frozen=True)
+class PrescreenSettings:
+    enabled: bool
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything a study needs, validated. ``model`` and ``data`` stay plain dicts: they are checked where
+    they are used (``build_model``, ``load_dataset``), which happens before any trial runs."""
+
+    study_name: str
+    n_trials: int
+    timeout: float | None
+    seed: int
+    storage: str
+    tracking_uri: str | None
+    device: str
+    verbose: bool
+    baselines: tuple[str, ...]
+    score: ScoreSettings
+    prescreen: PrescreenSettings
+    lsuv_batch: int
+    model: dict[str, Any]
+    data: dict[str, Any]
+    train: TrainConfig
+    space: SearchSpace
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+
+    @property
+    def eval_seeds(self) -> list[int]:
+        """The training seeds every candidate is scored on (the same for all, so they compare fairly)."""
+        return [self.seed * 1000 + i for i in range(self.score.seeds)]
+
+
+def _int(value: Any, key: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}: must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+def _number(value: Any, key: str, low: float | None = None, high: float | None = None, open_low: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if open_low else value >= low)) and (high is None or value <= high)
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}]" if low is not None else "finite"
+        raise ConfigError(f"{key}: must be a number in {bounds}, got {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    return value
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
+    """Validate the composed config; raise ``ConfigError`` naming the first bad key."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c.pop("hydra", None)
+    score = c.get("score") or {}
+    metric = score.get("metric")
+    check_metric(metric)
+    check_aggregate(score.get("aggregate"))
+    baselines = c.get("baselines") or []
+    if isinstance(baselines, str) or not isinstance(baselines, list):
+        raise ConfigError(f"baselines: must be a list of names, got {baselines!r}")
+    for i, name in enumerate(baselines):
+        if name not in BASELINE_NAMES:
+            raise ConfigError(f"baselines[{i}]: unknown baseline {name!r}; expected any of {', '.join(BASELINE_NAMES)}")
+    prescreen = c.get("prescreen") or {}
+    sampler = dict(c.get("sampler") or {})
+    if sampler.get("name") not in SAMPLERS:
+        raise ConfigError(f"sampler.name: unknown sampler {sampler.get('name')!r}; expected one of {', '.join(SAMPLERS)}")
+    pruner = dict(c.get("pruner") or {})
+    if pruner.get("name") not in PRUNERS:
+        raise ConfigError(f"pruner.name: unknown pruner {pruner.get('name')!r}; expected one of {', '.join(PRUNERS)}")
+    timeout = c.get("timeout")
+    device = _str(c.get("device", "auto"), "device")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {device!r}")
+    model = c.get("model")
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: must be a mapping, got {model!r}")
+    data = c.get("data")
+    if not isinstance(data, dict):
+        raise ConfigError(f"data: must be a mapping, got {data!r}")
+    return StudySettings(
+        study_name=_str(c.get("study_name"), "study_name"),
+        n_trials=_int(c.get("n_trials"), "n_trials", 1),
+        timeout=None if timeout is None else _number(timeout, "timeout", 0, open_low=True),
+        seed=_int(c.get("seed"), "seed", 0),
+        storage=_str(c.get("storage") or DEFAULT_STORAGE, "storage"),
+        tracking_uri=c.get("tracking_uri") or None,
+        device=device,
+        verbose=_bool(c.get("verbose", False), "verbose"),
+        baselines=tuple(baselines),
+        score=ScoreSettings(
+            metric=metric,
+            target_acc=_number(score.get("target_acc", 0.9), "score.target_acc", 0, 1, open_low=True),
+            seeds=_int(score.get("seeds", 1), "score.seeds", 1),
+            aggregate=score.get("aggregate"),
+        ),
+        prescreen=PrescreenSettings(
+            enabled=_bool(prescreen.get("enabled", False), "prescreen.enabled"),
+            low=_number(prescreen.get("low", 1e-3), "prescreen.low", 0, open_low=True),
+            high=_number(prescreen.get("high", 1e3), "prescreen.high", 0, open_low=True),
+        ),
+        lsuv_batch=_int(c.get("lsuv_batch", 256), "lsuv_batch", 2),
+        model=model,
+        data=data,
+        train=TrainConfig.from_mapping(c.get("train") or {}),
+        space=space_from_config(c.get("search_space") or {}),
+        sampler=sampler,
+        pruner=pruner,
+    )

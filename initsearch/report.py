@@ -1,0 +1,106 @@
+"""The end-of-study summary: a pandas table of every trial, led by "best found vs best baseline"."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+
+@dataclass
+class StudySummary:
+    """The table (one row per trial, best first) and the headline figures."""
+
+    table: pd.DataFrame
+    metric: str
+    direction: str
+    best: FrozenTrial | None  # best complete trial, baseline or searched
+    best_search: FrozenTrial | None
+    best_baseline: FrozenTrial | None
+
+    @property
+    def improvement_pct(self) -> float | None:
+        """How much better the best searched trial is than the best baseline, in percent of the baseline's
+        score (positive = better, whatever the direction). ``None`` when either is missing."""
+        if self.best_search is None or self.best_baseline is None:
+            return None
+        found, base = self.best_search.value, self.best_baseline.value
+        if base == 0 or not (math.isfinite(found) and math.isfinite(base)):
+            return None
+        gain = (base - found) if self.direction == "minimize" else (found - base)
+        return 100.0 * gain / abs(base)
+
+    def headline(self) -> str:
+        if self.best_search is None or self.best_baseline is None:
+            return "best found vs best baseline: n/a (no complete " + ("searched trial)" if self.best_search is None else "baseline)")
+        pct = self.improvement_pct
+        verdict = "better" if pct is not None and pct > 0 else "not better"
+        pct_s = "n/a" if pct is None else f"{pct:+.1f}%"
+        return (
+            f"best found vs best baseline: {pct_s} ({verdict}) on {self.metric}: "
+            f"trial {self.best_search.number} {self.best_search.value:.4g} vs "
+            f"{self.best_baseline.user_attrs.get('baseline')} {self.best_baseline.value:.4g}"
+        )
+
+    def format(self, top: int = 10) -> str:
+        """The headline, the winner's per-seed scores, and the table of the best searched trials plus every baseline."""
+        lines = [self.headline()]
+        if self.best is not None:
+            seeds = self.best.user_attrs.get("seed_scores") or []
+            lines.append(
+                f"winner: trial {self.best.number} ({_kind(self.best)}), {self.metric} per seed: "
+                + ", ".join(f"{v:.4g}" for v in seeds)
+            )
+        t = self.table
+        shown = pd.concat([t[t.kind == "search"].head(top), t[t.kind != "search"]])
+        with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_colwidth", 48):
+            lines.append(shown.drop(columns=["reason"]).to_string(index=False))
+        return "\n".join(lines)
+
+
+def _kind(t: FrozenTrial) -> str:
+    return t.user_attrs.get("baseline") or "search"
+
+
+def summarize(study: optuna.Study, metric: str) -> StudySummary:
+    direction = "minimize" if study.direction == optuna.study.StudyDirection.MINIMIZE else "maximize"
+    trials = study.get_trials(deepcopy=False)
+    rows = []
+    for t in trials:
+        seeds = [float(v) for v in t.user_attrs.get("seed_scores") or []]
+        rows.append(
+            {
+                "trial": t.number,
+                "kind": _kind(t),
+                "state": t.state.name.lower(),
+                metric: t.value,
+                "seed_mean": statistics.fmean(seeds) if seeds else None,
+                "seed_std": statistics.pstdev(seeds) if len(seeds) > 1 else (0.0 if seeds else None),
+                "seed_scores": " ".join(f"{v:.4g}" for v in seeds),
+                "seconds": t.duration.total_seconds() if t.duration else None,
+                "reason": t.user_attrs.get("reason"),
+            }
+        )
+    table = pd.DataFrame(rows, columns=["trial", "kind", "state", metric, "seed_mean", "seed_std", "seed_scores", "seconds", "reason"])
+    if not table.empty:
+        table["_order"] = table["state"].map({"complete": 0, "pruned": 1, "fail": 2}).fillna(3)
+        table = table.sort_values(["_order", metric], ascending=[True, direction == "minimize"], na_position="last")
+        table = table.drop(columns="_order").reset_index(drop=True)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+
+    def best_of(ts: list[FrozenTrial]) -> FrozenTrial | None:
+        if not ts:
+            return None
+        return (min if direction == "minimize" else max)(ts, key=lambda t: t.value)
+
+    return StudySummary(
+        table=table,
+        metric=metric,
+        direction=direction,
+        best=best_of(complete),
+        best_search=best_of([t for t in complete if _kind(t) == "search"]),
+        best_baseline=best_of([t for t in complete if _kind(t) != "search"]),
+    )

@@ -1,0 +1,198 @@
+"""Search spaces: an Optuna trial and a proxy's layers -> an ``InitPolicy``.
+
+Spaces (``conf/search_space/``):
+
+- ``hybrid`` (default): per linear/conv layer, a scheme among those that fit the activation after it;
+- ``grouped``: one choice per role (first / hidden by type and activation / last), written as role selectors
+  so the policy transfers to deeper or wider variants of the model;
+- ``free``: any scheme per layer;
+- ``scales_only``: one base scheme, searched per-layer multipliers (the GradInit idea).
+
+Scale multipliers compound over depth (1.05 on each of 48 layers is x10), so every space puts the
+signal-preserving point where a sampler hits it easily: each trial first draws ``rescale``; when it is off,
+every multiplier is exactly 1 (the variance-preserving scheme as published); when LSUV is on, no multiplier
+is searched at all (LSUV sets the scale). Only when ``rescale`` is on does each unit draw ``log2_scale`` in
+``scale_log2`` (uniform in the exponent, so x0.5 and x2 are equally likely).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from initsearch.activations import ACTIVATIONS
+from initsearch.errors import ConfigError
+from initsearch.layers import LayerInfo
+from initsearch.policy import InitPolicy
+from initsearch.schemes import SCHEME_SPECS
+
+SPACES = ("hybrid", "grouped", "free", "scales_only")
+BIAS_OPTIONS = ("zeros", "pytorch_default")
+LSUV_SETTINGS = {"enabled": True, "target_std": 1.0, "tol": 0.1, "max_iter": 10}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space. ``schemes`` maps an activation name (or ``any``) to candidate schemes."""
+
+    name: str
+    schemes: Mapping[str, tuple[str, ...]]
+    gain: float | str
+    scale_log2: tuple[float, float]
+    bias: tuple[str, ...]
+    lsuv: tuple[bool, ...]
+    base: str | None = None
+
+    # ---- what a layer may get -------------------------------------------------------------------------
+    def choices(self, layer: LayerInfo) -> list[str]:
+        """The schemes a layer may get: those listed for its activation that fit its family and shape."""
+        if self.name == "scales_only":
+            return [self.base] if _fits(self.base, layer) else []
+        listed = self.schemes.get("any") or self.schemes.get(layer.activation) or self.schemes.get("linear", ())
+        return [s for s in listed if _fits(s, layer)]
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+    def sample(self, trial: optuna.Trial, layers: Sequence[LayerInfo]) -> InitPolicy:
+        """Draw one policy for ``layers`` (a proxy's discovery) from ``trial``."""
+        weighted = [layer for layer in layers if layer.family in ("linear", "conv")]
+        lsuv = self._categorical(trial, "lsuv", self.lsuv)
+        bias = self._categorical(trial, "bias", self.bias)
+        lo, hi = self.scale_log2
+        rescale = (not lsuv) and hi > lo and self._categorical(trial, "rescale", (False, True))
+        rules = []
+        for unit, selectors, members in self._units(weighted):
+            options = _common(self.choices(m) for m in members)
+            if not options:
+                raise ConfigError(f"search_space.schemes: no candidate scheme fits {unit} (layers {[m.name for m in members]})")
+            scheme = self._categorical(trial, f"scheme:{unit}", tuple(options))
+            rule: dict[str, Any] = dict(selectors)
+            rule["scheme"] = scheme
+            if "gain" in SCHEME_SPECS[scheme].params:
+                rule["gain"] = self.gain
+            if rescale and scheme != "zeros":
+                rule["scale"] = round(2.0 ** trial.suggest_float(f"log2_scale:{unit}", lo, hi), 6)
+            rule["bias"] = bias
+            rules.append(rule)
+        data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": rules, "default": {"scheme": "keep"}}
+        if lsuv:
+            data["lsuv"] = dict(LSUV_SETTINGS)
+        return InitPolicy.from_dict(data)
+
+    def _units(self, weighted: Sequence[LayerInfo]) -> list[tuple[str, dict[str, str], list[LayerInfo]]]:
+        """(parameter suffix, rule selectors, member layers) per searched unit: a layer, or a role."""
+        if self.name != "grouped":
+            return [(layer.name, {"layer": layer.name}, [layer]) for layer in weighted]
+        groups: dict[str, tuple[dict[str, str], list[LayerInfo]]] = {}
+        for layer in weighted:
+            if layer.position in ("first", "last"):
+                key, sel = layer.position, {"position": layer.position}
+            else:
+                key = f"hidden_{layer.family}_{layer.activation}"
+                sel = {"position": "hidden", "type": layer.family, "activation": layer.activation}
+            groups.setdefault(key, (sel, []))[1].append(layer)
+        order = sorted(groups, key=lambda k: {"first": 0, "last": 2}.get(k, 1))
+        return [(k, groups[k][0], groups[k][1]) for k in order]
+
+    @staticmethod
+    def _categorical(trial: optuna.Trial, name: str, options: Sequence[Any]) -> Any:
+        return options[0] if len(options) == 1 else trial.suggest_categorical(name, list(options))
+
+
+def _fits(scheme: str | None, layer: LayerInfo) -> bool:
+    """Whether ``scheme`` can initialize ``layer``: its family fits, identity only for square layers, and
+    zeros only for the last layer (a zero hidden layer blocks every gradient below it)."""
+    if scheme is None or layer.family not in SCHEME_SPECS[scheme].families:
+        return False
+    out_features, in_features = layer.weight_shape[0], layer.weight_shape[1]
+    if scheme == "identity" and out_features != in_features:
+        return False
+    if scheme == "zeros" and layer.position != "last":
+        return False
+    return True
+
+
+def _common(option_lists) -> list[str]:
+    lists = list(option_lists)
+    return [s for s in lists[0] if all(s in other for other in lists[1:])] if lists else []
+
+
+# ---- building a space from its config --------------------------------------------------------------------
+def space_from_config(cfg: Mapping[str, Any]) -> SearchSpace:
+    """Validate ``search_space`` and build it; ``ConfigError`` names the bad key."""
+    name = cfg.get("name")
+    if name not in SPACES:
+        raise ConfigError(f"search_space.name: unknown space {name!r}; expected one of {', '.join(SPACES)}")
+    schemes: dict[str, tuple[str, ...]] = {}
+    for act, names in dict(cfg.get("schemes") or {}).items():
+        if act != "any" and act not in ACTIVATIONS:
+            raise ConfigError(f"search_space.schemes.{act}: unknown activation; expected one of {', '.join(ACTIVATIONS)} or any")
+        if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+            raise ConfigError(f"search_space.schemes.{act}: must be a non-empty list of scheme names, got {names!r}")
+        for i, s in enumerate(names):
+            _check_scheme(s, f"search_space.schemes.{act}[{i}]")
+        schemes[act] = tuple(names)
+    base = cfg.get("base")
+    if name == "scales_only":
+        _check_scheme(base, "search_space.base")
+    elif not schemes:
+        raise ConfigError("search_space.schemes: must list candidate schemes")
+    gain = cfg.get("gain", "auto")
+    if gain != "auto" and not (_is_number(gain) and 0 < gain <= 100):
+        raise ConfigError(f"search_space.gain: must be 'auto' or a number in (0, 100], got {gain!r}")
+    scale = cfg.get("scale_log2", (0.0, 0.0))
+    if not (isinstance(scale, Sequence) and len(scale) == 2 and all(_is_number(v) for v in scale)
+            and -10 <= scale[0] <= scale[1] <= 10):
+        raise ConfigError(f"search_space.scale_log2: must be [low, high] with -10 <= low <= high <= 10, got {scale!r}")
+    bias = tuple(cfg.get("bias", ("zeros",)))
+    if not bias or any(b not in BIAS_OPTIONS for b in bias):
+        raise ConfigError(f"search_space.bias: must be a non-empty list of {', '.join(BIAS_OPTIONS)}, got {list(bias)!r}")
+    lsuv = tuple(cfg.get("lsuv", (False,)))
+    if not lsuv or any(not isinstance(v, bool) for v in lsuv):
+        raise ConfigError(f"search_space.lsuv: must be a non-empty list of true/false, got {list(lsuv)!r}")
+    return SearchSpace(name, schemes, gain, (float(scale[0]), float(scale[1])), bias, lsuv, base)
+
+
+def _check_scheme(s: Any, key: str) -> None:
+    if s not in SCHEME_SPECS or s == "keep":
+        known = ", ".join(n for n in SCHEME_SPECS if n != "keep")
+        raise ConfigError(f"{key}: unknown scheme {s!r}; expected one of {known}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---- the textbook baselines ------------------------------------------------------------------------------
+BASELINES: dict[str, dict[str, Any]] = {
+    # What nn.Linear/nn.ConvNd.reset_parameters do: kaiming_uniform(a=sqrt 5) -> U(+-1/sqrt fan_in), bias likewise.
+    "pytorch_default": {"scheme": "pytorch_default", "bias": "pytorch_default"},
+    # Glorot & Bengio 2010, the uniform form of the paper, gain 1.
+    "xavier": {"scheme": "xavier_uniform", "gain": 1.0},
+    # He et al. 2015: N(0, gain^2/fan_in), gain from the activation.
+    "he": {"scheme": "kaiming_normal", "gain": "auto", "mode": "fan_in"},
+    # LeCun et al. 1998: N(0, 1/fan_in).
+    "lecun": {"scheme": "lecun_normal"},
+    # Saxe et al. 2014, with the activation's gain.
+    "orthogonal": {"scheme": "orthogonal", "gain": "auto"},
+}
+
+
+def baseline_policy(name: str) -> InitPolicy:
+    """The policy of a textbook baseline: one scheme for every linear/conv layer (``lsuv`` = orthogonal
+    pre-init followed by LSUV, as Mishkin & Matas 2016)."""
+    if name == "lsuv":
+        default, lsuv = {"scheme": "orthogonal", "gain": 1.0}, dict(LSUV_SETTINGS)
+    elif name in BASELINES:
+        default, lsuv = dict(BASELINES[name]), None
+    else:
+        raise ConfigError(f"baselines: unknown baseline {name!r}; expected any of {', '.join(BASELINE_NAMES)}")
+    data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": [], "default": default}
+    if lsuv:
+        data["lsuv"] = lsuv
+    return InitPolicy.from_dict(data)
+
+
+BASELINE_NAMES: tuple[str, ...] = (*BASELINES, "lsuv")

@@ -1,0 +1,49 @@
+"""Shared helpers: compose the project's Hydra config the way the app does, with tiny overrides."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from initsearch.cli import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# A study that takes a few seconds: synthetic data, a 2-layer MLP, 20 steps, 2 baselines.
+TINY = [
+    "data=synthetic",
+    "model.depth=2",
+    "model.width=16",
+    "train.steps=20",
+    "train.eval_every=10",
+    "n_trials=2",
+    "baselines=[he,xavier]",
+    "score.seeds=1",
+    "tracking_uri=none",
+]
+
+
+def compose_config(overrides: list[str], study: str | None = None) -> DictConfig:
+    """The composed config of ``python -m initsearch [study=...] overrides``."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        full = ([f"study={study}"] if study else []) + list(overrides)
+        return compose(config_name="config", overrides=full)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Run in a fresh working directory (the default stores are relative to it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,139 @@
+"""The study end to end: presets compose, tiny studies run, resume, export, and the export applies."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+import initsearch
+from initsearch.cli import run
+from initsearch.config import settings_from_config
+from initsearch.errors import ConfigError
+from initsearch.models import build_model
+from initsearch.study import open_storage
+from tests.conftest import PYTHON, REPO, TINY, compose_config, subprocess_env
+
+import optuna
+
+PRESETS = ["digits_mlp", "digits_cnn", "cifar_cnn", "cifar_mlp", "deep_mlp"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_into_valid_settings(preset):
+    cfg = compose_config([], study=preset)
+    s = settings_from_config(cfg)
+    assert s.study_name == preset
+    assert s.n_trials >= 1 and s.train.steps >= 1
+    assert s.model["name"] in ("mlp", "cnn", "rescnn")
+    assert s.data["name"] == ("cifar10" if preset.startswith("cifar") else "digits")
+
+
+def test_default_study_is_digits_mlp_with_hybrid_space_and_baselines():
+    s = settings_from_config(compose_config([]))
+    assert s.study_name == "digits_mlp" and s.data["name"] == "digits" and s.model["name"] == "mlp"
+    assert s.space.name == "hybrid"
+    assert set(s.baselines) == {"pytorch_default", "xavier", "he", "lecun", "orthogonal", "lsuv"}
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("n_trials=0", "n_trials"),
+        ("train.lr=-0.1", "train.lr"),
+        ("train.optimizer=rmsprop", "train.optimizer"),
+        ("model.activation=swish", "model.activation"),
+        ("search_space.schemes.relu=[kaiming_normal,he_magic]", "search_space.schemes.relu[1]"),
+        ("score.metric=accuracy", "score.metric"),
+        ("baselines=[xavier,fancy]", "baselines[1]"),
+        ("train.steps=abc", "train.steps"),
+        ("seed=-1", "seed"),
+    ],
+)
+def test_bad_values_fail_before_training_naming_the_key(in_tmp, override, key):
+    cfg = compose_config(TINY + [override, f"storage={in_tmp}/s.journal"])
+    with pytest.raises(ConfigError) as info:
+        run(cfg, in_tmp / "out")
+    assert str(info.value).startswith(key + ":"), str(info.value)
+    assert not (in_tmp / "s.journal").exists()
+
+
+def _study(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def test_tiny_study_runs_exports_and_resumes(in_tmp):
+    storage = str(in_tmp / "s.journal")
+    cfg = compose_config(TINY + [f"storage={storage}", "study_name=tiny"])
+    path = run(cfg, in_tmp / "out1")
+    assert path.exists() and (in_tmp / "out1" / "trials.csv").exists()
+    exported = json.loads(path.read_text())
+    assert exported["format"] == "initsearch-policy" and exported["provenance"]["study"] == "tiny"
+    assert exported["provenance"]["metric"] == "auc_loss"
+    study = _study(storage, "tiny")
+    trials = study.get_trials()
+    assert len(trials) == 4
+    assert sorted(t.user_attrs.get("baseline") or "search" for t in trials) == ["he", "search", "search", "xavier"]
+    # resume: more trials, the baselines are not run again
+    run(compose_config(TINY + [f"storage={storage}", "study_name=tiny", "n_trials=4"]), in_tmp / "out2")
+    trials = _study(storage, "tiny").get_trials()
+    assert len(trials) == 6
+    assert sum(1 for t in trials if t.user_attrs.get("baseline")) == 2
+    # re-running a finished study adds nothing
+    run(compose_config(TINY + [f"storage={storage}", "study_name=tiny", "n_trials=4"]), in_tmp / "out3")
+    assert len(_study(storage, "tiny").get_trials()) == 6
+
+
+def test_same_seed_same_trials_and_policy(in_tmp):
+    results = []
+    for i in range(2):
+        storage = str(in_tmp / f"s{i}.journal")
+        path = run(compose_config(TINY + [f"storage={storage}", "study_name=det"]), in_tmp / f"out{i}")
+        trials = _study(storage, "det").get_trials()
+        policy = json.loads(path.read_text())
+        policy.pop("provenance")
+        results.append(([t.value for t in trials], [t.params for t in trials], policy))
+    assert results[0] == results[1]
+
+
+def test_export_cli_and_apply_to_the_full_width_model(in_tmp):
+    storage = str(in_tmp / "s.journal")
+    overrides = TINY + [f"storage={storage}", "study_name=proxy", "model.width_multiplier=0.5", "model.width=32", "model.depth=3"]
+    run(compose_config(overrides), in_tmp / "out")
+    out = in_tmp / "policy.json"
+    proc = subprocess.run(
+        [PYTHON, "-m", "initsearch.export", "study_name=proxy", f"storage={storage}", f"out={out}", "trial=2"],
+        capture_output=True, text=True, env=subprocess_env(), cwd=in_tmp, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    policy = initsearch.load_policy(out)
+    assert policy.provenance["trial"] == 2
+    cfg = settings_from_config(compose_config(overrides))
+    full = build_model({**cfg.model, "width_multiplier": 1.0}, (20,), 4)
+    report = initsearch.apply_policy(full, out, example_batch=torch.randn(64, 20), seed=0)
+    assert [r.name for r in report.layers] == ["fc1", "fc2", "out"]
+    assert all(r.rule is not None for r in report.layers)  # every layer matched by name at full width
+    assert full.fc1.weight.shape == (32, 20)
+
+
+def test_export_cli_errors_are_one_line(in_tmp):
+    proc = subprocess.run(
+        [PYTHON, "-m", "initsearch.export", "study_name=nothing", f"storage={in_tmp}/none.journal"],
+        capture_output=True, text=True, env=subprocess_env(), cwd=in_tmp, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "storage" in proc.stderr
+
+
+def test_cli_runs_end_to_end_and_bad_override_is_one_line(in_tmp):
+    env = subprocess_env()
+    ok = subprocess.run([PYTHON, "-m", "initsearch", *TINY, "study_name=cli"], capture_output=True, text=True, env=env, cwd=in_tmp, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "best found vs best baseline" in ok.stdout and "best policy:" in ok.stdout
+    assert (in_tmp / "initsearch.journal").exists()
+    bad = subprocess.run([PYTHON, "-m", "initsearch", *TINY, "study_name=bad", "n_trials=0", "storage=bad.journal"],
+                         capture_output=True, text=True, env=env, cwd=in_tmp, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "initsearch: error: n_trials: must be a whole number >= 1, got 0"
+    assert not (in_tmp / "bad.journal").exists()
