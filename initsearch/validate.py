@@ -1,0 +1,299 @@
+"""Validate a policy on the full-size target, on fresh seeds, for longer than the search looked.
+
+    python -m initsearch.validate policy=PATH [study=...] [seeds=5] [steps=N] [out=DIR] [subset=N] [overrides...]
+
+Trains the target model (the study's model at ``width_multiplier=1``) from the policy and from every baseline
+of the study, over ``seeds`` seeds none of which the search used, for ``steps`` steps (default 5x the search's),
+and reports per contender: mean +- std of the study's score at that budget, steps to the target accuracy,
+validation accuracy at the end. It prints the table, saves ``validation.csv`` and ``validation.png`` (mean curves
+with their spread), logs all of it to MLflow under a validation parent run, and says plainly whether the policy
+beats the best baseline.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from initsearch.apply import apply_policy
+from initsearch.config import StudySettings, settings_from_config
+from initsearch.data import Dataset
+from initsearch.errors import ConfigError, InitSearchError
+from initsearch.models import build_model
+from initsearch.policy import InitPolicy, load_policy
+from initsearch.scoring import score
+from initsearch.space import baseline_policy
+from initsearch.study import prepare
+from initsearch.train import Curve, train_run
+
+FRESH_SEED_OFFSET = 1_000_000  # the search scores on seed*1000 + i (i < score.seeds): these never collide
+POLICY = "policy"
+
+
+@dataclass
+class ContenderResult:
+    """One contender (the policy, or a baseline) over every validation seed."""
+
+    name: str
+    seeds: list[int] = field(default_factory=list)
+    curves: list[Curve] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # nan for a diverged seed
+    steps_to_target: list[int | None] = field(default_factory=list)
+    final_acc: list[float] = field(default_factory=list)
+
+    @property
+    def diverged(self) -> int:
+        return sum(1 for c in self.curves if c.diverged)
+
+    def mean_score(self) -> float:
+        ok = [s for s in self.scores if math.isfinite(s)]
+        return statistics.fmean(ok) if ok else math.nan
+
+    def row(self, metric: str) -> dict[str, Any]:
+        ok = [s for s in self.scores if math.isfinite(s)]
+        reached = [s for s in self.steps_to_target if s is not None]
+        return {
+            "contender": self.name,
+            f"{metric}_mean": self.mean_score(),
+            f"{metric}_std": statistics.pstdev(ok) if len(ok) > 1 else 0.0,
+            "steps_to_target_mean": statistics.fmean(reached) if reached else math.nan,
+            "reached_target": f"{len(reached)}/{len(self.seeds)}",
+            "final_val_acc_mean": statistics.fmean(self.final_acc) if self.final_acc else math.nan,
+            "final_val_acc_std": statistics.pstdev(self.final_acc) if len(self.final_acc) > 1 else 0.0,
+            "diverged": f"{self.diverged}/{len(self.seeds)}",
+        }
+
+
+@dataclass
+class ValidationReport:
+    metric: str
+    direction: str
+    steps: int
+    seeds: list[int]
+    target_acc: float
+    results: list[ContenderResult]
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([r.row(self.metric) for r in self.results])
+
+    def verdict(self) -> str:
+        """One plain sentence: does the policy beat the best baseline, on these fresh seeds?"""
+        policy = next(r for r in self.results if r.name == POLICY)
+        baselines = [r for r in self.results if r.name != POLICY and math.isfinite(r.mean_score())]
+        if not baselines:
+            return "no baseline finished: nothing to compare the policy with"
+        pick = min if self.direction == "minimize" else max
+        best = pick(baselines, key=lambda r: r.mean_score())
+        p, b = policy.mean_score(), best.mean_score()
+        n = len(self.seeds)
+        if not math.isfinite(p):
+            return f"the policy does NOT beat the best baseline ({best.name}): it diverged on every one of {n} fresh seeds"
+        gain = (b - p) if self.direction == "minimize" else (p - b)
+        pct = 100.0 * gain / abs(b) if b else math.nan
+        spread = f"policy std {policy.row(self.metric)[f'{self.metric}_std']:.3g}, {best.name} std {best.row(self.metric)[f'{self.metric}_std']:.3g}"
+        if gain > 0 and policy.diverged == 0:
+            return (f"the policy beats the best baseline ({best.name}) by {pct:.1f}% on {self.metric} "
+                    f"(mean over {n} fresh seeds, {self.steps} steps; {spread})")
+        why = f"it diverged on {policy.diverged}/{n} seeds" if policy.diverged else f"{pct:+.1f}% on {self.metric}"
+        return (f"the policy does NOT beat the best baseline ({best.name}): {why} "
+                f"(mean over {n} fresh seeds, {self.steps} steps; {spread})")
+
+
+def _steps_to_target(curve: Curve, target: float) -> int | None:
+    return next((s for s, a in zip(curve.val_steps, curve.val_acc) if a >= target), None)
+
+
+def contender_policies(policy: InitPolicy, baselines: Sequence[str]) -> dict[str, InitPolicy]:
+    return {POLICY: policy, **{name: baseline_policy(name) for name in baselines}}
+
+
+def run_validation(
+    settings: StudySettings,
+    policy: InitPolicy,
+    *,
+    seeds: int = 5,
+    steps: int | None = None,
+    data: Dataset | None = None,
+    example: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> ValidationReport:
+    """Train the full-size target from the policy and from each baseline over ``seeds`` fresh seeds."""
+    if seeds < 1:
+        raise ConfigError(f"seeds: must be a whole number >= 1, got {seeds}")
+    budget = steps or settings.train.steps * 5
+    if budget < 1:
+        raise ConfigError(f"steps: must be a whole number >= 1, got {steps}")
+    target_model = {**settings.model, "width_multiplier": 1.0}
+    train_cfg = replace(settings.train, steps=budget)
+    if data is None or example is None or device is None:
+        proxy = prepare(replace(settings, model=target_model))
+        data, example, device = proxy.data, (proxy.example_x, proxy.example_y), proxy.device
+    fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
+    results = []
+    for name, pol in contender_policies(policy, settings.baselines).items():
+        result = ContenderResult(name)
+        for seed in fresh:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = build_model(target_model, data.input_shape, data.num_classes)
+            model = model.to(device)
+            apply_policy(model, pol, example_batch=example[0], seed=seed)
+            curve = train_run(model, data, train_cfg, seed=seed)
+            result.seeds.append(seed)
+            result.curves.append(curve)
+            if curve.diverged or curve.steps_done < budget:
+                result.scores.append(math.nan)
+            else:
+                result.scores.append(score(curve, settings.score.metric, budget=budget, target_acc=settings.score.target_acc))
+            result.steps_to_target.append(_steps_to_target(curve, settings.score.target_acc))
+            result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
+        results.append(result)
+    return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc, results)
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------------
+def plot_validation(report: ValidationReport) -> Any:
+    """Mean training loss (smoothed) and mean validation accuracy per contender, with min-max bands."""
+    from initsearch.tracking import _pyplot
+
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in report.results:
+        full = [c for c in r.curves if len(c.train_loss) == report.steps]
+        if full:
+            losses = np.stack([_smooth(c.train_loss) for c in full])
+            x = np.arange(1, losses.shape[1] + 1)
+            width = 2.5 if r.name == POLICY else 1.2
+            (line,) = ax_loss.plot(x, losses.mean(0), label=r.name, lw=width)
+            ax_loss.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.15)
+            steps = full[0].val_steps
+            accs = np.array([c.val_acc for c in full if c.val_steps == steps])
+            ax_acc.plot(steps, accs.mean(0), marker="o", label=r.name, lw=width, color=line.get_color())
+            ax_acc.fill_between(steps, accs.min(0), accs.max(0), color=line.get_color(), alpha=0.15)
+    ax_loss.set(xlabel="step", ylabel="training loss (mean over seeds, smoothed)", yscale="log", title="training loss")
+    ax_acc.set(xlabel="step", ylabel="validation accuracy", title=f"validation accuracy (target {report.target_acc})")
+    ax_acc.axhline(report.target_acc, color="grey", ls=":", lw=1)
+    ax_loss.legend(fontsize=8)
+    fig.suptitle(f"{len(report.seeds)} fresh seeds, {report.steps} steps; bands = min..max over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def _smooth(values: np.ndarray, window: int = 10) -> np.ndarray:
+    if len(values) < window:
+        return np.asarray(values, dtype=float)
+    kernel = np.ones(window) / window
+    padded = np.concatenate([np.full(window - 1, values[0]), values])
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def log_validation(settings: StudySettings, report: ValidationReport, csv_path: Path, png_path: Path, policy_path: str) -> str | None:
+    """A validation parent run in the study's experiment, one child per contender; returns the parent's id."""
+    from mlflow.entities import Metric
+
+    from initsearch.tracking import _open_client, check_reachable, default_artifact_location, log_in_batches, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(settings.tracking_uri)
+    if uri is None:
+        return None
+    if uri.lower().startswith(("http://", "https://")):
+        check_reachable(uri)
+    client = _open_client(uri)
+    exp = client.get_experiment_by_name(settings.study_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(settings.study_name, artifact_location=default_artifact_location(uri))
+    parent = client.create_run(exp_id, run_name="validation", tags={
+        "initsearch.study": settings.study_name, "initsearch.role": "validation", "initsearch.policy": policy_path,
+        "initsearch.verdict": report.verdict()[:5000]})
+    pid = parent.info.run_id
+    now = int(datetime.now().timestamp() * 1000)
+    log_in_batches(client, pid, params={"seeds": " ".join(map(str, report.seeds)), "steps": str(report.steps),
+                                        "metric": report.metric})
+    client.log_artifact(pid, str(csv_path))
+    client.log_artifact(pid, str(png_path))
+    for r in report.results:
+        child = client.create_run(exp_id, run_name=f"validate {r.name}", tags={
+            "mlflow.parentRunId": pid, "initsearch.role": "validation", "initsearch.contender": r.name})
+        metrics = [Metric(k, float(v), now, 0) for k, v in r.row(report.metric).items()
+                   if isinstance(v, float) and math.isfinite(v)]
+        metrics += [Metric(f"seed_score_s{i}", s, now, 0) for i, s in enumerate(r.scores) if math.isfinite(s)]
+        full = [c for c in r.curves if len(c.train_loss) == report.steps]
+        if full:
+            mean = np.stack([c.train_loss for c in full]).mean(0)
+            metrics += [Metric("train_loss_mean", float(v), now, i + 1) for i, v in enumerate(mean) if math.isfinite(v)]
+        log_in_batches(client, child.info.run_id, metrics=metrics)
+        client.set_terminated(child.info.run_id)
+    client.set_terminated(pid)
+    return pid
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+OWN_KEYS = ("policy", "seeds", "steps", "out", "subset")
+
+
+def _split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    own: dict[str, str] = {}
+    overrides: list[str] = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in OWN_KEYS:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    if "policy" not in own:
+        raise ConfigError("policy: required (python -m initsearch.validate policy=PATH [study=...] [seeds=N] [steps=N])")
+    return own, overrides
+
+
+def _whole(own: dict[str, str], key: str, default: int | None) -> int | None:
+    value = own.get(key)
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{key}: must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from initsearch.cli import config_dir, report_error
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "verbose=true" in args
+    try:
+        own, overrides = _split_args(args)
+        policy = load_policy(own["policy"])
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        settings = settings_from_config(cfg)
+        subset = _whole(own, "subset", None)
+        settings = replace(settings, data={**settings.data, "subset": subset})
+        report = run_validation(settings, policy, seeds=_whole(own, "seeds", 5), steps=_whole(own, "steps", None))
+        out = Path(own.get("out") or f"outputs/{settings.study_name}/validate_{datetime.now():%Y-%m-%d_%H-%M-%S}")
+        out.mkdir(parents=True, exist_ok=True)
+        table = report.table()
+        csv_path, png_path = out / "validation.csv", out / "validation.png"
+        table.to_csv(csv_path, index=False)
+        fig = plot_validation(report)
+        fig.savefig(png_path, dpi=110)
+        run_id = log_validation(settings, report, csv_path, png_path, str(own["policy"]))
+    except InitSearchError as exc:
+        return report_error(exc, verbose)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.to_string(index=False))
+    print(report.verdict())
+    print(f"wrote {csv_path} and {png_path}" + (f"; MLflow run {run_id}" if run_id else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
