@@ -45,6 +45,7 @@ from typing import Any
 from initsearch.config import DEFAULT_TRACKING_URI, StudySettings
 from initsearch.errors import ConfigError
 from initsearch.study import NullTracker, Tracker, TrialOutcome, _redact, resolve_device
+from initsearch.workers import worker_alive, worker_id  # reliability (issue 7)
 
 log = logging.getLogger("initsearch")
 
@@ -185,6 +186,7 @@ class _Worker:
         self._lock = threading.Lock()
         self._failures = 0
         self.disabled = False
+        self.cpu_s = 0.0  # CPU time the worker spent in submitted calls (scripts/tracking_overhead.py)
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         if self.disabled:
@@ -218,6 +220,7 @@ class _Worker:
                 self._queue.task_done()
 
     def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        started = time.thread_time()
         try:
             fn(*args)
             self._failures = 0
@@ -228,6 +231,8 @@ class _Worker:
             if self._failures >= MAX_FAILURES:
                 self.disabled = True
                 log.warning("MLflow tracking: %d failures in a row; tracking is off for the rest of this run", self._failures)
+        finally:
+            self.cpu_s += time.thread_time() - started
 
 
 def _now_ms() -> int:
@@ -256,6 +261,7 @@ class MlflowTracker:
     # -- hooks (the study's thread) --
     def study_started(self, settings: StudySettings, config_yaml: str, study: Any) -> None:
         self._worker.submit(self._start, settings, config_yaml, study.study_name, _now_ms())
+        self._worker.submit(self._backfill, study)  # reliability (issue 7)
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
         self._worker.submit(self._log_trial, outcome, _now_ms())
@@ -269,6 +275,18 @@ class MlflowTracker:
     def flush(self) -> None:
         """Block until everything enqueued so far is logged."""
         self._worker.drain()
+
+    @property
+    def worker_cpu_s(self) -> float:
+        """CPU seconds the worker thread has spent on MLflow calls so far."""
+        return self._worker.cpu_s
+
+    # ---- reliability (issue 7): a helper worker process leaves the parent run to the main process ----
+    def detach(self) -> None:
+        """Drain and stop without touching the parent run (another process of the study finishes it)."""
+        self._finished = True
+        self.close()
+    # ---- end reliability ----
 
     def close(self) -> None:
         """Drain and stop the worker. A parent whose study did not finish (interrupted, or no trial finished)
@@ -307,6 +325,8 @@ class MlflowTracker:
         changed = [f"{k}={v}" for k, v in params if k in logged and logged[k] != v]
         tags["initsearch.resumed_with"] = _clip(" ".join(changed) or "(same config)", MAX_TAG_VALUE)
         log_in_batches(client, self.parent_id, params=new, tags=tags)
+        self._resumed = True  # reliability (issue 7)
+        self._close_dead_children()  # reliability (issue 7)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         client.log_text(self.parent_id, yaml_text, f"resumes/config-{stamp}.yaml")
         log.info("MLflow: study %r resumes parent run %s in %s", name, self.parent_id, _redact(self.uri))
@@ -343,7 +363,7 @@ class MlflowTracker:
         client = self.client
         start_ms = end_ms - int(round(outcome.seconds * 1000))
         run = client.create_run(self.experiment_id, start_time=start_ms, run_name=trial_run_name(outcome),
-                                tags=trial_tags(outcome, self.parent_id))
+                                tags={**trial_tags(outcome, self.parent_id), "initsearch.worker": worker_id()})
         run_id = run.info.run_id
         status = STATUS_OF_STATE.get(outcome.state, "KILLED")
         try:
@@ -392,14 +412,10 @@ class MlflowTracker:
                 _save_figure(fig, folder / name)
 
     def _curve_histories(self, summary: Any) -> dict[str, list[tuple[int, float]]]:
-        """``train_loss`` of the best few complete searched trials and of every baseline, read back from
-        MLflow (so trials logged by an earlier, resumed process are drawn too), labelled for the legend."""
+        """``train_loss`` of the best few complete searched trials that have one (a trial that re-proposed an
+        already scored policy did not train) and of every baseline, read back from MLflow, so trials logged
+        by an earlier, resumed process are drawn too; labelled for the legend."""
         table = summary.table
-        searched = table[(table["kind"] == "search") & (table["state"] == "complete")].head(CURVES_TOP)
-        wanted = {int(n): f"trial {int(n)}" for n in searched["trial"]}
-        for n, kind in zip(table["trial"], table["kind"]):
-            if kind != "search":
-                wanted[int(n)] = f"{kind} (baseline)"
         children = search_all(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
                               order_by=["attributes.start_time ASC"])
         run_of: dict[int, str] = {}
@@ -407,14 +423,61 @@ class MlflowTracker:
             number = run.data.tags.get("initsearch.trial")
             if number is not None and number.isdigit():
                 run_of[int(number)] = run.info.run_id
+
+        def history(number: int) -> list[tuple[int, float]]:
+            if number not in run_of:
+                return []
+            return sorted((m.step, m.value) for m in self.client.get_metric_history(run_of[number], "train_loss"))
+
         curves: dict[str, list[tuple[int, float]]] = {}
-        for number, label in wanted.items():
-            if number in run_of:
-                history = self.client.get_metric_history(run_of[number], "train_loss")
-                points = sorted((m.step, m.value) for m in history)
+        searched = table[(table["kind"] == "search") & (table["state"] == "complete")]["trial"]
+        for number in searched:  # best first
+            points = history(int(number))
+            if points:
+                curves[f"trial {int(number)}"] = points
+            if len(curves) == CURVES_TOP:
+                break
+        for number, kind in zip(table["trial"], table["kind"]):
+            if kind != "search":
+                points = history(int(number))
                 if points:
-                    curves[label] = points
+                    curves[f"{kind} (baseline)"] = points
         return curves
+
+    # ---- reliability (issue 7): child runs a killed process left RUNNING ----
+    def _close_dead_children(self) -> None:
+        """Mark KILLED the child runs still RUNNING whose process (tag ``initsearch.worker``) is gone: a
+        process killed while it logged a trial leaves one behind. Runs of live or remote workers stay."""
+        children = search_all(self.client, self.experiment_id,
+                              f"tags.`mlflow.parentRunId` = '{self.parent_id}' and attributes.status = 'RUNNING'")
+        for run in children:
+            worker = run.data.tags.get("initsearch.worker")
+            if worker and worker_alive(worker) is False:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+
+    def _backfill(self, study: Any) -> None:
+        """On resume: a child run for each finished trial that has none and whose worker process is gone
+        (killed after the trial ended, before its run was logged), from what the study stored: state,
+        score, per-seed scores, params, reason, policy (no curves)."""
+        if self.parent_id is None or not getattr(self, "_resumed", False):
+            return
+        children = search_all(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+        logged = {run.data.tags.get("initsearch.trial") for run in children}
+        states = {"COMPLETE": "complete", "PRUNED": "pruned"}
+        for t in study.get_trials(deepcopy=False):
+            worker = t.user_attrs.get("worker")
+            if str(t.number) in logged or not t.state.is_finished() or not isinstance(worker, str):
+                continue
+            if worker_alive(worker) is not False:
+                continue  # a live (or remote) worker logs its own trials
+            outcome = TrialOutcome(t.number, t.user_attrs.get("baseline"), dict(t.params), policy=t.user_attrs.get("policy"),
+                                   state=states.get(t.state.name, "failed"), value=t.value,
+                                   seed_scores=list(t.user_attrs.get("seed_scores") or []), reason=t.user_attrs.get("reason"))
+            end = t.datetime_complete or t.datetime_start
+            if t.datetime_start is not None and t.datetime_complete is not None:
+                outcome.seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+            self._log_trial(outcome, int(end.timestamp() * 1000) if end is not None else _now_ms())
+    # ---- end reliability ----
 
     def _abandon(self) -> None:
         """The process ends without ``study_finished``: mark the parent KILLED (a resume sets it RUNNING)."""

@@ -1,0 +1,379 @@
+"""MLflow tracking: the runs a study leaves in MLflow (local SQLite, resume, a real server, the UI command),
+the limits every call respects, and that tracking stays off the study's critical path."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow.utils.validation as mlflow_limits
+import numpy as np
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from initsearch import tracking
+from initsearch.cli import run
+from initsearch.config import settings_from_config
+from initsearch.errors import ConfigError
+from initsearch.study import NullTracker, TrialOutcome
+from initsearch.train import Curve
+from tests.conftest import TINY, compose_config
+
+MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
+BASE = [o for o in TINY if not o.startswith("tracking_uri=")]  # 2 baselines (he, xavier) + 2 searched trials
+STEPS = 20  # train.steps in TINY
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, read, released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny(tmp: Path, *extra: str):
+    return compose_config(BASE + [f"storage={tmp}/s.journal", *extra])
+
+
+def http_get(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+
+
+def http_post_json(url: str, payload: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def start_server(args: list[str], cwd: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start an MLflow server on a free loopback port in its own process group; wait for /health."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([MLFLOW_BIN, *args, "--port", str(port)], cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if http_get(url + "/health")[0] == 200:
+                return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError(f"mlflow did not answer /health within 90 s: {log_path.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """End the server and its workers: the process group this test started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def runs_of(client: MlflowClient, study: str):
+    """(experiment, parents, children) of study ``study``."""
+    exp = client.get_experiment_by_name(study)
+    assert exp is not None, f"no experiment named {study!r}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("initsearch.role") == "parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return exp, parents, children
+
+
+def check_study_structure(client: MlflowClient, study: str, n_children: int) -> None:
+    """What every tracked tiny study must leave in MLflow, whatever the store."""
+    exp, parents, children = runs_of(client, study)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["initsearch.study"] == study
+    assert {"initsearch.version.torch", "initsearch.version.mlflow", "initsearch.device", "initsearch.storage"} <= set(parent.data.tags)
+    assert parent.data.params["model.width"] == "16" and parent.data.params["train.steps"] == str(STEPS)
+    assert "best_score" in parent.data.metrics
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "best_policy.json", "trials.csv", "optimization_history.png", "training_curves.png"} <= parent_files
+    best = json.loads(Path(client.download_artifacts(parent.info.run_id, "best_policy.json")).read_text())
+    assert best["format"] == "initsearch-policy"
+
+    assert len(children) == n_children
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    numbers = sorted(int(c.data.tags["initsearch.trial"]) for c in children)
+    assert numbers == list(range(n_children))  # exactly one child per trial
+    baselines = {c.data.tags.get("initsearch.baseline") for c in children if c.data.tags["initsearch.kind"] == "baseline"}
+    assert baselines == {"he", "xavier"}
+    assert sum(c.data.tags["initsearch.kind"] == "search" for c in children) == n_children - 2
+    trained = 0
+    for child in children:
+        run_id = child.info.run_id
+        assert child.data.params["trial"] == child.data.tags["initsearch.trial"]
+        history = client.get_metric_history(run_id, "train_loss")
+        if child.data.tags["initsearch.state"] == "complete":
+            assert child.info.status == "FINISHED"
+            assert math.isfinite(child.data.metrics["score"])
+            assert child.info.start_time <= child.info.end_time
+            policy = json.loads(Path(client.download_artifacts(run_id, "policy.json")).read_text())
+            assert policy["format"] == "initsearch-policy"
+            if child.data.tags.get("initsearch.reason", "").startswith("same policy as trial"):
+                continue  # the sampler re-proposed a scored policy: the study reused its score, nothing trained
+            trained += 1
+            assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # one point per step
+            assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == [10, 20]
+            assert {"init_output_std.fc1", "init_grad_norm.fc1"} <= set(child.data.metrics)
+            assert client.get_metric_history(run_id, "init_output_std.fc1")[0].step == 0
+        if child.data.tags["initsearch.kind"] == "search":
+            assert any(k.startswith("scheme") for k in child.data.params)  # the sampled params
+    assert trained >= 3  # both baselines and at least the first searched trial trained
+
+
+# ---- the default local store, shared by the structure and UI tests ------------------------------------------
+@pytest.fixture(scope="module")
+def local_study(tmp_path_factory):
+    """A tiny study run with the default tracking_uri (null) in a fresh working directory."""
+    tmp = tmp_path_factory.mktemp("local")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        run(tiny(tmp, "tracking_uri=null", "study_name=tiny_local"), tmp / "out")
+    return tmp
+
+
+def test_default_store_is_an_absolute_sqlite_file_in_the_working_dir_with_artifacts_beside_it(local_study):
+    assert (local_study / "mlflow.db").is_file()
+    assert not (local_study / "mlruns").exists()
+    client = MlflowClient(f"sqlite:///{local_study}/mlflow.db")
+    exp, parents, _ = runs_of(client, "tiny_local")
+    assert exp.artifact_location == (local_study / "mlartifacts").as_uri()
+    assert (local_study / "mlartifacts" / parents[0].info.run_id / "artifacts" / "trials.csv").is_file()
+
+
+def test_local_study_leaves_one_parent_and_one_child_per_trial(local_study):
+    check_study_structure(MlflowClient(f"sqlite:///{local_study}/mlflow.db"), "tiny_local", n_children=4)
+
+
+def test_readme_ui_command_serves_the_page_and_lists_the_runs(local_study):
+    proc, url = start_server(["ui", "--backend-store-uri", "sqlite:///mlflow.db", "--workers", "1"],
+                             cwd=local_study, log_path=local_study / "ui.log")
+    try:
+        status, ctype, body = http_get(url + "/")
+        assert status == 200 and "text/html" in ctype and b"<html" in body.lower()
+        exp = http_get(url + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny_local")[2]
+        exp_id = json.loads(exp)["experiment"]["experiment_id"]
+        runs = http_post_json(url + "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id], "max_results": 100})["runs"]
+        roles = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "initsearch.role") for r in runs)
+        assert roles == ["parent"] + ["trial"] * 4
+        parent = next(r for r in runs if any(t["value"] == "parent" for t in r["data"]["tags"]))
+        listing = json.loads(http_get(f"{url}/api/2.0/mlflow/artifacts/list?run_id={parent['info']['run_id']}")[2])
+        assert "best_policy.json" in {f["path"] for f in listing["files"]}
+    finally:
+        stop_server(proc)
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------
+def test_resume_attaches_to_the_same_parent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run(tiny(tmp_path, f"tracking_uri={uri}", "study_name=tiny_resume"), tmp_path / "out1")
+    client = MlflowClient(uri)
+    _, (first,), _ = runs_of(client, "tiny_resume")
+    run(tiny(tmp_path, f"tracking_uri={uri}", "study_name=tiny_resume", "n_trials=3"), tmp_path / "out2")
+    check_study_structure(client, "tiny_resume", n_children=5)
+    _, (parent,), children = runs_of(client, "tiny_resume")
+    assert parent.info.run_id == first.info.run_id
+    assert parent.info.start_time == first.info.start_time
+    newest = [c for c in children if c.data.tags["initsearch.trial"] == "4"]
+    assert len(newest) == 1 and newest[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "n_trials=3" in parent.data.tags["initsearch.resumed_with"]
+    assert parent.data.params["n_trials"] == "2"  # params cannot change; the first config stays
+    # trials.csv on the parent now covers both processes' trials
+    rows = Path(client.download_artifacts(parent.info.run_id, "trials.csv")).read_text().strip().splitlines()
+    assert len(rows) == 1 + 5
+
+
+# ---- a real MLflow server ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    proc, url = start_server(
+        ["server", "--host", "127.0.0.1", "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/srv.db",
+         "--artifacts-destination", str(tmp / "art")],
+        cwd=tmp, log_path=tmp / "server.log")
+    try:
+        yield SimpleNamespace(url=url, root=tmp)
+    finally:
+        stop_server(proc)
+
+
+def test_study_against_a_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(tiny(tmp_path, f"tracking_uri={mlflow_server.url}", "study_name=tiny_server"), tmp_path / "out")
+    check_study_structure(MlflowClient(mlflow_server.url), "tiny_server", n_children=4)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+    assert list((mlflow_server.root / "art").rglob("best_policy.json"))  # uploaded through the server
+
+
+# ---- an unreachable server or tracking off -------------------------------------------------------------------
+def test_unreachable_server_is_one_config_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = tiny(tmp_path, f"tracking_uri={uri}")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        tracking.make_tracker(settings_from_config(cfg))
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert message.startswith(f"tracking_uri: cannot reach MLflow at {uri}") and "\n" not in message
+    with pytest.raises(ConfigError, match="^tracking_uri: cannot reach MLflow"):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "s.journal").exists()
+
+
+def test_tracking_none_turns_it_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = settings_from_config(tiny(tmp_path, "tracking_uri=none"))
+    assert isinstance(tracking.make_tracker(settings), NullTracker)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_tracking_uri_resolution(tmp_path):
+    assert tracking.resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    assert tracking.resolve_tracking_uri("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path.as_posix()}/sub/x.db"
+    assert tracking.resolve_tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000/", tmp_path) == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri("None", tmp_path) is None
+    assert tracking.default_artifact_location(f"sqlite:///{tmp_path}/x.db") == (tmp_path / "mlartifacts").as_uri()
+    assert tracking.default_artifact_location("http://127.0.0.1:5000") is None
+
+
+# ---- MLflow's limits and the batching -------------------------------------------------------------------------
+def test_limits_are_within_mlflows():
+    assert tracking.MAX_PARAM_VALUE <= mlflow_limits.MAX_PARAM_VAL_LENGTH
+    assert tracking.MAX_TAG_VALUE <= mlflow_limits.MAX_TAG_VAL_LENGTH
+    assert tracking.MAX_KEY <= mlflow_limits.MAX_ENTITY_KEY_LENGTH
+    assert tracking.MAX_METRICS_PER_BATCH <= mlflow_limits.MAX_METRICS_PER_BATCH
+    assert tracking.MAX_PARAMS_TAGS_PER_BATCH <= mlflow_limits.MAX_PARAMS_TAGS_PER_BATCH
+    assert tracking.MAX_ENTITIES_PER_BATCH <= mlflow_limits.MAX_ENTITIES_PER_BATCH
+    assert tracking.MAX_BATCH_BYTES < mlflow_limits.MAX_BATCH_LOG_REQUEST_SIZE
+
+
+def test_batches_respect_every_limit_and_keep_everything_in_order():
+    metrics = [Metric("train_loss", float(i), 0, i) for i in range(2500)]
+    params = [(f"p{i}", "v" * (5000 if i < 150 else 1)) for i in range(250)]
+    tags = [(f"t{i}", "x") for i in range(130)]
+    chunks = list(tracking.batches(metrics, params, tags))
+    for m, p, t in chunks:
+        assert len(m) <= 1000 and len(p) <= 100 and len(t) <= 100 and len(m) + len(p) + len(t) <= 1000
+        size = sum(len(k) + len(v) for k, v in p + t) + sum(len(x.key) for x in m)
+        assert size <= tracking.MAX_BATCH_BYTES
+    assert [x for c in chunks for x in c[0]] == metrics
+    assert [x for c in chunks for x in c[1]] == params
+    assert [x for c in chunks for x in c[2]] == tags
+
+
+def test_config_params_flatten_truncate_and_redact():
+    yaml_text = (
+        "study_name: s\nstorage: postgresql://bob:secret@db/optuna\nmodel:\n  depth: 2\n  activation: [relu, tanh]\n"
+        f"long: {'a' * 7000}\nhydra:\n  run:\n    dir: x\n"
+    )
+    clean = tracking.redact_text(yaml_text, ["postgresql://bob:secret@db/optuna"])
+    assert "secret" not in clean
+    params = dict(tracking.config_params(clean))
+    assert params["model.depth"] == "2" and params["model.activation"] == '["relu", "tanh"]'
+    assert params["storage"] == "postgresql://bob:***@db/optuna"
+    assert len(params["long"]) == tracking.MAX_PARAM_VALUE and params["long"].endswith("[truncated]")
+    assert not any(k.startswith("hydra") for k in params)
+
+
+def test_trial_metrics_keys_steps_and_seed_suffixes():
+    def curve(n: int) -> Curve:
+        return Curve(train_loss=np.linspace(2.0, 1.0, n), val_steps=[n // 2, n], val_loss=[1.5, 1.2],
+                     val_acc=[0.4, 0.6], steps_done=n, seconds=0.5)
+
+    signals = [{"name": "fc1", "output_std": 0.9, "grad_norm": 0.1}, {"name": "out", "output_std": 1.1, "grad_norm": 0.2}]
+    outcome = TrialOutcome(3, None, {"bias": "zeros"}, value=1.1, seed_scores=[1.0, 1.1], seeds=[0, 1],
+                           curves=[curve(10), curve(10)], signals=signals, state="complete", seconds=1.5)
+    metrics = tracking.trial_metrics(outcome, start_ms=1_000, end_ms=2_500)
+    by_key: dict[str, list[Metric]] = {}
+    for m in metrics:
+        by_key.setdefault(m.key, []).append(m)
+    assert [m.step for m in by_key["train_loss"]] == list(range(1, 11))
+    assert [m.step for m in by_key["train_loss_s1"]] == list(range(1, 11))
+    assert [m.step for m in by_key["val_acc_s1"]] == [5, 10]
+    assert {"score", "seed_score_s0", "seed_score_s1", "seconds", "init_output_std.fc1", "init_grad_norm.out"} <= set(by_key)
+    assert by_key["init_output_std.fc1"][0].step == 0
+    assert all(1_000 <= m.timestamp <= 2_500 for m in metrics)
+    assert by_key["train_loss"][-1].timestamp <= by_key["train_loss_s1"][0].timestamp  # seeds back to back
+
+
+# ---- off the critical path, and never raising into the study ----------------------------------------------------
+class _BlockingClient:
+    """A stand-in MlflowClient whose first call waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.release.wait(timeout=30)
+            self.calls.append(name)
+            raise RuntimeError(f"{name} is down")
+
+        return call
+
+
+def test_hooks_only_enqueue_and_worker_failures_are_warnings(caplog):
+    client = _BlockingClient()
+    tracker = tracking.MlflowTracker(client, "http://127.0.0.1:1")
+    outcome = TrialOutcome(0, "he", {}, state="complete", value=1.0)
+    started = time.monotonic()
+    tracker.study_started(SimpleNamespace(), "", SimpleNamespace(study_name="s"))
+    tracker.trial_finished(outcome)
+    assert time.monotonic() - started < 1 and client.calls == []  # nothing ran on the caller's thread
+    client.release.set()
+    with caplog.at_level(logging.WARNING, logger="initsearch"):
+        tracker.flush()
+        tracker.close()
+    assert client.calls  # the worker did try
+    assert any("MLflow tracking" in r.getMessage() for r in caplog.records)
+
+
+def test_pruned_and_failed_trials_get_their_status_and_reason(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    tracker = tracking.MlflowTracker(client, uri, tracking.default_artifact_location(uri))
+    settings = settings_from_config(tiny(tmp_path, f"tracking_uri={uri}", "study_name=states"))
+    tracker.study_started(settings, "study_name: states\n", SimpleNamespace(study_name="states"))
+    diverged = Curve(train_loss=np.array([1.0, float("nan")]), steps_done=2, diverged=True, reason="loss is nan at step 2")
+    tracker.trial_finished(TrialOutcome(0, None, {"bias": "zeros"}, state="pruned", curves=[diverged],
+                                        reason="diverged on seed 0: loss is nan at step 2", seconds=0.2))
+    tracker.trial_finished(TrialOutcome(1, None, {}, state="failed", reason="RuntimeError: boom", seconds=0.1))
+    tracker.flush()
+    _, (parent,), children = runs_of(client, "states")
+    by_trial = {c.data.tags["initsearch.trial"]: c for c in children}
+    assert by_trial["0"].info.status == "KILLED" and by_trial["0"].data.tags["initsearch.state"] == "pruned"
+    assert by_trial["0"].data.tags["initsearch.reason"].startswith("diverged")
+    history = client.get_metric_history(by_trial["0"].info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2] and math.isnan(sorted(history, key=lambda m: m.step)[1].value)
+    assert by_trial["1"].info.status == "FAILED" and by_trial["1"].data.tags["initsearch.reason"] == "RuntimeError: boom"
+    tracker.close()  # the study never finished: the parent is marked KILLED
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
