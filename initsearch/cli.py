@@ -1,21 +1,35 @@
 """``python -m initsearch [overrides]``: compose the config, run the study, print the summary, export the best.
 
 Errors in what the user gave (a bad override, missing data, an unreachable store) print one line and exit
-with status 2; ``verbose=true`` shows the traceback.
+with status 2; an unexpected error prints one line and exits with 1; ``verbose=true`` shows the traceback.
+SIGINT (Ctrl-C) and SIGTERM end the running trial (recorded failed, "interrupted by ...", and run again
+on resume), export the best policy so far, say where, and exit with 130 / 143.
 """
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.config import settings_from_config
-from initsearch.errors import InitSearchError
+from initsearch.config import StudySettings, settings_from_config
+from initsearch.errors import ConfigError, InitSearchError
 from initsearch.export import export_policy
 from initsearch.report import summarize
-from initsearch.study import StudyFailed, prepare, run_study
+from initsearch.study import StudyFailed, StudyInterrupted, open_storage, prepare, run_study
+from initsearch.workers import StudyLock
+
+log = logging.getLogger("initsearch")
+HELPER_STOP_TIMEOUT_S = 120.0  # how long a stopped helper worker may take to record its trial and exit
 
 
 def config_dir() -> str:
@@ -28,13 +42,28 @@ def config_dir() -> str:
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> Path:
-    """Run the study of ``cfg``; write ``best_policy.json`` and ``trials.csv`` into ``out_dir``; return the policy path."""
-    settings = settings_from_config(cfg)
-    proxy = prepare(settings)
-    from initsearch.tracking import make_tracker
+    """Run the study of ``cfg``; write ``best_policy.json`` and ``trials.csv`` into ``out_dir``; return the policy path.
 
-    tracker = make_tracker(settings)
-    study = run_study(settings, proxy, tracker, OmegaConf.to_yaml(cfg))
+    With ``n_workers=N`` it starts N - 1 helper processes on the same study and waits for them. Raises
+    ``StudyFailed`` when no trial finished (nothing is exported), ``StudyInterrupted`` after a SIGINT/SIGTERM
+    (the best so far is exported first).
+    """
+    settings = settings_from_config(cfg)
+    check_storage(settings)
+    with stop_on_signals(), share_cpus(settings.n_workers):
+        proxy = prepare(settings)
+        tracker = open_tracker(settings)
+        helpers = Helpers.start(cfg, settings)
+        try:
+            study = run_study(settings, proxy, tracker, OmegaConf.to_yaml(cfg))
+            helpers.join()
+        except StudyInterrupted as exc:
+            helpers.stop(signal.SIGTERM)
+            export_so_far(exc, settings, out_dir)
+            _close(tracker)
+            raise
+        finally:
+            helpers.stop(signal.SIGTERM)  # only those still running (after an unexpected error)
     summary = summarize(study, settings.score.metric)
     if summary.best is None:
         reasons = [r for r in summary.table["reason"].dropna().unique()[:3]]
@@ -52,8 +81,217 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
     return path
 
 
-def report_error(exc: BaseException, verbose: bool) -> int:
+def check_storage(settings: StudySettings) -> None:
+    """Before any data is loaded: open a database storage once (an unreachable server is one line at once);
+    for a journal file, its folder must exist (the file itself is created by the study)."""
+    if "://" in settings.storage:
+        open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period)
+        return
+    folder = Path(settings.storage).expanduser().absolute().parent
+    if not folder.is_dir():
+        raise ConfigError(f"storage: the folder of the journal file {settings.storage!r} does not exist ({folder})")
+
+
+def open_tracker(settings: StudySettings) -> Any:
+    """The study's tracker (``tracking.make_tracker``). A local SQLite MLflow store is opened under a lock
+    next to it: two workers creating the same new store at once would both run its migrations and fail."""
+    from initsearch.tracking import make_tracker, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(settings.tracking_uri)
+    if uri is None or not uri.startswith("sqlite:///"):
+        return make_tracker(settings)
+    with StudyLock(uri, None, "mlflow"):
+        return make_tracker(settings)
+
+
+def export_so_far(exc: StudyInterrupted, settings: StudySettings, out_dir: str | Path) -> Path | None:
+    """After a stop: export the best complete trial so far (and ``trials.csv``), say where on stdout and
+    what happened on stderr. ``None`` when nothing finished yet."""
+    study, name = exc.study, signal.Signals(exc.signum).name
+    summary = summarize(study, settings.score.metric) if study is not None else None
+    path = None
+    if summary is not None and summary.best is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = export_policy(study, out / "best_policy.json")
+        summary.table.to_csv(out / "trials.csv", index=False)
+        print(f"best policy so far: {path.resolve()}", flush=True)
+    complete = 0 if summary is None else int((summary.table["state"] == "complete").sum())
+    print(
+        f"initsearch: stopped by {name} after {complete} complete trials; "
+        + ("nothing to export yet; " if path is None else "")
+        + "the running trial is recorded as failed (interrupted) and runs again when the same command is run again",
+        file=sys.stderr,
+        flush=True,
+    )
+    return path
+
+
+def _close(tracker: Any) -> None:
+    close = getattr(tracker, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001 - tracking must not hide the stop
+            log.warning("tracking: closing failed (%s: %s)", type(exc).__name__, exc)
+
+
+# ---- signals ---------------------------------------------------------------------------------------------------
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While inside, the first SIGINT or SIGTERM raises ``StudyInterrupted`` in the main thread (Optuna then
+    records the running trial as failed). The handlers go back to what they were at once, so a second
+    signal acts as it normally would (Ctrl-C twice stops at once, a second SIGTERM kills). An ignored SIGINT
+    stays ignored (``nohup``; helper workers, which their main process stops with SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    def handler(signum: int, frame: Any) -> None:
+        restore()
+        raise StudyInterrupted(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old = signal.getsignal(sig)
+        if sig == signal.SIGINT and old == signal.SIG_IGN:
+            continue
+        previous[sig] = old
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        restore()
+
+
+# ---- helper worker processes (n_workers > 1) -----------------------------------------------------------------
+@contextmanager
+def share_cpus(n_workers: int) -> Iterator[None]:
+    """N workers on one machine split its cores (torch threads), rather than each taking all of them."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n_workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Helpers:
+    """The N - 1 helper processes of ``n_workers=N`` (spawned, so nothing of this process is shared but the
+    config): each runs the same study with the same settings and exports nothing."""
+
+    def __init__(self, procs: list[Any]) -> None:
+        self.procs = procs
+
+    @classmethod
+    def start(cls, cfg: DictConfig | Mapping[str, Any], settings: StudySettings) -> Helpers:
+        count = settings.n_workers - 1
+        if count <= 0:
+            return cls([])
+        config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=worker_main, args=(config, i + 1, os.getpid()), name=f"initsearch-worker-{i + 1}")
+                 for i in range(count)]
+        for proc in procs:
+            proc.start()
+        return cls(procs)
+
+    def join(self) -> None:
+        """Wait for every helper to finish its last trial; a helper that failed is a warning."""
+        for proc in self.procs:
+            proc.join()
+            if proc.exitcode:
+                log.warning("helper worker %s exited with status %s", proc.name, proc.exitcode)
+
+    def stop(self, signum: int) -> None:
+        """Send ``signum`` to the helpers still running and wait for them (they record their trial as
+        interrupted); kill those that do not exit within ``HELPER_STOP_TIMEOUT_S``."""
+        alive = [p for p in self.procs if p.is_alive()]
+        for proc in alive:
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+        for proc in alive:
+            proc.join(HELPER_STOP_TIMEOUT_S)
+            if proc.is_alive():
+                log.warning("helper worker %s did not stop; killing it (its trial is failed on the next start)", proc.name)
+                proc.kill()
+                proc.join()
+
+
+def worker_main(config: dict[str, Any], index: int, parent_pid: int) -> None:
+    """A helper worker process: the same study with the same settings; no summary, no export.
+
+    It ignores SIGINT (Ctrl-C reaches the whole process group; the main process stops its helpers with
+    SIGTERM, once) and gets SIGTERM when the main process dies (Linux).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _terminate_with_parent(parent_pid)
+    logging.basicConfig(level=logging.WARNING, format=f"[initsearch worker {index}] %(levelname)s: %(message)s")
+    verbose = bool(config.get("verbose", False))
+    try:
+        settings = settings_from_config(config)
+        with stop_on_signals(), share_cpus(settings.n_workers):
+            proxy = prepare(settings)
+            tracker = open_tracker(settings)
+            try:
+                run_study(settings, proxy, tracker, OmegaConf.to_yaml(config))
+            finally:
+                _detach(tracker)
+    except StudyInterrupted as exc:
+        sys.exit(exc.exit_status)
+    except InitSearchError as exc:
+        sys.exit(report_error(exc, verbose, prefix=f"initsearch worker {index}"))
+    except Exception as exc:  # noqa: BLE001 - one line, as in the main process
+        sys.exit(report_unexpected(exc, verbose, prefix=f"initsearch worker {index}"))
+
+
+def _detach(tracker: Any) -> None:
+    """A helper leaves the MLflow parent run as it is (the main process finishes it)."""
+    detach = getattr(tracker, "detach", None) or getattr(tracker, "flush", None)
+    if detach is not None:
+        try:
+            detach()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("tracking: %s", exc)
+
+
+def _terminate_with_parent(parent_pid: int) -> None:
+    """Ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+def report_error(exc: BaseException, verbose: bool, prefix: str = "initsearch") -> int:
+    """A user error: one line on stderr (the traceback too with ``verbose``); exit status 2."""
     if verbose:
         traceback.print_exception(exc)
-    print(f"initsearch: error: {exc}", file=sys.stderr)
+    print(f"{prefix}: error: {exc}", file=sys.stderr)
     return 2
+
+
+def report_unexpected(exc: BaseException, verbose: bool, prefix: str = "initsearch") -> int:
+    """Anything else: one line naming the exception (the traceback with ``verbose``); exit status 1."""
+    if verbose:
+        traceback.print_exception(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    hint = "" if verbose else " (verbose=true shows the traceback)"
+    print(f"{prefix}: error: {type(exc).__name__}: {text}{hint}", file=sys.stderr)
+    return 1

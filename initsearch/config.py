@@ -12,9 +12,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from initsearch.contenders import ALL_BASELINES
 from initsearch.errors import ConfigError
 from initsearch.scoring import check_aggregate, check_metric, direction
-from initsearch.space import BASELINE_NAMES, SearchSpace, space_from_config
+from initsearch.space import SearchSpace, space_from_config
 from initsearch.train import TrainConfig
 
 DEFAULT_STORAGE = "initsearch.journal"
@@ -65,6 +66,13 @@ class StudySettings:
     space: SearchSpace
     sampler: dict[str, Any]
     pruner: dict[str, Any]
+    # speed (issue 6): trials asked from Optuna and trained together as one stacked population; 1 = one by one
+    batch_trials: int = 1
+    # reliability (issue 7): worker processes on this machine; heartbeat seconds and the silence after which a
+    # RUNNING trial counts as abandoned (its worker died) and is failed and retried once
+    n_workers: int = 1
+    heartbeat_interval: int = 60
+    grace_period: int = 180
 
     @property
     def eval_seeds(self) -> list[int]:
@@ -99,6 +107,15 @@ def _str(value: Any, key: str) -> str:
     return value
 
 
+def _grace_period(value: Any, interval: Any) -> int:
+    """``grace_period``: a whole number of seconds longer than ``heartbeat_interval`` (a live worker must be
+    able to beat at least once within it, or its trials would be failed under it)."""
+    grace = _int(value, "grace_period", 1)
+    if isinstance(interval, int) and not isinstance(interval, bool) and grace <= interval:
+        raise ConfigError(f"grace_period: must be longer than heartbeat_interval ({interval}), got {grace}")
+    return grace
+
+
 def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
     """Validate the composed config; raise ``ConfigError`` naming the first bad key."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -111,8 +128,8 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
     if isinstance(baselines, str) or not isinstance(baselines, list):
         raise ConfigError(f"baselines: must be a list of names, got {baselines!r}")
     for i, name in enumerate(baselines):
-        if name not in BASELINE_NAMES:
-            raise ConfigError(f"baselines[{i}]: unknown baseline {name!r}; expected any of {', '.join(BASELINE_NAMES)}")
+        if name not in ALL_BASELINES:
+            raise ConfigError(f"baselines[{i}]: unknown baseline {name!r}; expected any of {', '.join(ALL_BASELINES)}")
     prescreen = c.get("prescreen") or {}
     sampler = dict(c.get("sampler") or {})
     if sampler.get("name") not in SAMPLERS:
@@ -158,4 +175,8 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         space=space_from_config(c.get("search_space") or {}),
         sampler=sampler,
         pruner=pruner,
+        batch_trials=_int(c.get("batch_trials", 1), "batch_trials", 1),
+        n_workers=_int(c.get("n_workers", 1), "n_workers", 1),
+        heartbeat_interval=_int(c.get("heartbeat_interval", 60), "heartbeat_interval", 1),
+        grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
     )

@@ -52,6 +52,12 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
         match = [t for t in trials if t.number == number]
         if not match:
             raise ConfigError(f"trial: study {study.study_name!r} has no trial {number} (it has {len(trials)})")
+        if match[0].state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            reason = match[0].user_attrs.get("reason")
+            raise ConfigError(
+                f"trial: trial {number} of study {study.study_name!r} did not finish (state {match[0].state.name}"
+                + (f": {reason}" if reason else "") + "); export a complete one"
+            )
         return match[0]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except InitSearchError as exc:
         print(f"initsearch.export: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - e.g. an unreadable storage: one line, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"initsearch.export: error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 

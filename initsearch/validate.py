@@ -24,14 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from initsearch.apply import apply_policy
 from initsearch.config import StudySettings, settings_from_config
+from initsearch.contenders import contender_policy, init_contender
 from initsearch.data import Dataset
 from initsearch.errors import ConfigError, InitSearchError
 from initsearch.models import build_model
 from initsearch.policy import InitPolicy, load_policy
 from initsearch.scoring import score
-from initsearch.space import baseline_policy
 from initsearch.study import prepare
 from initsearch.train import Curve, train_run
 
@@ -113,7 +112,7 @@ def _steps_to_target(curve: Curve, target: float) -> int | None:
 
 
 def contender_policies(policy: InitPolicy, baselines: Sequence[str]) -> dict[str, InitPolicy]:
-    return {POLICY: policy, **{name: baseline_policy(name) for name in baselines}}
+    return {POLICY: policy, **{name: contender_policy(name) for name in baselines}}
 
 
 def run_validation(
@@ -146,7 +145,8 @@ def run_validation(
                 torch.manual_seed(seed)
                 model = build_model(target_model, data.input_shape, data.num_classes)
             model = model.to(device)
-            apply_policy(model, pol, example_batch=example[0], seed=seed)
+            init_contender(model, pol, baseline=None if name == POLICY else name, seed=seed, example_x=example[0],
+                           train_x=data.x_train, train_y=data.y_train, train=train_cfg)
             curve = train_run(model, data, train_cfg, seed=seed)
             result.seeds.append(seed)
             result.curves.append(curve)

@@ -137,3 +137,18 @@ def test_cli_runs_end_to_end_and_bad_override_is_one_line(in_tmp):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "initsearch: error: n_trials: must be a whole number >= 1, got 0"
     assert not (in_tmp / "bad.journal").exists()
+
+
+def test_learned_baselines_run_as_trials_and_count_their_passes(in_tmp):
+    storage = str(in_tmp / "s.journal")
+    overrides = TINY + [f"storage={storage}", "study_name=learned", "baselines=[he,gradinit,metainit]", "n_trials=1"]
+    run(compose_config(overrides), in_tmp / "out")
+    trials = {t.user_attrs.get("baseline"): t for t in _study(storage, "learned").get_trials()}
+    for name in ("gradinit", "metainit"):
+        t = trials[name]
+        assert t.state.name == "COMPLETE", t.user_attrs.get("reason")
+        forward, backward = t.user_attrs["learned_passes"]
+        assert forward > 0 and backward > forward
+        policy = initsearch.load_policy(t.user_attrs["policy"])
+        assert any(rule.init.scale != 1.0 for rule in policy.rules)  # the learned scales, as a policy
+    assert "learned_passes" not in trials["he"].user_attrs
