@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -33,6 +34,15 @@ def compose_config(overrides: list[str], study: str | None = None) -> DictConfig
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         full = ([f"study={study}"] if study else []) + list(overrides)
         return compose(config_name="config", overrides=full)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test on one torch thread: the tensors are small, and on a busy 2-core machine threads thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

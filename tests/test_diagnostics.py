@@ -11,15 +11,6 @@ from torch.nn import functional as F
 from initsearch.diagnostics import LayerSignal, SignalReport, gradient_quotient, is_degenerate, signal_report
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors gain nothing from threads, and on a busy 2-core machine threads thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mlp(depth: int = 10, width: int = 64, act: type[nn.Module] = nn.ReLU, d_in: int = 20) -> nn.Sequential:
     mods: list[nn.Module] = []
     for _ in range(depth - 1):

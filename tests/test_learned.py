@@ -34,15 +34,6 @@ from initsearch.train import TrainConfig, train_run
 N_IN, N_CLASSES = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors gain nothing from threads, and on a busy 2-core machine threads thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @dataclass
 class Data:
     x_train: torch.Tensor

@@ -10,15 +10,6 @@ from torch import nn
 from initsearch.lsuv import LsuvReport, lsuv
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors gain nothing from threads, and on a busy 2-core machine threads thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mlp(depth: int = 20, width: int = 64, act: type[nn.Module] = nn.Tanh, d_in: int = 20) -> nn.Sequential:
     mods: list[nn.Module] = []
     for _ in range(depth - 1):

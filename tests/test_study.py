@@ -13,7 +13,7 @@ from initsearch.config import settings_from_config
 from initsearch.errors import ConfigError
 from initsearch.models import build_model
 from initsearch.study import open_storage
-from tests.conftest import PYTHON, REPO, TINY, compose_config, subprocess_env
+from tests.conftest import PYTHON, TINY, compose_config, subprocess_env
 
 import optuna
 
