@@ -16,7 +16,7 @@ import optuna
 import torch
 from torch import nn
 
-from tests.conftest import PYTHON, REPO, TINY, subprocess_env
+from tests.conftest import PYTHON, REPO, subprocess_env
 
 
 
