@@ -234,6 +234,16 @@ def _seed_global(seed: int, device: torch.device) -> None:
             torch.cuda.manual_seed(seed)
 
 
+def _to_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
+    """On CUDA, image models (4-d inputs) train faster with NHWC ("channels-last") tensors: convert the
+    model's 4-d parameters in place and say so, so the loop converts each batch too. Elsewhere nothing
+    changes (False): on the CPU the proxies' tiny convolutions gain nothing from it."""
+    if x.device.type != "cuda" or x.dim() != 4:
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
 def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
               on_checkpoint: Callable[[int, Curve], bool] | None = None) -> Curve:
     """Train ``model`` in place for ``cfg.steps`` steps and return its ``Curve``.
@@ -251,6 +261,7 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
     with torch.random.fork_rng(devices=_seed_devices(device)):
         _seed_global(seed, device)
         gen = torch.Generator(device=device).manual_seed(seed)
+        channels_last = _to_channels_last(model, x)
         opt = make_optimizer(model, cfg)
         model.train()
         for step in range(1, cfg.steps + 1):
@@ -258,8 +269,9 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr_at(step)
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen, device=device)
+            xb = x[idx].contiguous(memory_format=torch.channels_last) if channels_last else x[idx]
             with _autocast(device, cfg.bf16):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,214 @@
+"""Population training: each member's curve is the curve of training it alone; members are independent."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from initsearch.models import CNN, MLP, ResCNN
+from initsearch.population import choose_mode, draw_indices, static_blocker, train_population
+from initsearch.train import Curve, TrainConfig, train_run
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def teacher(shape: tuple[int, ...], n_train: int = 256, n_val: int = 96, classes: int = 3, seed: int = 0) -> Data:
+    """Labels from a random linear teacher on Gaussian inputs of ``shape``."""
+    g = torch.Generator().manual_seed(seed)
+    dim = int(np.prod(shape))
+    w = torch.randn(dim, classes, generator=g)
+    x = torch.randn(n_train + n_val, *shape, generator=g)
+    y = (x.flatten(1) @ w).argmax(dim=1)
+    return Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, shape)
+
+
+VEC = teacher((10,))
+IMG = teacher((3, 6, 6), n_train=128, n_val=48)
+SEEDS = [11, 12, 13]
+
+
+def members(make, count: int = 3) -> list[nn.Module]:
+    """``count`` models of one architecture with different initial weights."""
+    out = []
+    for i in range(count):
+        torch.manual_seed(100 + i)
+        out.append(make())
+    return out
+
+
+def solo(models: list[nn.Module], data: Data, cfg: TrainConfig, seeds: list[int], callbacks=None) -> list[Curve]:
+    callbacks = callbacks or [None] * len(models)
+    return [train_run(m, data, cfg, seed=s, on_checkpoint=cb) for m, s, cb in zip(models, seeds, callbacks)]
+
+
+def assert_same_curve(a: Curve, b: Curve, tol: float = 1e-4) -> None:
+    assert a.steps_done == b.steps_done and a.val_steps == b.val_steps
+    assert (a.diverged, a.stopped, a.reason) == (b.diverged, b.stopped, b.reason)
+    np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=tol, atol=tol)
+    np.testing.assert_allclose(a.val_loss, b.val_loss, rtol=tol, atol=tol)
+    np.testing.assert_allclose(a.val_acc, b.val_acc, atol=1.5 / 48)  # at most one example may flip
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, tol: float = 1e-4) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol, msg=name)
+
+
+def run_both(make, data: Data, cfg: TrainConfig, seeds=SEEDS, prepare=None, callbacks=None, mode="auto"):
+    models = members(make, len(seeds))
+    if prepare is not None:
+        prepare(models)
+    copies = [copy.deepcopy(m) for m in models]
+    together = train_population(models, data, cfg, seeds=seeds, on_checkpoint=callbacks, mode=mode)
+    alone = solo(copies, data, cfg, seeds, callbacks)
+    return together, alone, models, copies
+
+
+@pytest.mark.parametrize("optimizer, lr, wd", [("sgd", 0.05, 1e-3), ("adam", 0.01, 0.0), ("adamw", 0.01, 0.05)])
+def test_mlp_members_match_solo_runs_for_every_optimizer(optimizer, lr, wd):
+    cfg = TrainConfig(steps=40, batch_size=16, lr=lr, optimizer=optimizer, weight_decay=wd, warmup_steps=5,
+                      eval_every=15)
+    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg)
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)  # the models were trained in place, like train_run does
+    assert not np.allclose(together[0].train_loss, together[1].train_loss)  # the members really differ
+
+
+def test_engines_are_chosen_by_architecture():
+    assert choose_mode([MLP((10,), 3, norm="batch")] * 2) == ("stacked", None)
+    assert choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, device="cuda") == ("vmap", None)
+    assert choose_mode([ResCNN((3, 6, 6), 3, channels=[4])] * 2, device="cuda") == ("vmap", None)
+    assert choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, device="cpu")[0] == "loop"  # slower batched on a CPU
+    assert choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, mode="vmap", device="cpu") == ("vmap", None)
+    assert choose_mode([MLP((10,), 3)]) == ("loop", "a single member")
+    with pytest.raises(ValueError, match="stacked engine"):
+        choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, mode="stacked")
+
+
+@pytest.mark.parametrize("mode", ["stacked", "vmap"])
+def test_mlp_with_batchnorm_and_layernorm_match_solo_runs(mode):
+    cfg = TrainConfig(steps=30, batch_size=16, lr=0.05, eval_every=10)
+    for norm in ("batch", "layer"):
+        together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=12, norm=norm), VEC, cfg,
+                                                   mode=mode)
+        for a, b, m, c in zip(together, alone, models, copies):
+            assert_same_curve(a, b)
+            assert_same_weights(m, c)  # BatchNorm running statistics included
+
+
+def test_cnn_with_batchnorm_matches_solo_runs():
+    cfg = TrainConfig(steps=20, batch_size=8, lr=0.05, eval_every=10, eval_batch_size=32)
+    together, alone, models, copies = run_both(lambda: CNN((3, 6, 6), 3, channels=[4, 6], norm="batch"), IMG, cfg,
+                                               seeds=[1, 2], mode="vmap")
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)
+    assert not torch.equal(models[0].norm1.running_mean, members(lambda: CNN((3, 6, 6), 3, channels=[4, 6],
+                                                                           norm="batch"), 1)[0].norm1.running_mean)
+
+
+def test_plain_cnn_and_residual_cnn_match_solo_runs():
+    cfg = TrainConfig(steps=12, batch_size=8, lr=0.02, eval_every=6, eval_batch_size=32)
+    for make in (lambda: CNN((3, 6, 6), 3, channels=[4, 6]), lambda: ResCNN((3, 6, 6), 3, channels=[4, 6])):
+        together, alone, _, _ = run_both(make, IMG, cfg, seeds=[3, 4], mode="vmap")
+        for a, b in zip(together, alone):
+            assert_same_curve(a, b)
+
+
+@pytest.mark.parametrize("mode", ["stacked", "vmap"])
+def test_a_diverging_member_is_reported_and_does_not_touch_the_others(mode):
+    cfg = TrainConfig(steps=40, batch_size=16, lr=0.05, eval_every=10)
+
+    def blow_up(models):  # member 1 starts at a huge scale: its loss explodes
+        with torch.no_grad():
+            for p in models[1].parameters():
+                p.mul_(1e4)
+
+    together, alone, _, _ = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg,
+                                     prepare=blow_up, mode=mode)
+    assert together[1].diverged and together[1].steps_done == 10 and "step" in together[1].reason
+    assert together[1].reason == alone[1].reason
+    for i in (0, 2):
+        assert not together[i].diverged and together[i].steps_done == 40
+        assert_same_curve(together[i], alone[i])
+
+
+def test_a_nan_member_does_not_poison_the_others():
+    cfg = TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=10)
+
+    def poison(models):
+        with torch.no_grad():
+            models[0].fc1.weight[0, 0] = float("nan")
+
+    together, alone, _, _ = run_both(lambda: MLP((10,), 3, depth=2, width=8), VEC, cfg, prepare=poison)
+    assert together[0].diverged and "nan" in together[0].reason.lower()
+    for i in (1, 2):
+        assert_same_curve(together[i], alone[i])
+        assert np.isfinite(together[i].train_loss).all()
+
+
+@pytest.mark.parametrize("mode", ["stacked", "vmap"])
+def test_pruning_is_per_member_through_its_own_callback(mode):
+    cfg = TrainConfig(steps=30, batch_size=16, lr=0.05, eval_every=10)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def callback(i: int, stop_at: int | None):
+        def on_checkpoint(step: int, curve: Curve) -> bool:
+            seen[i].append(step)
+            assert curve.steps_done == step and len(curve.train_loss) == step
+            return stop_at is not None and step >= stop_at
+        return on_checkpoint
+
+    models = members(lambda: MLP((10,), 3, depth=2, width=8))
+    copies = [copy.deepcopy(m) for m in models]
+    together = train_population(models, VEC, cfg, seeds=SEEDS, on_checkpoint=[callback(0, None), callback(1, 10),
+                                                                               callback(2, 20)], mode=mode)
+    assert seen == {0: [10, 20, 30], 1: [10], 2: [10, 20]}
+    assert [c.steps_done for c in together] == [30, 10, 20]
+    assert not together[0].stopped and together[1].stopped and together[2].stopped
+    assert together[1].reason == "stopped by callback at step 10"
+    alone = solo(copies, VEC, cfg, SEEDS, [None, lambda s, c: s >= 10, lambda s, c: s >= 20])
+    for a, b in zip(together, alone):
+        assert_same_curve(a, b)
+
+
+def test_dropout_models_fall_back_to_solo_runs_and_match_them_exactly():
+    make = lambda: MLP((10,), 3, depth=2, width=8, dropout=0.3)  # noqa: E731
+    assert static_blocker(make()) is not None and choose_mode([make(), make()])[0] == "loop"
+    cfg = TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=10)
+    together, alone, _, _ = run_both(make, VEC, cfg)
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a.train_loss, b.train_loss)
+    with pytest.raises(ValueError, match="dropout"):
+        train_population(members(make, 2), VEC, cfg, seeds=[0, 1], mode="vmap")
+
+
+def test_cpu_index_plan_is_the_sequence_of_solo_draws():
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    plan = draw_indices(gens, 100, 7, 4, torch.device("cpu"))
+    assert plan.shape == (7, 2, 4)
+    ref = torch.Generator().manual_seed(6)
+    expected = torch.stack([torch.randint(0, 100, (4,), generator=ref) for _ in range(7)])
+    assert torch.equal(plan[:, 1], expected)
+
+
+def test_bad_populations_are_refused():
+    cfg = TrainConfig(steps=5, batch_size=8, eval_every=5)
+    assert train_population([], VEC, cfg, seeds=[]) == []
+    with pytest.raises(ValueError, match="differs"):
+        train_population([MLP((10,), 3, width=8), MLP((10,), 3, width=9)], VEC, cfg, seeds=[0, 1])
+    with pytest.raises(ValueError, match="seeds"):
+        train_population([MLP((10,), 3, width=8)] * 2, VEC, cfg, seeds=[0])
