@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import initsearch
 from initsearch.cli import run
 from initsearch.config import settings_from_config
-from initsearch.errors import ConfigError
+from initsearch.errors import ConfigError, DataError
 from initsearch.models import build_model
 from initsearch.study import open_storage
 from tests.conftest import PYTHON, TINY, compose_config, subprocess_env
@@ -152,3 +153,26 @@ def test_learned_baselines_run_as_trials_and_count_their_passes(in_tmp):
         policy = initsearch.load_policy(t.user_attrs["policy"])
         assert any(rule.init.scale != 1.0 for rule in policy.rules)  # the learned scales, as a policy
     assert "learned_passes" not in trials["he"].user_attrs
+
+
+def test_cifar_cnn_study_downloads_verifies_and_runs_from_a_loopback_archive(in_tmp):
+    from tests.cifar_fixture import make_cifar_archive, serve_directory
+
+    served = in_tmp / "served"
+    served.mkdir()
+    archive, md5 = make_cifar_archive(served, n_per_batch=40)
+    root = in_tmp / "data"
+    common = ["study=cifar_cnn", "n_trials=2", "baselines=[he]", "score.seeds=1", "train.steps=10", "train.eval_every=5",
+              "train.batch_size=16", "data.subset=100", "model.width_multiplier=0.125", "tracking_uri=none", f"data.root={root}"]
+    with serve_directory(served) as base:
+        url = f"{base}/{Path(archive).name}"
+        wrong = compose_config(common + [f"data.url={url}", "data.md5=" + "0" * 32, f"storage={in_tmp}/bad.journal"])
+        with pytest.raises(DataError, match="md5"):
+            run(wrong, in_tmp / "bad")
+        assert not (root / "cifar-10-batches-py").exists() and not (in_tmp / "bad.journal").exists()
+        good = compose_config(common + [f"data.url={url}", f"data.md5={md5}", f"storage={in_tmp}/s.journal"])
+        path = run(good, in_tmp / "out")
+    assert (root / "cifar-10-batches-py" / "data_batch_5").is_file()
+    trials = _study(str(in_tmp / "s.journal"), "cifar_cnn").get_trials()
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    assert initsearch.load_policy(path).provenance["data"] == "cifar10"
