@@ -377,3 +377,20 @@ def test_pruned_and_failed_trials_get_their_status_and_reason(tmp_path):
     assert by_trial["1"].info.status == "FAILED" and by_trial["1"].data.tags["initsearch.reason"] == "RuntimeError: boom"
     tracker.close()  # the study never finished: the parent is marked KILLED
     assert client.get_run(parent.info.run_id).info.status == "KILLED"
+
+
+def test_param_importances_need_two_complete_searched_trials():
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    study = optuna.create_study()
+    dists = {"bias": CategoricalDistribution(["zeros", "pytorch_default"]), "log2_scale": FloatDistribution(-1, 1)}
+    for value, name in ((1.0, "he"), (1.1, "xavier")):  # baselines: no params
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"baseline": name}))
+    study.add_trial(optuna.trial.create_trial(value=0.9, params={"bias": "zeros", "log2_scale": 0.5}, distributions=dists))
+    assert tracking.plot_importances(study) is None  # one searched trial: skipped, no error
+    study.add_trial(optuna.trial.create_trial(value=0.8, params={"bias": "pytorch_default", "log2_scale": -0.5},
+                                              distributions=dists))
+    study.add_trial(optuna.trial.create_trial(value=0.7, params={"bias": "zeros", "log2_scale": 0.1}, distributions=dists))
+    fig = tracking.plot_importances(study)
+    assert fig is not None and fig.axes
