@@ -43,8 +43,7 @@ import torch
 from optuna.trial import TrialState
 
 from initsearch.config import StudySettings
-from initsearch.contenders import contender_policy, init_contender
-from initsearch.diagnostics import is_degenerate, signal_report
+from initsearch.contenders import contender_policy
 from initsearch.policy import InitPolicy
 from initsearch.population import train_population
 from initsearch.scoring import aggregate, partial_score, score
@@ -208,25 +207,8 @@ def _begin(objective: Objective, trial: optuna.Trial) -> _Member:
 
 
 def _init_model(objective: Objective, m: _Member, i: int, seed: int) -> torch.nn.Module:
-    """A fresh proxy initialized as the member's contender (``Objective._evaluate``'s per-seed start);
-    raises ``TrialPruned`` for non-finite weights or a pre-screen rejection, as there."""
-    s, p, trial = objective.s, objective.proxy, m.trial
-    model = objective._fresh_model(seed)
-    used, learned = init_contender(model, m.policy, baseline=m.outcome.baseline, seed=seed, example_x=p.example_x,
-                                   train_x=p.data.x_train, train_y=p.data.y_train, train=s.train)
-    if learned is not None:  # GradInit/MetaInit: the policy they learned, and what it cost
-        passes = trial.user_attrs.get("learned_passes", [0, 0])
-        trial.set_user_attr("learned_passes", [passes[0] + learned.forward_passes, passes[1] + learned.backward_passes])
-        if i == 0:
-            m.outcome.policy = used.to_dict()
-            trial.set_user_attr("policy", m.outcome.policy)
-    _require_finite(model, f"after init (seed {seed})")
-    if i == 0:
-        m.outcome.signals = signal_report(model, p.example_x, p.example_y)
-        reason = is_degenerate(m.outcome.signals, low=s.prescreen.low, high=s.prescreen.high)
-        if s.prescreen.enabled and reason:
-            raise optuna.TrialPruned(f"pre-screen: {reason}")
-    return model
+    """A fresh proxy initialized as the member's contender, exactly as ``Objective`` does it."""
+    return objective.init_for_seed(m.trial, m.policy, m.outcome, i, seed)
 
 
 def _pruning_callback(objective: Objective, m: _Member, i: int) -> Callable[[int, Curve], bool]:

@@ -335,25 +335,32 @@ class Objective:
                 trial.set_user_attr("reason", outcome.reason[:1000])
             _safely(self.tracker.trial_finished, outcome)
 
+    def init_for_seed(self, trial: optuna.Trial, policy: InitPolicy, outcome: TrialOutcome, i: int, seed: int) -> torch.nn.Module:
+        """A fresh proxy initialized as the trial's contender for evaluation seed number ``i``; raises
+        ``TrialPruned`` for non-finite weights or (on the first seed) a pre-screen rejection."""
+        s, p = self.s, self.proxy
+        model = self._fresh_model(seed)
+        used, learned = init_contender(model, policy, baseline=outcome.baseline, seed=seed, example_x=p.example_x,
+                                       train_x=p.data.x_train, train_y=p.data.y_train, train=s.train)
+        if learned is not None:  # GradInit/MetaInit: the policy they learned, and what it cost
+            passes = trial.user_attrs.get("learned_passes", [0, 0])
+            trial.set_user_attr("learned_passes", [passes[0] + learned.forward_passes, passes[1] + learned.backward_passes])
+            if i == 0:
+                outcome.policy = used.to_dict()
+                trial.set_user_attr("policy", outcome.policy)
+        _require_finite(model, f"after init (seed {seed})")
+        if i == 0:
+            outcome.signals = signal_report(model, p.example_x, p.example_y)
+            reason = is_degenerate(outcome.signals, low=s.prescreen.low, high=s.prescreen.high)
+            if s.prescreen.enabled and reason:
+                raise optuna.TrialPruned(f"pre-screen: {reason}")
+        return model
+
     def _evaluate(self, trial: optuna.Trial, policy: InitPolicy, outcome: TrialOutcome, prunable: bool) -> float:
         s, p = self.s, self.proxy
         steps = s.train.steps
         for i, seed in enumerate(s.eval_seeds):
-            model = self._fresh_model(seed)
-            used, learned = init_contender(model, policy, baseline=outcome.baseline, seed=seed, example_x=p.example_x,
-                                           train_x=p.data.x_train, train_y=p.data.y_train, train=s.train)
-            if learned is not None:  # GradInit/MetaInit: the policy they learned, and what it cost
-                passes = trial.user_attrs.get("learned_passes", [0, 0])
-                trial.set_user_attr("learned_passes", [passes[0] + learned.forward_passes, passes[1] + learned.backward_passes])
-                if i == 0:
-                    outcome.policy = used.to_dict()
-                    trial.set_user_attr("policy", outcome.policy)
-            _require_finite(model, f"after init (seed {seed})")
-            if i == 0:
-                outcome.signals = signal_report(model, p.example_x, p.example_y)
-                reason = is_degenerate(outcome.signals, low=s.prescreen.low, high=s.prescreen.high)
-                if s.prescreen.enabled and reason:
-                    raise optuna.TrialPruned(f"pre-screen: {reason}")
+            model = self.init_for_seed(trial, policy, outcome, i, seed)
 
             def on_checkpoint(step: int, curve: Curve, i: int = i) -> bool:
                 self.hooks.alive(trial)

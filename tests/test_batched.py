@@ -9,6 +9,7 @@ import torch
 from optuna.trial import TrialState
 
 import initsearch.batched as batched
+import initsearch.study as study_module
 from initsearch.config import settings_from_config
 from initsearch.errors import ConfigError
 from initsearch.study import open_storage, prepare, run_study
@@ -80,7 +81,7 @@ def test_baseline_scores_match_the_one_at_a_time_study(tmp_path):
 
 def test_a_failing_and_a_diverging_member_end_alone(tmp_path, monkeypatch):
     settings, proxy = study_of(tmp_path, 4, "n_trials=2")
-    real_init = batched.init_contender
+    real_init = study_module.init_contender  # the per-seed init both engines share (Objective.init_for_seed)
 
     def init(model, policy, *, baseline, **kwargs):
         result = real_init(model, policy, baseline=baseline, **kwargs)
@@ -92,7 +93,7 @@ def test_a_failing_and_a_diverging_member_end_alone(tmp_path, monkeypatch):
             raise ValueError("cannot apply this one")
         return result
 
-    monkeypatch.setattr(batched, "init_contender", init)
+    monkeypatch.setattr(study_module, "init_contender", init)
     rec = Recorder()
     study = run_study(settings, proxy, rec)
     by_baseline = {t.user_attrs.get("baseline"): t for t in study.get_trials()}
