@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -34,6 +36,40 @@ def compose_config(overrides: list[str], study: str | None = None) -> DictConfig
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         full = ([f"study={study}"] if study else []) + list(overrides)
         return compose(config_name="config", overrides=full)
+
+
+@dataclass
+class TensorData:
+    """The duck-typed data object ``train_run``/``train_population`` take (``initsearch.train.TrainData``)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def teacher_data(shape: tuple[int, ...] = (10,), n_train: int = 512, n_val: int = 256, classes: int = 3, seed: int = 0) -> TensorData:
+    """A learnable problem: labels are the argmax of a random linear teacher on Gaussian inputs of ``shape``."""
+    g = torch.Generator().manual_seed(seed)
+    dim = 1
+    for d in shape:
+        dim *= d
+    w = torch.randn(dim, classes, generator=g)
+    x = torch.randn(n_train + n_val, *shape, generator=g)
+    y = (x.flatten(1) @ w).argmax(dim=1)
+    return TensorData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, tuple(shape))
+
+
+def plain_mlp(depth: int = 10, width: int = 64, act: type[nn.Module] = nn.ReLU, d_in: int = 20, d_out: int = 10) -> nn.Sequential:
+    """``depth`` Linear layers with ``act`` between them, as a flat ``nn.Sequential``."""
+    mods: list[nn.Module] = []
+    for _ in range(depth - 1):
+        mods += [nn.Linear(d_in, width), act()]
+        d_in = width
+    mods.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*mods)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
 """Signal diagnostics at init: per-layer stds and gradients, the gradient quotient, the degenerate pre-screen."""
 from __future__ import annotations
 
+from functools import partial
+
 import math
 
 import pytest
@@ -9,15 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from initsearch.diagnostics import LayerSignal, SignalReport, gradient_quotient, is_degenerate, signal_report
+from tests.conftest import plain_mlp
 
 
-def mlp(depth: int = 10, width: int = 64, act: type[nn.Module] = nn.ReLU, d_in: int = 20) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for _ in range(depth - 1):
-        mods += [nn.Linear(d_in, width), act()]
-        d_in = width
-    mods.append(nn.Linear(d_in, 10))
-    return nn.Sequential(*mods)
+mlp = partial(plain_mlp, depth=10, act=nn.ReLU)
 
 
 def kaiming(model: nn.Module, factor: float = 1.0) -> nn.Module:

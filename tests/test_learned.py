@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -30,21 +29,12 @@ from initsearch.models import MLP
 from initsearch.policy import InitPolicy
 from initsearch.space import baseline_policy
 from initsearch.train import TrainConfig, train_run
+from tests.conftest import TensorData
 
 N_IN, N_CLASSES = 16, 4
 
 
-@dataclass
-class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    num_classes: int = N_CLASSES
-    input_shape: tuple[int, ...] = (N_IN,)
-
-
-def make_data(n: int = 1024) -> Data:
+def make_data(n: int = 1024) -> TensorData:
     """A learnable problem: the class is the argmax of a fixed random linear map of Gaussian inputs, plus
     a little noise (a linear model reaches ~90%, chance is 25%)."""
     g = torch.Generator().manual_seed(0)
@@ -52,7 +42,7 @@ def make_data(n: int = 1024) -> Data:
     teacher = torch.randn(N_IN, N_CLASSES, generator=g)
     y = (x @ teacher + 0.3 * torch.randn(n, N_CLASSES, generator=g)).argmax(1)
     split = 3 * n // 4
-    return Data(x[:split], y[:split], x[split:], y[split:])
+    return TensorData(x[:split], y[:split], x[split:], y[split:], N_CLASSES, (N_IN,))
 
 
 DATA = make_data()

@@ -1,6 +1,8 @@
 """LSUV: every layer's output std lands within tol of the target, in forward order, touching only weights."""
 from __future__ import annotations
 
+from functools import partial
+
 import math
 
 import pytest
@@ -8,15 +10,10 @@ import torch
 from torch import nn
 
 from initsearch.lsuv import LsuvReport, lsuv
+from tests.conftest import plain_mlp
 
 
-def mlp(depth: int = 20, width: int = 64, act: type[nn.Module] = nn.Tanh, d_in: int = 20) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for _ in range(depth - 1):
-        mods += [nn.Linear(d_in, width), act()]
-        d_in = width
-    mods.append(nn.Linear(d_in, 10))
-    return nn.Sequential(*mods)
+mlp = partial(plain_mlp, depth=20, act=nn.Tanh)
 
 
 def cnn() -> nn.Sequential:

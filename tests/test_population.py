@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -12,30 +11,11 @@ from torch import nn
 from initsearch.models import CNN, MLP, ResCNN
 from initsearch.population import choose_mode, draw_indices, static_blocker, train_population
 from initsearch.train import Curve, TrainConfig, train_run
+from tests.conftest import TensorData, teacher_data
 
 
-@dataclass
-class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    num_classes: int
-    input_shape: tuple[int, ...]
-
-
-def teacher(shape: tuple[int, ...], n_train: int = 256, n_val: int = 96, classes: int = 3, seed: int = 0) -> Data:
-    """Labels from a random linear teacher on Gaussian inputs of ``shape``."""
-    g = torch.Generator().manual_seed(seed)
-    dim = int(np.prod(shape))
-    w = torch.randn(dim, classes, generator=g)
-    x = torch.randn(n_train + n_val, *shape, generator=g)
-    y = (x.flatten(1) @ w).argmax(dim=1)
-    return Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, shape)
-
-
-VEC = teacher((10,))
-IMG = teacher((3, 6, 6), n_train=128, n_val=48)
+VEC = teacher_data((10,), n_train=256, n_val=96)
+IMG = teacher_data((3, 6, 6), n_train=128, n_val=48)
 SEEDS = [11, 12, 13]
 
 
@@ -48,7 +28,7 @@ def members(make, count: int = 3) -> list[nn.Module]:
     return out
 
 
-def solo(models: list[nn.Module], data: Data, cfg: TrainConfig, seeds: list[int], callbacks=None) -> list[Curve]:
+def solo(models: list[nn.Module], data: TensorData, cfg: TrainConfig, seeds: list[int], callbacks=None) -> list[Curve]:
     callbacks = callbacks or [None] * len(models)
     return [train_run(m, data, cfg, seed=s, on_checkpoint=cb) for m, s, cb in zip(models, seeds, callbacks)]
 
@@ -66,7 +46,7 @@ def assert_same_weights(a: nn.Module, b: nn.Module, tol: float = 1e-4) -> None:
         torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol, msg=name)
 
 
-def run_both(make, data: Data, cfg: TrainConfig, seeds=SEEDS, prepare=None, callbacks=None, mode="auto"):
+def run_both(make, data: TensorData, cfg: TrainConfig, seeds=SEEDS, prepare=None, callbacks=None, mode="auto"):
     models = members(make, len(seeds))
     if prepare is not None:
         prepare(models)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -15,30 +14,10 @@ from torch import nn
 from initsearch.errors import ConfigError, DataError
 from initsearch.models import MLP
 from initsearch.train import Curve, TrainConfig, divergence_reason, evaluate, make_optimizer, train_run
+from tests.conftest import TensorData, teacher_data
 
 
-@dataclass
-class Data:
-    """The duck-typed data object train_run takes."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    num_classes: int
-    input_shape: tuple[int, ...]
-
-
-def teacher_data(n_train: int = 512, n_val: int = 256, dim: int = 10, classes: int = 3, seed: int = 0) -> Data:
-    """A learnable problem: labels are the argmax of a random linear teacher on Gaussian inputs."""
-    g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(dim, classes, generator=g)
-    x = torch.randn(n_train + n_val, dim, generator=g)
-    y = (x @ teacher).argmax(dim=1)
-    return Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, (dim,))
-
-
-DATA = teacher_data()
+DATA = teacher_data((10,))
 
 
 def small_mlp(seed: int = 0, dropout: float = 0.0) -> nn.Module:
@@ -233,7 +212,7 @@ def test_from_mapping_refuses_unknown_keys_and_validates() -> None:
 
 
 def test_empty_data_is_refused() -> None:
-    empty = Data(DATA.x_train[:0], DATA.y_train[:0], DATA.x_val, DATA.y_val, 3, (10,))
+    empty = TensorData(DATA.x_train[:0], DATA.y_train[:0], DATA.x_val, DATA.y_val, 3, (10,))
     with pytest.raises(DataError):
         train_run(small_mlp(), empty, FAST, seed=0)
 
