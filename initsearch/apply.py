@@ -138,6 +138,8 @@ def apply_policy(
     example_batch: Any = None,
     seed: int | None = None,
     strict: bool = True,
+    *,
+    layers: LayerDiscovery | None = None,
 ) -> ApplyReport:
     """Initialize ``model`` in place as ``policy`` says and return a per-layer report.
 
@@ -145,6 +147,9 @@ def apply_policy(
     ``example_batch``: the model's input (a tensor, or a tuple of positional inputs); needed for LSUV and for
     models torch.fx cannot trace. ``seed``: the same seed gives bit-identical weights (the caller's RNG state
     is left untouched). ``strict``: a rule with an exact ``layer`` name that matches no layer is an error.
+    ``layers``: the ``discover_layers`` result of a model of this same architecture, to skip tracing the model
+    again (a study initializes hundreds of fresh copies of one proxy); each layer must be in ``model`` with
+    the same type and weight shape.
 
     Raises ``PolicyError`` (a ``ValueError``) naming the field and value, with the model left untouched.
     """
@@ -153,7 +158,7 @@ def apply_policy(
     use_lsuv = policy.lsuv is not None and policy.lsuv.enabled
     if use_lsuv and inputs is None:
         raise PolicyError("lsuv.enabled: LSUV needs an example batch; pass example_batch=... (the model's input)")
-    discovery = _discover(model, inputs)
+    discovery = _discover(model, inputs) if layers is None else _check_layers(model, layers)
     decisions = plan(policy, discovery.layers, strict=strict)
     modules = dict(model.named_modules())
 
@@ -203,6 +208,21 @@ def apply_policy(
             r.lsuv_skipped = by_name[r.name].skipped
     notes = [f"LSUV left {r.name} alone: {r.lsuv_skipped}" for r in reports if r.lsuv_skipped]
     return ApplyReport(reports, discovery.method, seed, lsuv_report, notes)
+
+
+def _check_layers(model: nn.Module, layers: LayerDiscovery) -> LayerDiscovery:
+    """``layers`` given by the caller, checked against ``model``: same names, module types and weight shapes."""
+    modules = dict(model.named_modules())
+    for layer in layers:
+        module = modules.get(layer.name)
+        weight = getattr(module, "weight", None)
+        if module is None or type(module).__name__ != layer.type or weight is None \
+                or tuple(weight.shape) != tuple(layer.weight_shape):
+            found = "no such module" if module is None else f"{type(module).__name__} with weight " \
+                f"{None if weight is None else tuple(weight.shape)}"
+            raise PolicyError(f"layers: layer {layer.name!r} ({layer.type}, weight {tuple(layer.weight_shape)}) does not "
+                              f"match the model ({found}); pass the discovery of a model of the same architecture")
+    return layers
 
 
 def _discover(model: nn.Module, inputs: tuple | None) -> LayerDiscovery:

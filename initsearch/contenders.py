@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from initsearch.apply import apply_policy
+from initsearch.layers import LayerDiscovery
 from initsearch.learned import LEARNED_BASELINES, LearnedInitResult, learned_base_policy, run_learned_baseline
 from initsearch.policy import InitPolicy
 from initsearch.space import BASELINE_NAMES, baseline_policy
@@ -34,13 +35,15 @@ def init_contender(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     train: TrainConfig,
+    layers: LayerDiscovery | None = None,
 ) -> tuple[InitPolicy, LearnedInitResult | None]:
     """Initialize ``model`` in place; return the policy that reproduces it (the learned one for GradInit and
-    MetaInit, whose extra forward/backward passes the result counts) and the learned result, if any."""
+    MetaInit, whose extra forward/backward passes the result counts) and the learned result, if any.
+    ``layers``: the proxy's discovered layers, passed to ``apply_policy`` so it does not trace every copy."""
     if baseline in LEARNED_BASELINES:
         options: dict[str, Any] | None = None
         if baseline == "gradinit":  # GradInit's virtual step mimics the training optimizer (SGD: g, Adam: sign g)
             options = {"optimizer": "adam" if train.optimizer in ("adam", "adamw") else "sgd"}
         return run_learned_baseline(baseline, model, train_x, train_y, seed=seed, batch_size=train.batch_size, options=options)
-    apply_policy(model, policy, example_batch=example_x, seed=seed)
+    apply_policy(model, policy, example_batch=example_x, seed=seed, layers=layers)
     return policy, None

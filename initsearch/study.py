@@ -29,7 +29,7 @@ from initsearch.config import StudySettings
 from initsearch.data import Dataset, load_dataset
 from initsearch.diagnostics import SignalReport, is_degenerate, signal_report
 from initsearch.errors import ConfigError, InitSearchError
-from initsearch.layers import LayerInfo, discover_layers
+from initsearch.layers import LayerDiscovery, LayerInfo, discover_layers
 from initsearch.models import build_model
 from initsearch.policy import InitPolicy
 from initsearch.scoring import aggregate, partial_score, score
@@ -229,6 +229,12 @@ class Proxy:
     example_y: torch.Tensor
     layers: tuple[LayerInfo, ...]
     device: torch.device
+    layer_method: str = "fx"  # how discover_layers found them ("fx" or "hooks")
+
+    @property
+    def discovery(self) -> LayerDiscovery:
+        """The layers as ``apply_policy(layers=...)`` takes them: every fresh copy of the proxy has these."""
+        return LayerDiscovery(self.layers, self.layer_method)
 
 
 def prepare(settings: StudySettings) -> Proxy:
@@ -254,13 +260,13 @@ def prepare(settings: StudySettings) -> Proxy:
     example_x, example_y = data.x_train[idx], data.y_train[idx]
     model = build_model(settings.model, data.input_shape, data.num_classes).to(device)
     try:
-        layers = discover_layers(model, example_x).layers
+        discovery = discover_layers(model, example_x)
     except InitSearchError:
         raise
     except Exception as exc:  # a user's model that fails on the data: one line, before the study opens
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"model: the proxy failed on a batch of {d.get('name')} data: {type(exc).__name__}: {first}") from None
-    return Proxy(data, example_x, example_y, layers, device)
+    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method)
 
 
 # ---- one trial -----------------------------------------------------------------------------------------------
@@ -341,7 +347,8 @@ class Objective:
         s, p = self.s, self.proxy
         model = self._fresh_model(seed)
         used, learned = init_contender(model, policy, baseline=outcome.baseline, seed=seed, example_x=p.example_x,
-                                       train_x=p.data.x_train, train_y=p.data.y_train, train=s.train)
+                                       train_x=p.data.x_train, train_y=p.data.y_train, train=s.train,
+                                       layers=p.discovery)
         if learned is not None:  # GradInit/MetaInit: the policy they learned, and what it cost
             passes = trial.user_attrs.get("learned_passes", [0, 0])
             trial.set_user_attr("learned_passes", [passes[0] + learned.forward_passes, passes[1] + learned.backward_passes])

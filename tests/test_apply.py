@@ -205,3 +205,20 @@ def test_grouped_conv_identity_and_delta_orthogonal():
     centre = net.c2.weight[:, :, 1, 1]
     assert torch.allclose(centre @ centre.T, (5 / 3) ** 2 * torch.eye(8), atol=1e-4)
     assert {r.name: r.activation for r in report.layers} == {"c1": "relu", "c2": "tanh", "head": "linear"}
+
+
+def test_given_layers_skip_discovery_with_the_same_result_and_are_checked():
+    p = policy([{"position": "hidden", "scheme": "orthogonal"}], default={"scheme": "kaiming_normal"},
+               lsuv={"enabled": True})
+    x = torch.randn(64, 20)
+    layers = initsearch.discover_layers(mlp(), x)
+    a, b = mlp(), mlp()
+    apply_policy(a, p, example_batch=x, seed=3)
+    report = apply_policy(b, p, example_batch=x, seed=3, layers=layers)
+    assert same(snapshot(a), snapshot(b))
+    assert [r.name for r in report.layers] == [layer.name for layer in layers]
+    wider = mlp(width=32)
+    before = snapshot(wider)
+    with pytest.raises(PolicyError, match=r"^layers: layer '1' .*weight \(64, 20\)"):
+        apply_policy(wider, p, example_batch=x, seed=3, layers=layers)
+    assert same(snapshot(wider), before)
