@@ -222,7 +222,7 @@ def _pruning_callback(objective: Objective, m: _Member, i: int) -> Callable[[int
             return True
         try:
             m.beat(m.trial)
-            if not m.prunable:
+            if not m.prunable or not objective.pruning:
                 return False
             m.trial.report(partial_score(curve, s.score.metric, budget=steps, target_acc=s.score.target_acc),
                            i * steps + step)

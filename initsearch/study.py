@@ -298,6 +298,12 @@ class Objective:
         self.tracker = tracker
         self.hooks = hooks or TrialHooks()
 
+    @property
+    def pruning(self) -> bool:
+        """Whether searched trials report partial scores at checkpoints: not with ``pruner=none``, where each
+        report would be one storage write and one read that no pruner looks at."""
+        return self.s.pruner.get("name") != "none"
+
     def __call__(self, trial: optuna.Trial) -> float:
         start = time.perf_counter()
         baseline = trial.user_attrs.get("baseline")
@@ -318,7 +324,7 @@ class Objective:
                 trial.set_user_attr("duplicate_of", twin.number)
                 outcome.value, outcome.state = twin.value, "complete"
                 return twin.value
-            outcome.value = self._evaluate(trial, policy, outcome, prunable=baseline is None)
+            outcome.value = self._evaluate(trial, policy, outcome, prunable=baseline is None and self.pruning)
             outcome.state = "complete"
             return outcome.value
         except optuna.TrialPruned as exc:

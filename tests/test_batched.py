@@ -141,7 +141,7 @@ def test_trials_carry_the_same_user_attrs_as_one_at_a_time(tmp_path):
         study = run_study(settings, proxy, Recorder())
         keys[k] = {t.user_attrs.get("baseline") or "search": set(t.user_attrs) for t in study.get_trials()}
     assert keys[1] == keys[2]
-    assert {"kind", "policy", "seeds", "seed_scores", "worker", "heartbeat"} <= keys[2]["search"]
+    assert {"kind", "policy", "seeds", "seed_scores", "worker"} <= keys[2]["search"]
 
 
 def test_batched_tpe_counts_running_trials_as_bad_so_a_round_spreads_out(tmp_path):

@@ -415,3 +415,31 @@ def test_the_same_seed_gives_the_same_trials_and_policy_in_a_fresh_process(in_tm
     for p in (pa, pb):
         p["provenance"].pop("created")
     assert pa == pb
+
+
+def test_heartbeat_counts_the_trial_start_as_the_first_beat(monkeypatch):
+    from datetime import datetime
+
+    from initsearch.workers import Heartbeat
+
+    class FakeTrial:
+        def __init__(self, number: int, start: float) -> None:
+            self.number, self.datetime_start, self.user_attrs = number, datetime.fromtimestamp(start), {}
+
+        def set_user_attr(self, key, value):
+            self.user_attrs[key] = value
+
+    clock = [1000.0]
+    monkeypatch.setattr("initsearch.workers.time.time", lambda: clock[0])
+    beat = Heartbeat(60)
+    short = FakeTrial(0, 1000.0)
+    for clock[0] in (1010.0, 1050.0):  # a trial shorter than the interval writes nothing
+        beat(short)
+    assert short.user_attrs == {}
+    long = FakeTrial(1, 1055.0)
+    for clock[0] in (1100.0, 1116.0, 1150.0, 1175.0):
+        beat(long)
+    assert long.user_attrs == {"heartbeat": 1116.0}  # 61 s after its start; the next beat is due at 1176
+    clock[0] = 1178.0
+    beat(long)
+    assert long.user_attrs == {"heartbeat": 1178.0}

@@ -176,3 +176,17 @@ def test_cifar_cnn_study_downloads_verifies_and_runs_from_a_loopback_archive(in_
     trials = _study(str(in_tmp / "s.journal"), "cifar_cnn").get_trials()
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
     assert initsearch.load_policy(path).provenance["data"] == "cifar10"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_searched_trials_report_to_the_pruner_only_when_there_is_one(in_tmp, batch):
+    reported = {}
+    for pruner in ("median", "none"):
+        storage = str(in_tmp / f"{pruner}{batch}.journal")
+        run(compose_config(TINY + [f"storage={storage}", f"study_name=p{batch}", f"pruner={pruner}",
+                                   f"batch_trials={batch}", "n_trials=3"]), in_tmp / f"out-{pruner}{batch}")
+        trials = _study(storage, f"p{batch}").get_trials()
+        reported[pruner] = sorted(len(t.intermediate_values) for t in trials if not t.user_attrs.get("baseline")
+                                  and "duplicate_of" not in t.user_attrs)
+    assert reported["median"] and all(n == 2 for n in reported["median"])  # 20 steps, a checkpoint every 10
+    assert reported["none"] and all(n == 0 for n in reported["none"])
