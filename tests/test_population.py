@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from initsearch.models import CNN, MLP, ResCNN
-from initsearch.population import choose_mode, draw_indices, static_blocker, train_population
-from initsearch.train import Curve, TrainConfig, train_run
+from initsearch.population import _fused, _Holder, choose_mode, draw_indices, static_blocker, train_population
+from initsearch.train import Curve, TrainConfig, make_optimizer, train_run
 from tests.conftest import TensorData, teacher_data
 
 
@@ -192,3 +192,100 @@ def test_bad_populations_are_refused():
         train_population([MLP((10,), 3, width=8), MLP((10,), 3, width=9)], VEC, cfg, seeds=[0, 1])
     with pytest.raises(ValueError, match="seeds"):
         train_population([MLP((10,), 3, width=8)] * 2, VEC, cfg, seeds=[0])
+
+
+# ---- one seed for every member (what batched studies do): one batch per step, the first layer as one matmul ----
+def test_shared_seed_population_matches_solo_runs_with_members_leaving_at_different_checkpoints():
+    cfg = TrainConfig(steps=40, batch_size=16, lr=0.05, weight_decay=1e-3, warmup_steps=3, eval_every=10)
+    seeds = [21] * 4
+
+    def blow_up(models):  # member 3 starts at a huge scale: it diverges at the first checkpoint
+        with torch.no_grad():
+            for p in models[3].parameters():
+                p.mul_(1e4)
+
+    callbacks = [None, lambda s, c: s >= 10, lambda s, c: s >= 30, None]  # member 1 leaves at 10, member 2 at 30
+    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg, seeds=seeds,
+                                               prepare=blow_up, callbacks=callbacks, mode="stacked")
+    assert [c.steps_done for c in together] == [40, 10, 30, 10]
+    assert together[3].diverged and together[1].stopped and together[2].stopped
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+    for i in range(3):
+        assert_same_weights(models[i], copies[i])  # written back when each left the stack
+    assert not np.allclose(together[0].train_loss[:10], together[1].train_loss)  # same batches, own weights
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_shared_seed_population_matches_solo_runs_with_adam(optimizer):
+    cfg = TrainConfig(steps=20, batch_size=16, lr=0.01, optimizer=optimizer, weight_decay=0.01, eval_every=10)
+    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg, seeds=[4, 4, 4])
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)
+
+
+@pytest.mark.parametrize("mode", ["stacked", "vmap"])
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_shared_seed_population_with_norms_matches_solo_runs(mode, norm):
+    cfg = TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=10)
+    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=12, norm=norm), VEC, cfg,
+                                               seeds=[9, 9], mode=mode)
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)  # BatchNorm running statistics included
+
+
+@pytest.mark.parametrize("seeds", [[5, 5, 6], [5, 6, 7], [8, 8, 8]])
+def test_image_inputs_and_mixed_seeds_on_the_stacked_engine(seeds):
+    """Inputs of shape (3, 6, 6) flattened by the model; mixed seeds take the per-member batch path."""
+    cfg = TrainConfig(steps=16, batch_size=8, lr=0.05, eval_every=8, eval_batch_size=32)
+    together, alone, models, copies = run_both(lambda: MLP((3, 6, 6), 3, depth=3, width=12), IMG, cfg, seeds=seeds,
+                                               mode="stacked")
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)
+    if seeds[0] == seeds[1]:  # the same batches, different initial weights: curves differ only by the weights
+        assert not np.allclose(together[0].train_loss, together[1].train_loss)
+
+
+@pytest.mark.parametrize("seeds", [[3, 3], [3, 4]])
+def test_unusual_sequentials_match_solo_runs(seeds):
+    """A ReLU on the raw input, a ReLU after a Tanh (not fused into a Linear: Tanh's backward needs its
+    output), a Linear without bias followed by a ReLU, and a final activation."""
+    def make():
+        return nn.Sequential(nn.ReLU(), nn.Linear(10, 12), nn.Tanh(), nn.ReLU(), nn.Linear(12, 8, bias=False),
+                             nn.ReLU(), nn.Linear(8, 3), nn.Softplus())
+
+    cfg = TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=10)
+    assert choose_mode([make(), make()]) == ("stacked", None)
+    together, alone, models, copies = run_both(make, VEC, cfg, seeds=seeds)
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)
+
+
+def test_a_linear_on_unflattened_inputs_falls_back_to_the_loop():
+    """Without a Flatten, a Linear sees (C, H, W) examples: not the stacked engine's flat features, so the
+    probe sends the population to solo runs (whose curves it then returns)."""
+    def make():
+        return nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 6, 3))
+
+    cfg = TrainConfig(steps=6, batch_size=8, lr=0.05, eval_every=3, eval_batch_size=32)
+    with pytest.raises(ValueError, match="flat features"):
+        train_population(members(make, 2), IMG, cfg, seeds=[1, 1], mode="stacked")
+    together, alone, _, _ = run_both(make, IMG, cfg, seeds=[1, 1])
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a.train_loss, b.train_loss)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_the_stacked_optimizer_is_train_s_optimizer_fused(optimizer):
+    holder = _Holder([torch.zeros(2, 3, requires_grad=True)])
+    plain = make_optimizer(holder, TrainConfig(optimizer=optimizer, lr=0.02, momentum=0.8, weight_decay=0.1,
+                                               warmup_steps=2))
+    fused = _fused(plain)
+    assert type(fused) is type(plain) and fused.defaults["fused"] is True
+    assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == \
+        {k: v for k, v in plain.defaults.items() if k not in ("fused", "foreach")}
+    assert fused.param_groups[0]["params"] == plain.param_groups[0]["params"]
