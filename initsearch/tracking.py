@@ -14,14 +14,29 @@ artifacts in ``<dir of the db>/mlartifacts``; any other ``sqlite:///`` path like
 = a team ``mlflow server`` (its /health is probed at start, so an unreachable server is one clear
 ``ConfigError`` before any training); ``none`` (or ``off``) = no tracking.
 
-Cost: the study's thread only enqueues; one background worker thread makes every MLflow call, in order.
-Logging one digits_mlp trial (2 seeds x 200 steps: about 450 metric rows, one ``log_batch``) costs that thread
-about 35-55 ms of CPU on a local SQLite store, almost all of it MLflow's ORM, and about 17 ms against a
-server; a thread shares the GIL with the training loop, so on a busy machine this is roughly what a trial
-pays (``scripts/tracking_overhead.py`` measures it).
-``study_finished`` (or ``close``, also registered with ``atexit``) drains the queue. A failing MLflow call is
-a warning, never an exception in the study; after ``MAX_FAILURES`` failures in a row tracking turns itself
-off for the rest of the process rather than queueing minutes of HTTP retries.
+Cost: the per-trial child runs are logged by a **writer process** (``initsearch/mlflow_writer.py``, started
+by path by ``make_tracker`` so that it imports MLflow but not torch, at a lower priority). The study's
+thread only turns each ``TrialOutcome`` into a plain payload (``trial_payload``: tags, params, about 450
+``(key, value, timestamp, step)`` metric rows, policy.json and init_signals.json as text) and queues it;
+a background thread sends it as one JSON line. That costs the study process about 0.7 ms of CPU per
+digits_mlp trial; the writer spends the 35-40 ms of MLflow ORM CPU per trial on the other core, no
+longer under the study's GIL. ``scripts/tracking_overhead.py --n-trials 20 --repeats 3`` on a quiet
+2-core machine (OMP_NUM_THREADS=1): +3.8% per trial (median; best of 3 +3.6%), where the same trials
+logged on a thread paid +20.7% (+22.2%). This needs the second core to be free: when it is busy (other
+jobs, or a VM whose two cores share one), the writer's CPU competes with training again and a trial
+pays roughly what logging it costs (+15-20% measured then). Starting the writer (importing MLflow, about
+1.3 s of CPU) overlaps opening the store in ``make_tracker``, a one-time cost.
+The one-time work stays in this process on the background thread, in order: the experiment and parent
+run (resume, closing dead workers' runs, backfill) before any trial is sent; at the end of the study,
+``study_finished`` waits until the writer has acknowledged every trial (the training-curves plot reads
+them back), then logs the results and plots. ``flush`` waits for the writer's acknowledgements too.
+``close`` (also registered with ``atexit``) sends EOF and waits a bounded time; the writer logs what it
+was sent even when this process is gone (SIGKILL), and ignores SIGINT (this process handles Ctrl-C and
+closes it). A failing MLflow call is a warning, never an exception in the study; after ``MAX_FAILURES``
+failures in a row tracking turns itself off for the rest of the process rather than queueing minutes of
+HTTP retries. A writer that cannot start or dies is one warning: the trials it had not acknowledged, and
+the later ones, are logged by the background thread instead (``MlflowTracker(..., writer=False)`` does
+that from the start).
 """
 from __future__ import annotations
 
@@ -33,6 +48,7 @@ import os
 import posixpath
 import queue
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +56,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +64,20 @@ from typing import Any
 
 from initsearch.config import DEFAULT_TRACKING_URI, StudySettings
 from initsearch.errors import ConfigError
+from initsearch.mlflow_writer import (  # noqa: F401 - the batching rules and MLflow's limits live there
+    MAX_BATCH_BYTES,
+    MAX_ENTITIES_PER_BATCH,
+    MAX_KEY,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VALUE,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VALUE,
+    URI_ENV,
+    batches,
+    log_in_batches,
+    log_trial,
+    one_line,
+)
 from initsearch.study import NullTracker, Tracker, TrialOutcome, _redact, resolve_device
 from initsearch.workers import worker_alive, worker_id  # reliability (issue 7)
 
@@ -55,17 +85,15 @@ log = logging.getLogger("initsearch")
 
 OFF_VALUES = ("none", "off")
 PROBE_TIMEOUT_S = 5.0
-MAX_FAILURES = 3
+MAX_FAILURES = 3  # the writer process stops after as many (mlflow_writer.MAX_FAILURES)
 CURVES_TOP = 3  # searched trials drawn against the baselines in training_curves.png
 
-# MLflow's limits (mlflow.utils.validation; the tests check these against the installed MLflow).
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-MAX_KEY = 250
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_ENTITIES_PER_BATCH = 1000
-MAX_BATCH_BYTES = 900_000  # under MLflow's 1 MB request limit, with room for the JSON framing
+WRITER_SCRIPT = Path(__file__).with_name("mlflow_writer.py")  # run by path: imports MLflow, not torch
+CLOSE_TIMEOUT_S = 60.0  # close() (interrupted, atexit): the longest wait for the queued logging
+FINISH_TIMEOUT_S = 600.0  # study_finished: the same, with the end-of-study artifacts and plots
+WRITER_EXIT_TIMEOUT_S = 45.0  # of which at most this long for the writer to log what it was sent
+STALL_TIMEOUT_S = 300.0  # flush(): give up when the writer acknowledged nothing for this long
+WRITER_READY_TIMEOUT_S = 30.0  # make_tracker: the longest wait for the writer to import MLflow and open the store
 
 STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 TRUNCATED = "...[truncated]"
@@ -142,7 +170,8 @@ def make_tracker(settings: StudySettings) -> Tracker:
 
     Everything that can fail on a bad URI fails here, before any training: an HTTP server is probed;
     a database store is opened (created and migrated on first use: this is also what makes the later
-    per-trial calls cheap).
+    per-trial calls cheap). The writer process is started first, so that its MLflow import overlaps the
+    opening; it opens the store after this process has (``MlflowTracker`` waits for that, bounded).
     """
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:
@@ -153,8 +182,14 @@ def make_tracker(settings: StudySettings) -> Tracker:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     elif uri.startswith("sqlite:///"):
         _make_parent_dir(uri)
-    client = _open_client(uri)
-    return MlflowTracker(client, uri, default_artifact_location(uri))
+    writer = WriterProcess.launch(uri)  # importing MLflow there while this process opens the store
+    try:
+        client = _open_client(uri)
+    except BaseException:
+        if writer is not None:
+            writer.kill()
+        raise
+    return MlflowTracker(client, uri, default_artifact_location(uri), writer=writer if writer is not None else False)
 
 
 def _make_parent_dir(uri: str) -> None:
@@ -179,7 +214,7 @@ def _open_client(uri: str) -> Any:
     return client
 
 
-# ---- the background worker -------------------------------------------------------------------------------
+# ---- the background thread -------------------------------------------------------------------------------
 class _Worker:
     """One daemon thread running submitted calls in order. A failing call is logged as a warning; after
     ``MAX_FAILURES`` in a row the remaining and later calls are dropped (one warning says so)."""
@@ -206,11 +241,20 @@ class _Worker:
         if self._thread is not None and self._thread.is_alive():
             self._queue.join()
 
-    def stop(self) -> None:
-        """Drain, then end the thread."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Let the queued calls run, then end the thread; ``False`` when it is still busy after ``timeout``
+        seconds (it is a daemon thread: the process can still exit)."""
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def disable(self, failures: int) -> None:
+        """Drop this and every later call (one warning)."""
+        if not self.disabled:
+            self.disabled = True
+            log.warning("MLflow tracking: %d failures in a row; tracking is off for the rest of this run", failures)
 
     def _loop(self) -> None:
         while True:
@@ -230,11 +274,9 @@ class _Worker:
             self._failures = 0
         except Exception as exc:  # noqa: BLE001 - tracking must never break the study
             self._failures += 1
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            log.warning("MLflow tracking: %s failed (%s: %s)", fn.__name__.strip("_"), type(exc).__name__, first[:300])
+            log.warning("MLflow tracking: %s failed (%s)", fn.__name__.strip("_"), one_line(exc))
             if self._failures >= MAX_FAILURES:
-                self.disabled = True
-                log.warning("MLflow tracking: %d failures in a row; tracking is off for the rest of this run", self._failures)
+                self.disable(self._failures)
         finally:
             name = fn.__name__
             self.cpu_s[name] = self.cpu_s.get(name, 0.0) + time.thread_time() - started
@@ -244,47 +286,260 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# ---- the tracker -----------------------------------------------------------------------------------------
-class MlflowTracker:
-    """Logs a study to MLflow through an explicit ``MlflowClient`` (no fluent active-run state).
+# ---- the writer process ------------------------------------------------------------------------------------
+def writer_command() -> list[str]:
+    """How the writer is started: this interpreter running ``mlflow_writer.py`` by path (no torch import).
+    The tracking URI goes in the environment (``mlflow_writer.URI_ENV``), out of sight of ``ps``."""
+    return [sys.executable, str(WRITER_SCRIPT)]
 
-    The three hooks only enqueue work (with the wall-clock time they were called at, so the runs keep the
-    trials' real start and end times); the worker thread does the MLflow calls.
+
+class WriterProcess:
+    """The study process's end of the writer (``initsearch/mlflow_writer.py``).
+
+    ``send_trial`` (from the tracker's thread) writes one JSON line per trial and keeps the payload until
+    the writer acknowledges it; a reader thread reads the acknowledgements (``{"seq", "cpu", "trial_cpu",
+    "error", "disabled"}``; seq 0 = ready) and hands each to ``on_ack``. When the writer ends without
+    being asked (killed, crashed, could not import MLflow), the payloads it did not acknowledge are handed
+    to ``on_death`` once, so the tracker logs them itself: at least once, never lost (a writer killed
+    between creating a run and acknowledging it leaves that run twice, the first one RUNNING).
     """
 
-    def __init__(self, client: Any, uri: str, artifact_location: str | None = None) -> None:
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.cpu_s = 0.0  # the writer's process CPU so far (its start included)
+        self.trial_cpu_s = 0.0  # of which logging trials
+        self.dead = False
+        self.closing = False
+        self._on_ack: Callable[[dict[str, Any]], None] = lambda ack: None
+        self._on_death: Callable[[str, list[dict[str, Any]]], None] | None = None
+        self._death: tuple[str, list[dict[str, Any]]] | None = None  # a death before bind()
+        self._cond = threading.Condition()
+        self._sent = 0
+        self._acked = -1  # seq 0 = the writer imported MLflow and is ready
+        self._pending: dict[int, dict[str, Any] | None] = {}
+        self._reader = threading.Thread(target=self._read, name="initsearch-mlflow-acks", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def launch(cls, uri: str) -> WriterProcess | None:
+        """Start the writer on ``uri``; ``None`` and a warning when it cannot be started at all."""
+        try:
+            proc = subprocess.Popen(writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                                    env={**os.environ, URI_ENV: uri})
+        except (OSError, ValueError) as exc:
+            log.warning("MLflow tracking: cannot start the writer process (%s); logging the trials in this "
+                        "process instead", one_line(exc))
+            return None
+        return cls(proc)
+
+    def bind(self, on_ack: Callable[[dict[str, Any]], None], on_death: Callable[[str, list[dict[str, Any]]], None]) -> None:
+        """Who hears of acknowledgements and of the writer's death (a death before this is told now)."""
+        with self._cond:
+            self._on_ack, self._on_death = on_ack, on_death
+            death, self._death = self._death, None
+        if death is not None:
+            on_death(*death)
+
+    @property
+    def unacknowledged(self) -> int:
+        with self._cond:
+            return sum(1 for p in self._pending.values() if p is not None)
+
+    def send_trial(self, payload: dict[str, Any]) -> bool:
+        """Send one trial; ``False`` when the writer is gone (the caller logs it itself)."""
+        return self._send("trial", payload)
+
+    def open_store(self, timeout: float) -> bool:
+        """Have the writer open its client on the store (after this process created it); wait for that up
+        to ``timeout`` s. ``False`` when it is not done by then (the trials then wait in the pipe)."""
+        if not self._send("open", None):
+            return False
+        return self.wait_acknowledged(stall_timeout=timeout)
+
+    def _send(self, op: str, payload: dict[str, Any] | None) -> bool:
+        with self._cond:
+            if self.dead or self.closing:
+                return False
+            self._sent += 1
+            seq = self._sent
+            self._pending[seq] = payload
+        line = json.dumps({"op": op, "seq": seq, **(payload or {})}).encode() + b"\n"
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+        except (OSError, ValueError) as exc:
+            self._died(f"cannot be written to ({one_line(exc)})")
+        return True
+
+    def wait_acknowledged(self, stall_timeout: float = STALL_TIMEOUT_S) -> bool:
+        """Block until everything sent so far is acknowledged or the writer is gone; ``False`` when it
+        acknowledged nothing for ``stall_timeout`` seconds (then the caller stops waiting)."""
+        with self._cond:
+            target, last, since = self._sent, self._acked, time.monotonic()
+            while self._acked < target and not self.dead:
+                self._cond.wait(min(1.0, stall_timeout))
+                if self._acked != last:
+                    last, since = self._acked, time.monotonic()
+                elif time.monotonic() - since >= stall_timeout:
+                    return False
+        return True
+
+    def close_input(self) -> None:
+        """EOF to the writer: it logs what it was sent, then exits."""
+        with self._cond:
+            self.closing = True
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the writer to exit (after ``close_input``); ``False`` if it still runs."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self._reader.join(5.0)
+        return True
+
+    def kill(self) -> None:
+        """End a writer that has nothing to log (the store could not be opened)."""
+        self.close_input()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5.0)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                ack = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(ack, dict) or not isinstance(ack.get("seq"), int):
+                continue
+            with self._cond:
+                self._pending.pop(ack["seq"], None)
+                self._acked = max(self._acked, ack["seq"])
+                self.cpu_s = float(ack.get("cpu") or 0.0)
+                self.trial_cpu_s = float(ack.get("trial_cpu") or 0.0)
+                self._cond.notify_all()
+                on_ack = self._on_ack
+            on_ack(ack)
+        try:
+            code = self.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        with self._cond:
+            expected = self.closing and not any(p is not None for p in self._pending.values())
+            if expected:
+                self.dead = True
+                self._cond.notify_all()
+        if not expected:
+            self._died("ended" if code is None else f"exited with status {code}")
+
+    def _died(self, reason: str) -> None:
+        with self._cond:
+            if self.dead:
+                return
+            self.dead = True
+            orphans = [p for _, p in sorted(self._pending.items()) if p is not None]
+            self._pending.clear()
+            self._cond.notify_all()
+            on_death = self._on_death
+            if on_death is None:
+                self._death = (reason, orphans)
+        if on_death is not None:
+            on_death(reason, orphans)
+
+
+# ---- the tracker -----------------------------------------------------------------------------------------
+class MlflowTracker:
+    """Logs a study to MLflow: the study-level runs through an explicit ``MlflowClient`` on a background
+    thread, the trials' child runs through a writer process (``writer=False``, or when the writer cannot
+    start or dies: on the same thread, with the same client).
+
+    The three hooks only build plain payloads and enqueue them (with the wall-clock time they were called
+    at, so the runs keep the trials' real start and end times); nothing here raises into the study.
+    """
+
+    def __init__(self, client: Any, uri: str, artifact_location: str | None = None,
+                 writer: bool | WriterProcess = True) -> None:
+        """``writer``: a started ``WriterProcess`` (``make_tracker`` starts it before opening the store, so
+        its MLflow import overlaps that; it opens the store once this process has), ``True`` to start one
+        when the study starts, ``False`` to log the trials on the thread."""
         self.client = client
         self.uri = uri
         self.artifact_location = artifact_location
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
+        self.use_writer = bool(writer)
+        self.writer: WriterProcess | None = None
         self._worker = _Worker()
+        self._worker_tag = worker_id()
+        self._orphans: list[dict[str, Any]] = []
+        self._orphans_lock = threading.Lock()
+        self._payload_cpu_s = 0.0  # the study's thread, building trial payloads
+        self._here_cpu_s = 0.0  # the tracker's thread, logging trials itself (no writer)
         self._finished = False
         self._closed = False
         atexit.register(self.close)
+        if isinstance(writer, WriterProcess):
+            self._attach_writer(writer)
+            writer.open_store(WRITER_READY_TIMEOUT_S)
 
     # -- hooks (the study's thread) --
     def study_started(self, settings: StudySettings, config_yaml: str, study: Any) -> None:
+        self._worker_tag = worker_id()
+        if self.use_writer and self.writer is None:
+            self._start_writer()
         self._worker.submit(self._start, settings, config_yaml, study.study_name, _now_ms())
         self._worker.submit(self._backfill, study)  # reliability (issue 7)
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
-        self._worker.submit(self._log_trial, outcome, _now_ms())
+        """Build the trial's payload here (about 1 ms) and queue it; the thread sends it to the writer."""
+        if self._worker.disabled:
+            return
+        started = time.thread_time()
+        try:
+            payload = trial_payload(outcome, _now_ms(), self._worker_tag)
+        except Exception as exc:  # noqa: BLE001 - tracking must never break the study
+            log.warning("MLflow tracking: trial %s not logged (%s)", outcome.number, one_line(exc))
+            return
+        finally:
+            self._payload_cpu_s += time.thread_time() - started
+        self._worker.submit(self._log_trial, payload)
 
     def study_finished(self, study: Any, summary: Any, policy_path: Any) -> None:
-        """Log the end-of-study results, then drain the queue and stop the worker (this blocks)."""
+        """Log the end-of-study results once every trial is logged (the training-curves plot reads them
+        back), then stop the thread and the writer (this blocks, at most ``FINISH_TIMEOUT_S``)."""
         self._finished = True
+        self._worker.submit(self._await_writer)
+        self._worker.submit(self._eof_writer)  # nothing left to send: it exits while the plots are drawn
         self._worker.submit(self._finish, study, summary, None if policy_path is None else Path(policy_path))
-        self.close()
+        self._close(FINISH_TIMEOUT_S)
 
     def flush(self) -> None:
-        """Block until everything enqueued so far is logged."""
+        """Block until everything enqueued so far is logged (the writer's acknowledgements included)."""
+        self._worker.submit(self._await_writer)
         self._worker.drain()
 
     @property
     def worker_cpu_s(self) -> dict[str, float]:
-        """CPU seconds the worker thread has spent so far, per kind of call (``_log_trial``, ``_start``...)."""
-        return dict(self._worker.cpu_s)
+        """CPU seconds spent so far, per kind: the tracker's thread per call (``_start``, ``_finish``...),
+        ``trial_finished`` (the study's thread building payloads), ``_send_trial`` (the thread sending them),
+        ``_log_trial`` (logging the trials: the writer's CPU for them, plus this process's when it logged
+        some itself) and ``writer`` (the writer process in all, its start included)."""
+        cpu = dict(self._worker.cpu_s)
+        thread = cpu.pop("_log_trial", 0.0)  # the thread's step: send to the writer, or log here
+        cpu["_send_trial"] = max(thread - self._here_cpu_s, 0.0)
+        cpu["trial_finished"] = self._payload_cpu_s
+        cpu["_log_trial"] = (self.writer.trial_cpu_s if self.writer is not None else 0.0) + self._here_cpu_s
+        cpu["writer"] = self.writer.cpu_s if self.writer is not None else 0.0
+        return cpu
 
     # ---- reliability (issue 7): a helper worker process leaves the parent run to the main process ----
     def detach(self) -> None:
@@ -294,15 +549,104 @@ class MlflowTracker:
     # ---- end reliability ----
 
     def close(self) -> None:
-        """Drain and stop the worker. A parent whose study did not finish (interrupted, or no trial finished)
-        is marked KILLED; running the command again sets it RUNNING and continues it."""
+        """Drain and stop the thread and the writer (at most ``CLOSE_TIMEOUT_S``). A parent whose study did
+        not finish (interrupted, or no trial finished) is marked KILLED; running the command again sets it
+        RUNNING and continues it."""
+        self._close(CLOSE_TIMEOUT_S)
+
+    def _close(self, timeout: float) -> None:
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
+        self._worker.submit(self._close_writer)
         if not self._finished:
             self._worker.submit(self._abandon)
-        self._worker.stop()
+        if not self._worker.stop(timeout):
+            # The thread may be blocked writing to a stuck writer's pipe (holding its lock): leave both; the
+            # pipe closes when this process exits, and the writer then logs what it got and exits too.
+            log.warning("MLflow tracking: still busy after %.0f s; not waiting for it any longer", timeout)
+            return
+        if self.writer is not None and not self.writer.closing:
+            self.writer.close_input()  # tracking turned itself off (the thread skipped _close_writer): EOF
+
+    # -- the writer (study's thread to start it; the tracker's thread for the rest) --
+    def _start_writer(self) -> None:
+        writer = WriterProcess.launch(self.uri)
+        if writer is not None:
+            self._attach_writer(writer)
+
+    def _attach_writer(self, writer: WriterProcess) -> None:
+        self.writer = writer
+        writer.bind(self._on_ack, self._on_writer_death)
+
+    def _on_ack(self, ack: dict[str, Any]) -> None:
+        """The reader thread: a failure the writer reports is a warning; its giving up turns tracking off."""
+        if ack.get("error"):
+            log.warning("MLflow tracking (writer process): %s", ack["error"])
+        if ack.get("disabled"):
+            self._worker.disable(MAX_FAILURES)
+
+    def _on_writer_death(self, reason: str, orphans: list[dict[str, Any]]) -> None:
+        """The writer ended unasked: one warning; what it did not acknowledge is logged here (the thread
+        picks them up before its next trial, or in ``flush``/``close``), as are the later trials."""
+        log.warning("MLflow tracking: the writer process (pid %s) %s; logging %s in this process instead",
+                    self.writer.pid if self.writer is not None else "?", reason,
+                    f"its {len(orphans)} unacknowledged trials and the next ones" if orphans else "the next trials")
+        with self._orphans_lock:
+            self._orphans.extend(orphans)
+
+    def _log_trial(self, payload: dict[str, Any]) -> None:
+        """The thread's step for one trial: fill in the run ids (known once ``_start`` ran) and hand it to
+        the writer, or log it here when there is none (``scripts/bench.py`` times this method)."""
+        if self.parent_id is None:
+            raise RuntimeError(f"no parent run (the study's start was not logged); trial {payload['number']} skipped")
+        payload["experiment_id"] = self.experiment_id
+        payload["tags"]["mlflow.parentRunId"] = self.parent_id
+        self._log_orphans()
+        if self.writer is None or not self.writer.send_trial(payload):
+            self._log_here(payload)
+
+    def _log_here(self, payload: dict[str, Any]) -> None:
+        started = time.thread_time()
+        try:
+            log_trial(self.client, payload)
+        finally:
+            self._here_cpu_s += time.thread_time() - started
+
+    def _log_orphans(self) -> None:
+        """Log here the trials a dead writer did not acknowledge (each failure a warning)."""
+        while True:
+            with self._orphans_lock:
+                if not self._orphans:
+                    return
+                payload = self._orphans.pop(0)
+            try:
+                self._log_here(payload)
+            except Exception as exc:  # noqa: BLE001 - the next ones still get their chance
+                log.warning("MLflow tracking: log_trial failed (trial %s: %s)", payload.get("number"), one_line(exc))
+
+    def _await_writer(self) -> None:
+        """Wait until the writer acknowledged every trial sent (or died: then log the rest here)."""
+        if self.writer is not None and not self.writer.wait_acknowledged():
+            log.warning("MLflow tracking: the writer process (pid %d) answered nothing for %.0f s; not waiting "
+                        "for its %d trials", self.writer.pid, STALL_TIMEOUT_S, self.writer.unacknowledged)
+        self._log_orphans()
+
+    def _eof_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close_input()
+
+    def _close_writer(self) -> None:
+        """EOF to the writer, then wait (bounded) for it to log what it was sent and exit."""
+        writer = self.writer
+        if writer is None:
+            return
+        writer.close_input()
+        if not writer.wait_exit(WRITER_EXIT_TIMEOUT_S):
+            log.warning("MLflow tracking: the writer process (pid %d) still has %d trials to log; it finishes "
+                        "them on its own", writer.pid, writer.unacknowledged)
+        self._log_orphans()
 
     # -- worker side --
     def _start(self, settings: StudySettings, config_yaml: str, name: str, started_ms: int) -> None:
@@ -359,31 +703,6 @@ class MlflowTracker:
                           order_by=["attributes.start_time ASC"])
         matches = [r for r in runs if r.data.tags.get("initsearch.study") == name]
         return matches[0] if matches else None
-
-    def _log_trial(self, outcome: TrialOutcome, end_ms: int) -> None:
-        """One child run: created with the trial's start time, filled with one or a few ``log_batch`` calls,
-        the artifacts, then terminated with the trial's end time and the status of its state."""
-        if self.parent_id is None:
-            raise RuntimeError(f"no parent run (the study's start was not logged); trial {outcome.number} skipped")
-        client = self.client
-        start_ms = end_ms - int(round(outcome.seconds * 1000))
-        run = client.create_run(self.experiment_id, start_time=start_ms, run_name=trial_run_name(outcome),
-                                tags={**trial_tags(outcome, self.parent_id), "initsearch.worker": worker_id()})
-        run_id = run.info.run_id
-        status = STATUS_OF_STATE.get(outcome.state, "KILLED")
-        try:
-            log_in_batches(client, run_id, metrics=trial_metrics(outcome, start_ms, end_ms),
-                           params=trial_params(outcome))
-            if outcome.policy is not None:
-                client.log_text(run_id, _json(outcome.policy), "policy.json")
-            rows = signal_rows(outcome.signals)
-            if rows:
-                client.log_text(run_id, _json(rows), "init_signals.json")
-        except Exception:
-            status = "FAILED" if status == "FINISHED" else status
-            raise
-        finally:
-            client.set_terminated(run_id, status=status, end_time=end_ms)
 
     def _finish(self, study: Any, summary: Any, policy_path: Path | None) -> None:
         """Headline metrics, best_policy.json, trials.csv and the plots on the parent; parent FINISHED."""
@@ -481,7 +800,10 @@ class MlflowTracker:
             end = t.datetime_complete or t.datetime_start
             if t.datetime_start is not None and t.datetime_complete is not None:
                 outcome.seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-            self._log_trial(outcome, int(end.timestamp() * 1000) if end is not None else _now_ms())
+            payload = trial_payload(outcome, int(end.timestamp() * 1000) if end is not None else _now_ms(), worker_id())
+            payload["experiment_id"] = self.experiment_id
+            payload["tags"]["mlflow.parentRunId"] = self.parent_id
+            log_trial(self.client, payload)  # one-time work: here, not through the writer
     # ---- end reliability ----
 
     def _abandon(self) -> None:
@@ -619,8 +941,9 @@ def seed_suffix(i: int) -> str:
     return "" if i == 0 else f"_s{i}"
 
 
-def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any]:
-    """Every metric of a trial as ``mlflow.entities.Metric``s (logged in batches, never one call per step).
+def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[tuple[str, float, int, int]]:
+    """Every metric of a trial as plain ``(key, value, timestamp_ms, step)`` rows (logged in batches, never
+    one call per step; plain so they can be sent to the writer process as JSON).
 
     Per seed ``i``: ``train_loss{sfx}`` at steps 1..steps_done and ``val_loss{sfx}``/``val_acc{sfx}`` at the
     checkpoints. Timestamps place each seed's steps evenly over its own training time, the seeds back to
@@ -628,9 +951,7 @@ def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any
     not measured; this keeps MLflow's wall-time axis truthful to within a seed). The init diagnostics at
     step 0 and ``start_ms``; ``score``, ``seed_score_s{i}``, ``seconds`` at ``end_ms``.
     """
-    from mlflow.entities import Metric
-
-    metrics: list[Any] = [Metric(k, v, start_ms, 0) for k, v in signal_metrics(outcome.signals)]
+    rows: list[tuple[str, float, int, int]] = [(k, v, start_ms, 0) for k, v in signal_metrics(outcome.signals)]
     curves = list(outcome.curves)
     after = [sum(c.seconds for c in curves[i + 1:]) for i in range(len(curves))]
     for i, curve in enumerate(curves):
@@ -642,17 +963,52 @@ def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any
         def at(step: int) -> int:
             return int(t_start + (t_end - t_start) * min(step, n) / n)
 
-        for j, loss in enumerate(curve.train_loss):
-            metrics.append(Metric(f"train_loss{sfx}", float(loss), at(j + 1), j + 1))
+        key = f"train_loss{sfx}"
+        rows.extend((key, float(loss), at(j + 1), j + 1) for j, loss in enumerate(curve.train_loss))
         for step, loss, acc in zip(curve.val_steps, curve.val_loss, curve.val_acc):
-            metrics.append(Metric(f"val_loss{sfx}", float(loss), at(step), int(step)))
-            metrics.append(Metric(f"val_acc{sfx}", float(acc), at(step), int(step)))
+            rows.append((f"val_loss{sfx}", float(loss), at(step), int(step)))
+            rows.append((f"val_acc{sfx}", float(acc), at(step), int(step)))
     if outcome.value is not None:
-        metrics.append(Metric("score", float(outcome.value), end_ms, 0))
+        rows.append(("score", float(outcome.value), end_ms, 0))
     for i, value in enumerate(outcome.seed_scores):
-        metrics.append(Metric(f"seed_score_s{i}", float(value), end_ms, 0))
-    metrics.append(Metric("seconds", float(outcome.seconds), end_ms, 0))
-    return metrics
+        rows.append((f"seed_score_s{i}", float(value), end_ms, 0))
+    rows.append(("seconds", float(outcome.seconds), end_ms, 0))
+    return rows
+
+
+def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any]:
+    """``trial_metric_rows`` as ``mlflow.entities.Metric``s."""
+    from mlflow.entities import Metric
+
+    return [Metric(k, v, ts, step) for k, v, ts, step in trial_metric_rows(outcome, start_ms, end_ms)]
+
+
+def trial_payload(outcome: TrialOutcome, end_ms: int, worker: str) -> dict[str, Any]:
+    """Everything the child run of a trial holds, as plain JSON-able data (``mlflow_writer.log_trial``).
+
+    The run ids (``experiment_id``, tag ``mlflow.parentRunId``) are filled in later, once the study's
+    start is logged. ``worker`` is the study process's ``worker_id`` (tag ``initsearch.worker``: a resume
+    closes the runs a dead worker left RUNNING), also when the writer process logs the run.
+    """
+    start_ms = end_ms - int(round(outcome.seconds * 1000))
+    texts: dict[str, str] = {}
+    if outcome.policy is not None:
+        texts["policy.json"] = _json(outcome.policy)
+    rows = signal_rows(outcome.signals)
+    if rows:
+        texts["init_signals.json"] = _json(rows)
+    return {
+        "number": outcome.number,
+        "experiment_id": None,
+        "run_name": trial_run_name(outcome),
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+        "tags": {**trial_tags(outcome, ""), "initsearch.worker": worker},
+        "params": trial_params(outcome),
+        "metrics": trial_metric_rows(outcome, start_ms, end_ms),
+        "texts": texts,
+        "status": STATUS_OF_STATE.get(outcome.state, "KILLED"),
+    }
 
 
 def signal_rows(signals: Any) -> list[dict[str, Any]]:
@@ -739,53 +1095,6 @@ def summary_tags(summary: Any) -> dict[str, str]:
         tags["initsearch.best_trial"] = str(summary.best.number)
         tags["initsearch.best_kind"] = summary.best.user_attrs.get("baseline") or "search"
     return tags
-
-
-def batches(metrics: Sequence[Any] = (), params: Sequence[tuple[str, str]] = (),
-            tags: Sequence[tuple[str, str]] = ()) -> Iterator[tuple[list[Any], list[tuple[str, str]], list[tuple[str, str]]]]:
-    """Split into ``log_batch`` calls within MLflow's limits: <= 1000 metrics, <= 100 params, <= 100 tags,
-    <= 1000 entities in all, and about <= 0.9 MB of keys and values per call."""
-    metrics, params, tags = list(metrics), list(params), list(tags)
-    i = j = k = 0
-    while i < len(metrics) or j < len(params) or k < len(tags):
-        budget = MAX_BATCH_BYTES
-        p: list[tuple[str, str]] = []
-        t: list[tuple[str, str]] = []
-        m: list[Any] = []
-        while j < len(params) and len(p) < MAX_PARAMS_TAGS_PER_BATCH and (not p or budget > _size(*params[j])):
-            budget -= _size(*params[j])
-            p.append(params[j])
-            j += 1
-        while k < len(tags) and len(t) < MAX_PARAMS_TAGS_PER_BATCH and (not (p or t) or budget > _size(*tags[k])):
-            budget -= _size(*tags[k])
-            t.append(tags[k])
-            k += 1
-        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(p) - len(t))
-        while i < len(metrics) and len(m) < room and (not (p or t or m) or budget > _size(metrics[i].key, "")):
-            budget -= _size(metrics[i].key, "")
-            m.append(metrics[i])
-            i += 1
-        yield m, p, t
-
-
-def _size(key: str, value: str) -> int:
-    """A generous estimate of one entity's bytes in a JSON request (numbers, step, timestamp, quotes)."""
-    return len(key.encode()) + len(value.encode()) + 80
-
-
-def log_in_batches(client: Any, run_id: str, metrics: Sequence[Any] = (),
-                   params: Sequence[tuple[str, str]] | Mapping[str, str] = (),
-                   tags: Sequence[tuple[str, str]] | Mapping[str, str] = ()) -> int:
-    """Log everything with as few ``client.log_batch`` calls as MLflow's limits allow; return the count."""
-    from mlflow.entities import Param, RunTag
-
-    params = list(params.items()) if isinstance(params, Mapping) else list(params)
-    tags = list(tags.items()) if isinstance(tags, Mapping) else list(tags)
-    calls = 0
-    for m, p, t in batches(metrics, params, tags):
-        client.log_batch(run_id, metrics=m, params=[Param(k, v) for k, v in p], tags=[RunTag(k, v) for k, v in t])
-        calls += 1
-    return calls
 
 
 def search_all(client: Any, experiment_id: str | None, filter_string: str, order_by: list[str] | None = None) -> list[Any]:

@@ -4,13 +4,16 @@ Runs the default study (digits_mlp, its baselines, ``--n-trials`` searched trial
 with the default tracking (``sqlite:///<tmp>/mlflow.db``), each in its own temporary working directory,
 and prints seconds per trial and the overhead in percent. The timed span is what the study's thread
 waits for: ``run_study`` plus draining the tracker's queue of trial logs. The one-time costs, opening the
-store (``make_tracker``) and the end-of-study artifacts and plots (``study_finished``), are printed apart.
+store and starting the writer process (``make_tracker``) and the end-of-study artifacts and plots (``study_finished``), are printed apart.
 Both modes run the same trials (same seed and sampler; the tracker never steers), so the difference is
 the tracking. ``--repeats`` alternates off/on several times and reports medians and the best of each (on a
-shared machine other load only ever adds time). It also prints the CPU time the tracking thread spent
-(the study's start included) per trial: a figure that other load on the machine does not change.
+shared machine other load only ever adds time). It also prints, per trial, the CPU the study process spends
+on tracking (building and sending the payloads) and the CPU the writer process spends logging the trial:
+figures that other load on the machine does not change. Before and after the runs it checks whether a
+second busy process slows this one (a VM whose two cores share one physical core): the writer process
+is nearly free for the study only when it does not.
 
-    .venv/bin/python scripts/tracking_overhead.py [--n-trials 12] [--repeats 1] [overrides ...]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/tracking_overhead.py [--n-trials 12] [--repeats 1] [overrides ...]
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import logging
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,8 +53,11 @@ class Timing:
     setup_s: float  # make_tracker
     finish_s: float  # study_finished (artifacts, plots, final drain)
     median_trial_s: float  # the median of the trials' own durations (robust to bursts of other load)
-    trial_cpu_s: float  # CPU the tracking thread spent logging the trials (0 when off)
+    trial_cpu_s: float  # CPU spent logging the trials: the writer process's (0 when off)
     start_cpu_s: float  # CPU the tracking thread spent on the study's start: experiment, parent run, config
+    main_cpu_s: float  # CPU the study process spent per its trials: building payloads + sending them
+    writer_cpu_s: float  # the writer process's CPU in all (its start, importing MLflow, included)
+    drain_s: float  # the wait at the end of run_study for the last trial logs
 
     @property
     def per_trial(self) -> float:
@@ -77,6 +84,7 @@ def one_study(tracking: bool, n_trials: int, extra: list[str]) -> Timing:
             tracker = make_tracker(settings)
             t1 = time.perf_counter()
             study = run_study(settings, proxy, tracker, OmegaConf.to_yaml(cfg))
+            t_run = time.perf_counter()
             flush = getattr(tracker, "flush", None)
             if flush is not None:
                 flush()
@@ -93,7 +101,32 @@ def one_study(tracking: bool, n_trials: int, extra: list[str]) -> Timing:
             os.chdir(old)
     return Timing("on" if tracking else "off", len(finished), t2 - t1, t1 - t0, t4 - t3,
                   statistics.median(durations) if durations else math.nan, cpu.get("_log_trial", 0.0),
-                  cpu.get("_start", 0.0))
+                  cpu.get("_start", 0.0), cpu.get("trial_finished", 0.0) + cpu.get("_send_trial", 0.0),
+                  cpu.get("writer", 0.0), t2 - t_run)
+
+
+def _spin(n: int) -> float:
+    """Seconds this process takes for ``n`` iterations of a plain Python loop."""
+    started = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i
+    return time.perf_counter() - started
+
+
+def second_core_slowdown(n: int = 3_000_000) -> float:
+    """How much a busy second process slows a one-thread loop here (fraction): about 0 when the machine
+    really has a second core free, about 1 when the two cores share one (a busy VM host). The writer
+    process is only nearly free for the study in the first case."""
+    alone = min(_spin(n) for _ in range(2))
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.2)
+        shared = min(_spin(n) for _ in range(2))
+    finally:
+        busy.kill()
+        busy.wait()
+    return shared / alone - 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. score.seeds=1")
     args = parser.parse_args(argv)
     logging.getLogger("initsearch").setLevel(logging.WARNING)
-    print(f"torch threads: {__import__('torch').get_num_threads()}, cpus: {os.cpu_count()}")
+    print(f"torch threads: {__import__('torch').get_num_threads()}, cpus: {os.cpu_count()}; a busy second process "
+          f"slows this one by {100.0 * second_core_slowdown():+.0f}% (about 0: two free cores; about +100%: they share one)")
     runs: dict[str, list[Timing]] = {"off": [], "on": []}
     for r in range(args.repeats):
         for tracking in (False, True):
@@ -121,14 +155,20 @@ def main(argv: list[str] | None = None) -> int:
 
     off_s, on_s = med(off, "per_trial"), med(on, "per_trial")
     best_off, best_on = min(t.per_trial for t in off), min(t.per_trial for t in on)
-    cpu_ms = 1000.0 * statistics.median(t.trial_cpu_s / max(t.trials, 1) for t in on)
+    def per_trial_ms(key: str) -> float:
+        return 1000.0 * statistics.median(getattr(t, key) / max(t.trials, 1) for t in on)
+
+    cpu_ms, main_ms = per_trial_ms("trial_cpu_s"), per_trial_ms("main_cpu_s")
     print(f"seconds per trial (run_study + drain of the trial logs, median of {args.repeats}): "
           f"off {off_s:.3f}, on {on_s:.3f}; overhead {pct(on_s, off_s)}")
     print(f"  best of {args.repeats}: off {best_off:.3f}, on {best_on:.3f}; overhead {pct(best_on, best_off)}")
     print(f"  median trial duration: off {med(off, 'median_trial_s'):.3f} s, on {med(on, 'median_trial_s'):.3f} s")
-    print(f"  tracking thread CPU: {cpu_ms:.1f} ms per trial = {100.0 * cpu_ms / 1000.0 / off_s:.1f}% of an untracked "
-          "trial (a floor on a busy 2-core machine: the thread shares the GIL and the cores)")
-    print(f"one-time with tracking: open the store {med(on, 'setup_s'):.2f} s, study start (experiment, parent, "
+    print(f"  study process CPU for tracking: {main_ms:.2f} ms per trial (payload + send) = "
+          f"{100.0 * main_ms / 1000.0 / off_s:.1f}% of an untracked trial")
+    print(f"  writer process CPU: {cpu_ms:.1f} ms per trial logging it (on another core); "
+          f"{med(on, 'writer_cpu_s'):.2f} s in all, its start included; final drain {med(on, 'drain_s'):.2f} s")
+    print(f"second-core check after the runs: {100.0 * second_core_slowdown():+.0f}%")
+    print(f"one-time with tracking: open the store and start the writer {med(on, 'setup_s'):.2f} s, study start (experiment, parent, "
           f"config) {med(on, 'start_cpu_s'):.2f} s CPU, end-of-study artifacts and plots {med(on, 'finish_s'):.2f} s")
     return 0
 

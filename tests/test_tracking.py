@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from initsearch.config import settings_from_config
 from initsearch.errors import ConfigError
 from initsearch.study import NullTracker, TrialOutcome
 from initsearch.train import Curve
+from initsearch.workers import worker_id
 from tests.conftest import TINY, compose_config
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
@@ -369,6 +371,9 @@ def test_pruned_and_failed_trials_get_their_status_and_reason(tmp_path):
     tracker.trial_finished(TrialOutcome(1, None, {}, state="failed", reason="RuntimeError: boom", seconds=0.1))
     tracker.flush()
     _, (parent,), children = runs_of(client, "states")
+    assert tracker.writer is not None and not tracker.writer.dead  # logged by the writer process...
+    assert tracker.worker_cpu_s["_log_trial"] > 0 and tracker.writer.trial_cpu_s == tracker.worker_cpu_s["_log_trial"]
+    assert {c.data.tags["initsearch.worker"] for c in children} == {worker_id()}  # ...as this process's trials
     by_trial = {c.data.tags["initsearch.trial"]: c for c in children}
     assert by_trial["0"].info.status == "KILLED" and by_trial["0"].data.tags["initsearch.state"] == "pruned"
     assert by_trial["0"].data.tags["initsearch.reason"].startswith("diverged")
@@ -394,3 +399,169 @@ def test_param_importances_need_two_complete_searched_trials():
     study.add_trial(optuna.trial.create_trial(value=0.7, params={"bias": "zeros", "log2_scale": 0.1}, distributions=dists))
     fig = tracking.plot_importances(study)
     assert fig is not None and fig.axes
+
+
+# ---- the writer process ------------------------------------------------------------------------------------------
+def a_trial(number: int, steps: int = 30) -> TrialOutcome:
+    curve = Curve(train_loss=np.linspace(2.0, 1.0, steps), val_steps=[steps], val_loss=[1.1], val_acc=[0.5],
+                  steps_done=steps, seconds=0.05)
+    return TrialOutcome(number, None, {"bias": "zeros"}, policy={"format": "initsearch-policy", "layers": []},
+                        state="complete", value=1.0 + number, seed_scores=[1.0 + number], seeds=[0], curves=[curve],
+                        seconds=0.1)
+
+
+def sqlite_tracker(tmp: Path, study: str):
+    """``make_tracker`` on a fresh SQLite store in ``tmp``, the study's start logged (the parent run exists)."""
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    settings = settings_from_config(tiny(tmp, f"tracking_uri={uri}", f"study_name={study}"))
+    tracker = tracking.make_tracker(settings)
+    tracker.study_started(settings, f"study_name: {study}\n", SimpleNamespace(study_name=study))
+    tracker.flush()
+    return tracker, MlflowClient(uri)
+
+
+def process_gone(pid: int) -> bool:
+    """No process ``pid``, or only its zombie (an orphan this container's init has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_the_writer_is_a_light_process_that_ignores_sigint(tmp_path, caplog):
+    tracker, client = sqlite_tracker(tmp_path, "sigint")
+    writer = tracker.writer
+    assert writer is not None and writer.proc.poll() is None
+    maps = Path(f"/proc/{writer.pid}/maps").read_text()
+    assert "libtorch" not in maps  # started by path: MLflow and the standard library only, not torch
+    assert "mlflow.db" not in Path(f"/proc/{writer.pid}/cmdline").read_text()  # the URI is not shown by ps
+    os.kill(writer.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends to the whole process group
+    time.sleep(0.3)
+    with caplog.at_level(logging.WARNING, logger="initsearch"):
+        for i in range(2):
+            tracker.trial_finished(a_trial(i))
+        tracker.flush()
+    assert writer.proc.poll() is None and not writer.dead  # still there, and it logged both trials
+    assert not [r for r in caplog.records if r.name == "initsearch" and r.levelno >= logging.WARNING]
+    _, _, children = runs_of(client, "sigint")
+    assert sorted(c.data.tags["initsearch.trial"] for c in children) == ["0", "1"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    tracker.close()
+    assert writer.proc.returncode == 0  # EOF: it exits by itself, cleanly
+
+
+KILLED_STUDY = """
+import os, pickle, signal, sys
+from types import SimpleNamespace
+import numpy as np
+from initsearch import tracking
+from initsearch.study import TrialOutcome
+from initsearch.train import Curve
+
+def a_trial(number):
+    curve = Curve(train_loss=np.linspace(2.0, 1.0, 30), val_steps=[30], val_loss=[1.1], val_acc=[0.5], steps_done=30,
+                  seconds=0.05)
+    return TrialOutcome(number, None, {"bias": "zeros"}, policy={"format": "initsearch-policy"}, state="complete",
+                        value=1.0, curves=[curve], seconds=0.1)
+
+settings = pickle.loads(bytes.fromhex(sys.argv[1]))
+tracker = tracking.make_tracker(settings)
+tracker.study_started(settings, "study_name: killed\\n", SimpleNamespace(study_name="killed"))
+tracker.flush()  # the parent run exists
+os.kill(tracker.writer.pid, signal.SIGSTOP)  # the writer logs nothing before this process is gone
+for i in range(3):
+    tracker.trial_finished(a_trial(i))
+tracker._worker.drain()  # the three trials are in the writer's pipe
+print(tracker.writer.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit
+"""
+
+
+def test_the_writer_logs_what_it_was_sent_after_the_study_process_is_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = settings_from_config(tiny(tmp_path, f"tracking_uri={uri}", "study_name=killed"))
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_STUDY)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    with open(tmp_path / "out.txt", "wb") as out, open(tmp_path / "err.txt", "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(script), pickle.dumps(settings).hex()], cwd=tmp_path,
+                                stdout=out, stderr=err, env=env)
+        assert proc.wait(120) == -signal.SIGKILL, (tmp_path / "err.txt").read_text()
+    writer_pid = int((tmp_path / "out.txt").read_text().split()[0])
+    try:
+        client = MlflowClient(uri)
+        assert runs_of(client, "killed")[2] == []  # nothing was logged while the study process lived
+        os.kill(writer_pid, signal.SIGCONT)
+        wait_for(lambda: process_gone(writer_pid), 60, "the writer to log the trials and exit at EOF")
+    finally:
+        if not process_gone(writer_pid):
+            os.kill(writer_pid, signal.SIGKILL)
+    _, (parent,), children = runs_of(client, "killed")
+    assert sorted(c.data.tags["initsearch.trial"] for c in children) == ["0", "1", "2"]
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 30
+    assert "Traceback" not in (tmp_path / "err.txt").read_text()
+
+
+def test_a_writer_that_cannot_start_is_a_warning_and_the_trials_are_logged_here(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tracking, "writer_command", lambda: [str(tmp_path / "no-such-python")])
+    with caplog.at_level(logging.WARNING, logger="initsearch"):
+        tracker, client = sqlite_tracker(tmp_path, "nowriter")
+        assert tracker.writer is None
+        tracker.trial_finished(a_trial(0))
+        tracker.flush()
+    assert any("cannot start the writer process" in r.getMessage() for r in caplog.records)
+    _, _, children = runs_of(client, "nowriter")
+    assert [c.data.tags["initsearch.trial"] for c in children] == ["0"] and children[0].info.status == "FINISHED"
+    tracker.close()
+
+
+def test_a_writer_that_dies_is_a_warning_and_the_study_still_logs_every_trial(tmp_path, caplog):
+    tracker, client = sqlite_tracker(tmp_path, "died")
+    writer = tracker.writer
+    tracker.trial_finished(a_trial(0))
+    tracker.flush()
+    with caplog.at_level(logging.WARNING, logger="initsearch"):
+        os.kill(writer.pid, signal.SIGSTOP)
+        tracker.trial_finished(a_trial(1))  # sent, never acknowledged
+        tracker._worker.drain()
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.proc.wait(10)
+        wait_for(lambda: writer.dead, 10, "the tracker to notice")
+        tracker.trial_finished(a_trial(2))  # after the death
+        tracker.flush()
+        tracker.close()
+    deaths = [r for r in caplog.records if "writer process" in r.getMessage()]
+    assert len(deaths) == 1 and "exited with status -9" in deaths[0].getMessage()
+    _, (parent,), children = runs_of(client, "died")
+    assert sorted(c.data.tags["initsearch.trial"] for c in children) == ["0", "1", "2"]  # each exactly once
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"  # close() without study_finished
+
+
+def test_close_waits_a_bounded_time_for_a_stuck_writer_which_finishes_on_its_own(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tracking, "WRITER_EXIT_TIMEOUT_S", 1.0)
+    tracker, client = sqlite_tracker(tmp_path, "stuck")
+    writer = tracker.writer
+    os.kill(writer.pid, signal.SIGSTOP)
+    try:
+        tracker.trial_finished(a_trial(0))
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="initsearch"):
+            tracker.close()  # the interrupted-study path (also what atexit runs)
+        assert time.monotonic() - started < 10
+        assert any("still has 1 trials to log" in r.getMessage() for r in caplog.records)
+        assert runs_of(client, "stuck")[2] == []
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+    writer.proc.wait(60)  # it got EOF: it logs the trial, then exits
+    _, _, children = runs_of(client, "stuck")
+    assert [c.data.tags["initsearch.trial"] for c in children] == ["0"] and children[0].info.status == "FINISHED"
