@@ -319,22 +319,23 @@ def split(timers: Timers, wall: float, data_estimate: float) -> dict[str, float]
 
 def sampling_cost(proxy: Proxy, batch_size: int, k: int, repeats: int = 5, steps: int = 200) -> float:
     """Seconds per step (per member when k > 1) of drawing batch indices and gathering the batch, the way
-    ``train_run`` (k == 1) or ``train_population`` (k > 1) does it."""
+    ``train_run`` (k == 1) or ``train_population`` (k > 1) does it. A study's population shares one evaluation
+    seed, so ``train_population`` gathers one batch per step for all k members (see its "Shared batches")."""
     x, y, device = proxy.data.x_train, proxy.data.y_train, proxy.device
-    gens = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
+    gen = torch.Generator(device=device).manual_seed(0)
     best = math.inf
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
         if k == 1:
             for _ in range(steps):
-                idx = torch.randint(0, len(x), (batch_size,), generator=gens[0], device=device)
+                idx = torch.randint(0, len(x), (batch_size,), generator=gen, device=device)
                 x[idx], y[idx]
         else:  # the index drawing is timed in the study itself; this is the gathering
-            plan = population_mod.draw_indices(gens, len(x), steps, batch_size, device)
+            plan = population_mod.draw_indices([gen], len(x), steps, batch_size, device)
             start = time.perf_counter()
             for i in range(steps):
-                x[plan[i]], y[plan[i]]
+                x[plan[i, 0]], y[plan[i, 0]]
         _sync(device)
         best = min(best, (time.perf_counter() - start) / steps / k)
     return best
@@ -429,27 +430,32 @@ def optuna_sampling(settings: StudySettings, proxy: Proxy, sizes: Sequence[int],
 # ---- the population engines against the loop ------------------------------------------------------------------
 def engine_check(settings: StudySettings, proxy: Proxy, k: int, repeats: int = 3) -> dict[str, Any]:
     """Milliseconds per member-step (validation included, init not) of K fresh proxies trained one by one
-    (``train_run``), and as one population with each engine that can run the proxy; the best of ``repeats``."""
-    seeds = list(range(k))
-    models = lambda: [fresh(settings, proxy, i) for i in seeds]  # noqa: E731
+    (``train_run``), and as one population with each engine that can run the proxy; the best of ``repeats``.
+    Two seed layouts: ``shared`` (one evaluation seed for all members, as a batched study trains them) and
+    ``distinct`` (seeds 0..K-1: every member its own batches)."""
+    models = lambda: [fresh(settings, proxy, i) for i in range(k)]  # noqa: E731
     modes = ["loop"] + [m for m in ("stacked", "vmap") if _engine_ok(models(), m, proxy.device)]
-    best: dict[str, float] = {}
-    for _ in range(repeats):
-        for mode in modes:
-            group = models()
-            _sync(proxy.device)
-            start = time.perf_counter()
-            if mode == "loop":
-                for model, seed in zip(group, seeds):
-                    train_run(model, proxy.data, settings.train, seed=seed)
-            else:
-                train_population(group, proxy.data, settings.train, seeds=seeds, mode=mode)
-            _sync(proxy.device)
-            per = (time.perf_counter() - start) / k / settings.train.steps * 1e3
-            best[mode] = min(best.get(mode, math.inf), per)
-    for mode, ms in best.items():
-        print(f"  engine check, K={k}, {mode:<8}: {ms:.3f} ms per member-step ({best['loop'] / ms:.2f}x the loop)")
-    return {"k": k, "ms_per_member_step": best}
+    out: dict[str, dict[str, float]] = {}
+    for layout, seeds in (("shared", [0] * k), ("distinct", list(range(k)))):
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            for mode in modes:
+                group = models()
+                _sync(proxy.device)
+                start = time.perf_counter()
+                if mode == "loop":
+                    for model, seed in zip(group, seeds):
+                        train_run(model, proxy.data, settings.train, seed=seed)
+                else:
+                    train_population(group, proxy.data, settings.train, seeds=seeds, mode=mode)
+                _sync(proxy.device)
+                per = (time.perf_counter() - start) / k / settings.train.steps * 1e3
+                best[mode] = min(best.get(mode, math.inf), per)
+        for mode, ms in best.items():
+            print(f"  engine check, K={k}, {layout:<8} seeds, {mode:<8}: {ms:.3f} ms per member-step "
+                  f"({best['loop'] / ms:.2f}x the loop)")
+        out[layout] = best
+    return {"k": k, "ms_per_member_step": out}
 
 
 def _engine_ok(models: list[nn.Module], mode: str, device: torch.device) -> bool:
