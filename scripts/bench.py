@@ -22,11 +22,13 @@ in its own category only): training steps (``train_run``/``train_population`` mi
 checkpoints, init (fresh model, ``apply_policy`` incl. LSUV, ``signal_report``), data (batch index sampling
 and gathering, estimated from a micro-benchmark of the same shapes and subtracted from training steps),
 Optuna (ask/tell, search-space sampling, report/should_prune, user attrs, trial queries), MLflow (the study
-thread's hooks and the final drain of the log queue), other (the rest of the wall time). The MLflow worker
-thread's own busy time is shown apart: it overlaps the study.
+thread's hooks and the final wait until the MLflow writer process has logged every trial), other (the rest of
+the wall time). Shown apart because they overlap the study: the wall time of the tracker's sender thread
+(which blocks when the writer lags) and the writer process's CPU for logging the trials.
 
 ``--compile-check`` also times a training step of the proxy eager and under ``torch.compile``;
-``--engine-check K`` times K candidates trained one by one against each population engine.
+``--engine-check K`` times K candidates trained one by one against each population engine, with one shared
+seed (as a batched study trains them) and with distinct seeds.
 ``--sampling 100,1000`` also measures Optuna's sampling time per trial (``ask()`` + the search space's
 suggestions, the study's sampler) on a study that already holds that many finished trials of the proxy's
 search space, in memory and in a journal file.
@@ -286,6 +288,7 @@ def initsearch_study(cfg: Any, settings: StudySettings, proxy: Proxy, tmp: Path,
         getattr(tracker, "flush", lambda: None)()
         _sync(proxy.device)
         seconds = time.perf_counter() - start
+    cpu = dict(getattr(tracker, "worker_cpu_s", {}))  # after the flush: every trial acknowledged
     getattr(tracker, "close", lambda: None)()
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
@@ -296,6 +299,7 @@ def initsearch_study(cfg: Any, settings: StudySettings, proxy: Proxy, tmp: Path,
         "states": {st.name.lower(): sum(1 for t in trials if t.state == st) for st in FINISHED},
         "split_s": split(timers, seconds, per_step * steps_trained),
         "mlflow_worker_thread_s": timers.seconds.get("MLflow worker thread", 0.0),
+        "mlflow_writer_trial_cpu_s": cpu.get("_log_trial", 0.0),
     }
     return result, study
 
@@ -630,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"time split of {key} ({wall:.2f} s):")
                 for cat in CATEGORIES:
                     print(f"  {cat:<24} {sp[cat]:8.3f} s  {100 * sp[cat] / wall:5.1f}%")
-                print(f"  (MLflow worker thread, overlapped: {result['mlflow_worker_thread_s']:.3f} s)")
+                print(f"  (overlapped: MLflow sender thread {result['mlflow_worker_thread_s']:.3f} s wall, blocked "
+                      f"while the writer lags; writer process {result.get('mlflow_writer_trial_cpu_s', 0.0):.3f} s CPU "
+                      "logging the trials)")
                 print(f"  overhead outside training steps: {100 * outside:.1f}%; outside training runs "
                       f"(steps + validation): {100 * outside_run:.1f}%")
         if args.sampling:
