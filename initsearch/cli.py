@@ -54,10 +54,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
         proxy = prepare(settings)
         tracker = open_tracker(settings)
         helpers = Helpers.start(cfg, settings)
+        study = None
         try:
             study = run_study(settings, proxy, tracker, OmegaConf.to_yaml(cfg))
             helpers.join()
         except StudyInterrupted as exc:
+            if exc.study is None:  # stopped while waiting for the helpers: this process's study is complete
+                exc.study = study
             helpers.stop(signal.SIGTERM)
             export_so_far(exc, settings, out_dir)
             _close(tracker)

@@ -13,8 +13,8 @@ message, in order, and ``seq`` 0 once MLflow is imported: ``{"seq": n, "cpu": <p
 else MLflow or a library prints goes to stderr (fd 1 is pointed at fd 2; the acknowledgements use a
 private copy of the original stdout). The writer runs at a lower priority (``NICE``).
 
-Robustness. SIGINT is ignored (Ctrl-C reaches the whole process group; the study process handles it and
-closes this one). On EOF of stdin every line already sent is logged, then the process exits, so the
+Robustness. SIGINT and SIGHUP are ignored (Ctrl-C reaches the whole process group; the study process handles
+it and closes this one; a hangup would lose what was sent). On EOF of stdin every line already sent is logged, then the process exits, so the
 trials a SIGKILLed study process had sent still arrive. A failing MLflow call is reported in the
 acknowledgement (the study process logs it as a warning), or as one line on stderr when the study process
 is gone; after ``MAX_FAILURES`` failures in a row the writer stops calling MLflow and only acknowledges.
@@ -134,9 +134,32 @@ def log_trial(client: Any, payload: Mapping[str, Any]) -> str:
     return run_id
 
 
+_SECRETS: set[str] = set()  # passwords of the tracking URIs in use: never shown in a message
+
+
+def hide_password_of(uri: str) -> None:
+    """Remember the password in ``uri`` (``http://user:pass@host``), so ``one_line`` and ``scrub`` hide it:
+    MLflow's error messages quote the URL of the request that failed, credentials included."""
+    try:
+        from urllib.parse import unquote, urlsplit
+
+        password = urlsplit(uri).password
+    except ValueError:
+        password = uri.partition("://")[2].rpartition("@")[0].partition(":")[2] or None
+    if password:
+        _SECRETS.update({password, unquote(password)})
+
+
+def scrub(text: str) -> str:
+    """``text`` with every remembered password replaced by ``***``."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
 def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 300 characters of it)."""
-    text = str(exc).strip()
+    """``Type: first line of the message`` (at most 300 characters of it), passwords hidden."""
+    text = scrub(str(exc).strip())
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
@@ -217,13 +240,16 @@ def main(argv: list[str]) -> int:
     acknowledges seq 0 (ready).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal, or an orphaned process group: EOF ends this process
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     uri = argv[0] if len(argv) == 1 else os.environ.get(URI_ENV, "")
     if len(argv) > 1 or not uri:
         print(f"usage: mlflow_writer.py <tracking uri> (or the URI in ${URI_ENV})", file=sys.stderr)
         return 2
+    hide_password_of(uri)
     try:
         os.nice(NICE)
-    except OSError:
+    except (OSError, AttributeError):  # no os.nice on Windows
         pass
     acks = _private_stdout()
     try:

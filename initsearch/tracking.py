@@ -30,9 +30,10 @@ The one-time work stays in this process on the background thread, in order: the 
 run (resume, closing dead workers' runs, backfill) before any trial is sent; at the end of the study,
 ``study_finished`` waits until the writer has acknowledged every trial (the training-curves plot reads
 them back), then logs the results and plots. ``flush`` waits for the writer's acknowledgements too.
-``close`` (also registered with ``atexit``) sends EOF and waits a bounded time; the writer logs what it
-was sent even when this process is gone (SIGKILL), and ignores SIGINT (this process handles Ctrl-C and
-closes it). A failing MLflow call is a warning, never an exception in the study; after ``MAX_FAILURES``
+``close`` (also registered with ``atexit``) sends EOF and waits a bounded time, and so does ``flush``; the
+writer logs what it was sent even when this process is gone (SIGKILL; a resume meanwhile leaves those trials
+to it: ``writer_running_for``), and ignores SIGINT and SIGHUP (this process handles Ctrl-C and closes it).
+Passwords in the tracking URI are replaced by ``***`` in every message (MLflow quotes failing URLs). A failing MLflow call is a warning, never an exception in the study; after ``MAX_FAILURES``
 failures in a row tracking turns itself off for the rest of the process rather than queueing minutes of
 HTTP retries. A writer that cannot start or dies is one warning: the trials it had not acknowledged, and
 the later ones, are logged by the background thread instead (``MlflowTracker(..., writer=False)`` does
@@ -41,6 +42,7 @@ that from the start).
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import logging
 import math
@@ -73,10 +75,12 @@ from initsearch.mlflow_writer import (  # noqa: F401 - the batching rules and ML
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VALUE,
     URI_ENV,
+    hide_password_of,
     batches,
     log_in_batches,
     log_trial,
     one_line,
+    scrub,
 )
 from initsearch.study import NullTracker, Tracker, TrialOutcome, _redact, resolve_device
 from initsearch.workers import worker_alive, worker_id  # reliability (issue 7)
@@ -158,8 +162,10 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         reason = f"GET /health answered HTTP {exc.code}"
     except urllib.error.URLError as exc:
         reason = str(exc.reason)
-    except (OSError, ValueError) as exc:  # socket timeouts, malformed URLs
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, malformed URLs, bad ports
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    hide_password_of(uri)
+    reason = scrub(reason)
     raise ConfigError(
         f"tracking_uri: cannot reach MLflow at {shown}: {reason} (start the server, or set tracking_uri=none)"
     ) from None
@@ -176,6 +182,7 @@ def make_tracker(settings: StudySettings) -> Tracker:
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:
         return NullTracker()
+    hide_password_of(uri)  # MLflow's errors quote the failing request's URL: warnings show *** instead
     if _is_http(uri):
         check_reachable(uri)
         # A RestStore prints two "View run" lines per finished run; one link per study is enough (we log it).
@@ -214,6 +221,34 @@ def _open_client(uri: str) -> Any:
     return client
 
 
+WRITER_FOR_ENV = "INITSEARCH_MLFLOW_WRITER_FOR"  # in the writer's environment: the worker_id() that started it
+
+
+def writer_running_for(worker: str) -> bool:
+    """Whether a writer process started by study process ``worker`` (a ``worker_id``) still runs on this
+    machine: after its study process was killed it logs what it had been sent, so a resume must not log
+    those trials a second time. Read from ``/proc/<pid>/environ`` (``False`` where there is no ``/proc``)."""
+    marker = f"\0{WRITER_FOR_ENV}={worker}\0".encode()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or another user's process
+            continue
+        if marker in b"\0" + environ:
+            try:
+                state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in ("Z", "X"):
+                return True
+    return False
+
+
 # ---- the background thread -------------------------------------------------------------------------------
 class _Worker:
     """One daemon thread running submitted calls in order. A failing call is logged as a warning; after
@@ -236,10 +271,19 @@ class _Worker:
                 self._thread.start()
         self._queue.put((fn, args))
 
-    def drain(self) -> None:
-        """Wait until every submitted call has run."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.join()
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted call has run; ``False`` when they have not after ``timeout`` seconds."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        q = self._queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with q.all_tasks_done:  # Queue.join() with a deadline
+            while q.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                q.all_tasks_done.wait(left)
+        return True
 
     def stop(self, timeout: float | None = None) -> bool:
         """Let the queued calls run, then end the thread; ``False`` when it is still busy after ``timeout``
@@ -326,7 +370,7 @@ class WriterProcess:
         """Start the writer on ``uri``; ``None`` and a warning when it cannot be started at all."""
         try:
             proc = subprocess.Popen(writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-                                    env={**os.environ, URI_ENV: uri})
+                                    env={**os.environ, URI_ENV: uri, WRITER_FOR_ENV: worker_id()})
         except (OSError, ValueError) as exc:
             log.warning("MLflow tracking: cannot start the writer process (%s); logging the trials in this "
                         "process instead", one_line(exc))
@@ -361,10 +405,10 @@ class WriterProcess:
         with self._cond:
             if self.dead or self.closing:
                 return False
-            self._sent += 1
-            seq = self._sent
+            seq = self._sent + 1
+            line = json.dumps({"op": op, "seq": seq, **(payload or {})}).encode() + b"\n"  # may raise: nothing pending
+            self._sent = seq
             self._pending[seq] = payload
-        line = json.dumps({"op": op, "seq": seq, **(payload or {})}).encode() + b"\n"
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write(line)
@@ -522,10 +566,16 @@ class MlflowTracker:
         self._worker.submit(self._finish, study, summary, None if policy_path is None else Path(policy_path))
         self._close(FINISH_TIMEOUT_S)
 
-    def flush(self) -> None:
-        """Block until everything enqueued so far is logged (the writer's acknowledgements included)."""
+    def flush(self) -> bool:
+        """Block until everything enqueued so far is logged (the writer's acknowledgements included), at most
+        about ``STALL_TIMEOUT_S`` seconds longer than the writer keeps answering; ``False`` (and a warning)
+        when it gave up waiting, e.g. for a stopped writer whose full pipe blocks the sending thread."""
         self._worker.submit(self._await_writer)
-        self._worker.drain()
+        if self._worker.drain(STALL_TIMEOUT_S + 1.0):
+            return True
+        log.warning("MLflow tracking: flush gave up after %.0f s; the writer is not taking the queued trials",
+                    STALL_TIMEOUT_S + 1.0)
+        return False
 
     @property
     def worker_cpu_s(self) -> dict[str, float]:
@@ -569,6 +619,7 @@ class MlflowTracker:
             return
         if self.writer is not None and not self.writer.closing:
             self.writer.close_input()  # tracking turned itself off (the thread skipped _close_writer): EOF
+            self.writer.wait_exit(min(WRITER_EXIT_TIMEOUT_S, 5.0))  # and reap it (it only acknowledges by now)
 
     # -- the writer (study's thread to start it; the tracker's thread for the rest) --
     def _start_writer(self) -> None:
@@ -794,6 +845,8 @@ class MlflowTracker:
                 continue
             if worker_alive(worker) is not False:
                 continue  # a live (or remote) worker logs its own trials
+            if writer_running_for(worker):
+                continue  # the dead worker's writer still works through what it was sent: it logs this one
             outcome = TrialOutcome(t.number, t.user_attrs.get("baseline"), dict(t.params), policy=t.user_attrs.get("policy"),
                                    state=states.get(t.state.name, "failed"), value=t.value,
                                    seed_scores=list(t.user_attrs.get("seed_scores") or []), reason=t.user_attrs.get("reason"))

@@ -443,3 +443,21 @@ def test_heartbeat_counts_the_trial_start_as_the_first_beat(monkeypatch):
     clock[0] = 1178.0
     beat(long)
     assert long.user_attrs == {"heartbeat": 1178.0}
+
+
+def test_ctrl_c_while_waiting_for_the_helpers_exports_this_process_s_finished_study(in_tmp, monkeypatch):
+    from initsearch import cli as cli_module
+
+    class WaitingHelpers:  # this process's trials are all done; Ctrl-C comes while it waits for its helpers
+        def join(self):
+            raise StudyInterrupted(signal.SIGINT)
+
+        def stop(self, signum):
+            pass
+
+    monkeypatch.setattr(cli_module.Helpers, "start", classmethod(lambda cls, cfg, settings: WaitingHelpers()))
+    cfg = compose_config(TINY + ["storage=s.journal", "study_name=joined"])
+    with pytest.raises(StudyInterrupted) as info:
+        run(cfg, in_tmp / "out")
+    assert info.value.study is not None
+    assert (in_tmp / "out" / "best_policy.json").is_file() and (in_tmp / "out" / "trials.csv").is_file()

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import mlflow.utils.validation as mlflow_limits
 import numpy as np
+import optuna
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -435,7 +436,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_the_writer_is_a_light_process_that_ignores_sigint(tmp_path, caplog):
+def test_the_writer_is_a_light_process_that_ignores_sigint_and_sighup(tmp_path, caplog):
     tracker, client = sqlite_tracker(tmp_path, "sigint")
     writer = tracker.writer
     assert writer is not None and writer.proc.poll() is None
@@ -443,6 +444,7 @@ def test_the_writer_is_a_light_process_that_ignores_sigint(tmp_path, caplog):
     assert "libtorch" not in maps  # started by path: MLflow and the standard library only, not torch
     assert "mlflow.db" not in Path(f"/proc/{writer.pid}/cmdline").read_text()  # the URI is not shown by ps
     os.kill(writer.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends to the whole process group
+    os.kill(writer.pid, signal.SIGHUP)  # a closed terminal, or an orphaned process group with a stopped member
     time.sleep(0.3)
     with caplog.at_level(logging.WARNING, logger="initsearch"):
         for i in range(2):
@@ -479,7 +481,7 @@ os.kill(tracker.writer.pid, signal.SIGSTOP)  # the writer logs nothing before th
 for i in range(3):
     tracker.trial_finished(a_trial(i))
 tracker._worker.drain()  # the three trials are in the writer's pipe
-print(tracker.writer.pid, flush=True)
+print(tracker.writer.pid, tracking.worker_id(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit
 """
 
@@ -494,10 +496,22 @@ def test_the_writer_logs_what_it_was_sent_after_the_study_process_is_killed(tmp_
         proc = subprocess.Popen([sys.executable, str(script), pickle.dumps(settings).hex()], cwd=tmp_path,
                                 stdout=out, stderr=err, env=env)
         assert proc.wait(120) == -signal.SIGKILL, (tmp_path / "err.txt").read_text()
-    writer_pid = int((tmp_path / "out.txt").read_text().split()[0])
+    writer_pid, dead_worker = (tmp_path / "out.txt").read_text().split()
+    writer_pid = int(writer_pid)
     try:
         client = MlflowClient(uri)
         assert runs_of(client, "killed")[2] == []  # nothing was logged while the study process lived
+        # The same command again, at once: its resume must leave these trials to the dead worker's writer.
+        assert tracking.writer_running_for(dead_worker) and not tracking.writer_running_for(dead_worker + "0")
+        trials = [optuna.trial.create_trial(value=1.0, user_attrs={"worker": dead_worker}) for _ in range(3)]
+        for number, trial in enumerate(trials):
+            trial.number = number
+        resumed = SimpleNamespace(study_name="killed", get_trials=lambda deepcopy=False: trials)
+        again = tracking.make_tracker(settings)
+        again.study_started(settings, "study_name: killed\n", resumed)
+        again.flush()
+        again.close()
+        assert runs_of(client, "killed")[2] == []  # no backfill of trials a live writer is logging
         os.kill(writer_pid, signal.SIGCONT)
         wait_for(lambda: process_gone(writer_pid), 60, "the writer to log the trials and exit at EOF")
     finally:
@@ -565,3 +579,37 @@ def test_close_waits_a_bounded_time_for_a_stuck_writer_which_finishes_on_its_own
     writer.proc.wait(60)  # it got EOF: it logs the trial, then exits
     _, _, children = runs_of(client, "stuck")
     assert [c.data.tags["initsearch.trial"] for c in children] == ["0"] and children[0].info.status == "FINISHED"
+
+
+def test_flush_gives_up_on_a_stopped_writer_whose_pipe_is_full(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tracking, "STALL_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(tracking, "WRITER_EXIT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(tracking, "CLOSE_TIMEOUT_S", 2.0)
+    tracker, client = sqlite_tracker(tmp_path, "full")
+    writer = tracker.writer
+    os.kill(writer.pid, signal.SIGSTOP)
+    try:
+        for i in range(8):
+            tracker.trial_finished(a_trial(i, steps=2000))  # about 100 KB each: more than the pipe holds
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="initsearch"):
+            assert tracker.flush() is False
+        assert time.monotonic() - started < 15
+        assert any("flush gave up" in r.getMessage() for r in caplog.records)
+        tracker.close()
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+    writer.proc.wait(60)  # resumed, it takes the rest, gets EOF from the closing thread and exits
+    assert len(runs_of(client, "full")[2]) == 8
+
+
+def test_passwords_of_the_tracking_uri_never_show_in_messages():
+    from initsearch import mlflow_writer
+
+    uri = "http://alice:s3cret%21pw@127.0.0.1"  # no port: urllib raises http.client.InvalidURL
+    with pytest.raises(ConfigError) as info:
+        tracking.check_reachable(uri, timeout=2)
+    assert "s3cret" not in str(info.value) and "tracking_uri: cannot reach MLflow" in str(info.value)
+    failure = RuntimeError("API request to http://alice:s3cret%21pw@127.0.0.1:5000/api/2.0/mlflow/runs/create failed")
+    assert "s3cret" not in mlflow_writer.one_line(failure) and "alice:***@127.0.0.1:5000" in mlflow_writer.one_line(failure)
+    assert "s3cret" not in mlflow_writer.scrub("password s3cret!pw, decoded")
