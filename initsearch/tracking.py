@@ -83,7 +83,7 @@ from initsearch.mlflow_writer import (  # noqa: F401 - the batching rules and ML
     scrub,
 )
 from initsearch.study import NullTracker, Tracker, TrialOutcome, _redact, resolve_device
-from initsearch.workers import worker_alive, worker_id  # reliability (issue 7)
+from initsearch.workers import running_with_env, worker_alive, worker_id  # reliability (issue 7)
 
 log = logging.getLogger("initsearch")
 
@@ -227,26 +227,8 @@ WRITER_FOR_ENV = "INITSEARCH_MLFLOW_WRITER_FOR"  # in the writer's environment: 
 def writer_running_for(worker: str) -> bool:
     """Whether a writer process started by study process ``worker`` (a ``worker_id``) still runs on this
     machine: after its study process was killed it logs what it had been sent, so a resume must not log
-    those trials a second time. Read from ``/proc/<pid>/environ`` (``False`` where there is no ``/proc``)."""
-    marker = f"\0{WRITER_FOR_ENV}={worker}\0".encode()
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return False
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone meanwhile, or another user's process
-            continue
-        if marker in b"\0" + environ:
-            try:
-                state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state not in ("Z", "X"):
-                return True
-    return False
+    those trials a second time."""
+    return running_with_env(WRITER_FOR_ENV, worker)
 
 
 # ---- the background thread -------------------------------------------------------------------------------

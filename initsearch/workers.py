@@ -50,6 +50,27 @@ def _proc_stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2:].split()  # the name (field 2) is in parentheses and may hold spaces
 
 
+def running_with_env(name: str, value: str) -> bool:
+    """Whether a live process of this machine (not a zombie) was started with ``name=value`` in its
+    environment, as read from ``/proc/<pid>/environ`` (``False`` where there is no ``/proc``)."""
+    marker = f"\0{name}={value}\0".encode()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or another user's process
+            continue
+        if marker in b"\0" + environ:
+            fields = _proc_stat(int(entry.name))
+            if fields and fields[0] not in ("Z", "X"):
+                return True
+    return False
+
+
 def _start_ticks(pid: int) -> str:
     """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); '' off Linux."""
     fields = _proc_stat(pid)
