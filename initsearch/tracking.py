@@ -33,11 +33,11 @@ them back), then logs the results and plots. ``flush`` waits for the writer's ac
 ``close`` (also registered with ``atexit``) sends EOF and waits a bounded time, and so does ``flush``; the
 writer logs what it was sent even when this process is gone (SIGKILL; a resume meanwhile leaves those trials
 to it: ``writer_running_for``), and ignores SIGINT and SIGHUP (this process handles Ctrl-C and closes it).
-Passwords in the tracking URI are replaced by ``***`` in every message (MLflow quotes failing URLs). A failing MLflow call is a warning, never an exception in the study; after ``MAX_FAILURES``
-failures in a row tracking turns itself off for the rest of the process rather than queueing minutes of
-HTTP retries. A writer that cannot start or dies is one warning: the trials it had not acknowledged, and
-the later ones, are logged by the background thread instead (``MlflowTracker(..., writer=False)`` does
-that from the start).
+Passwords in the tracking URI are replaced by ``***`` in every message (MLflow quotes failing URLs). A
+failing MLflow call is a warning, never an exception in the study; after ``MAX_FAILURES`` failures in a row
+tracking turns itself off for the rest of the process rather than queueing minutes of HTTP retries. A
+writer that cannot start or dies is one warning: the trials it had not acknowledged, and the later ones,
+are logged by the background thread instead (``MlflowTracker(..., writer=False)`` does that from the start).
 """
 from __future__ import annotations
 
@@ -69,14 +69,15 @@ from initsearch.errors import ConfigError
 from initsearch.mlflow_writer import (  # noqa: F401 - the batching rules and MLflow's limits live there
     MAX_BATCH_BYTES,
     MAX_ENTITIES_PER_BATCH,
+    MAX_FAILURES,
     MAX_KEY,
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VALUE,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VALUE,
     URI_ENV,
-    hide_password_of,
     batches,
+    hide_password_of,
     log_in_batches,
     log_trial,
     one_line,
@@ -89,7 +90,6 @@ log = logging.getLogger("initsearch")
 
 OFF_VALUES = ("none", "off")
 PROBE_TIMEOUT_S = 5.0
-MAX_FAILURES = 3  # the writer process stops after as many (mlflow_writer.MAX_FAILURES)
 CURVES_TOP = 3  # searched trials drawn against the baselines in training_curves.png
 
 WRITER_SCRIPT = Path(__file__).with_name("mlflow_writer.py")  # run by path: imports MLflow, not torch
