@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from initsearch.kernels import Route, choose_route
 from initsearch.train import (
     Curve,
     TrainConfig,
@@ -601,34 +602,69 @@ def train_population(models: Sequence[nn.Module], data: TrainData, cfg: TrainCon
 
 def _train_stacked(stack: _Stack, models: Sequence[nn.Module], data: TrainData, cfg: TrainConfig,
                    callbacks: Sequence[Callback | None]) -> list[Curve]:
-    """The batched loop: one vmapped step per training step, checkpoints as ``train_run`` has them."""
+    """The batched loop: one stacked step per training step, checkpoints as ``train_run`` has them. The
+    steps run on the matrix-product route ``_onednn_route`` chose (validation on the default one)."""
     x, y, device = data.x_train, data.y_train, data.x_train.device
     curves = [Curve(train_loss=np.zeros(0, dtype=np.float64)) for _ in models]
+    route = Route()
+    onednn = _onednn_route(stack, data, cfg)
     started = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        if step <= cfg.warmup_steps + 1:
-            for group in stack.optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step)
-        if stack.plan is None or stack.offset == stack.plan.shape[0]:
-            stack.plan = draw_indices(stack.generators, len(x), _segment_length(step, cfg), cfg.batch_size, device)
-            if stack.shared:
-                stack.plan = stack.plan[:, 0]  # (steps, batch): every member's indices
-            stack.offset = 0
-        idx = stack.plan[stack.offset]
-        stack.offset += 1
-        with _autocast(device, cfg.bf16):
-            losses = stack.engine.loss(stack.params, stack.buffers, x[idx], y[idx], shared=stack.shared)
-        for p in stack.params.values():  # what zero_grad(set_to_none=True) does, without its per-call wrapping
-            p.grad = None
-        losses.sum().backward()
-        stack.optimizer.step()
-        stack.pending.append(losses.detach())
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            _checkpoint(stack, curves, step, models, data, cfg, callbacks, started)
-            if not stack.members:
-                break
+    try:
+        for step in range(1, cfg.steps + 1):
+            if step <= cfg.warmup_steps + 1:
+                for group in stack.optimizer.param_groups:
+                    group["lr"] = cfg.lr_at(step)
+            if stack.plan is None or stack.offset == stack.plan.shape[0]:
+                stack.plan = draw_indices(stack.generators, len(x), _segment_length(step, cfg), cfg.batch_size, device)
+                if stack.shared:
+                    stack.plan = stack.plan[:, 0]  # (steps, batch): every member's indices
+                stack.offset = 0
+            idx = stack.plan[stack.offset]
+            stack.offset += 1
+            route.use(onednn)
+            with _autocast(device, cfg.bf16):
+                losses = stack.engine.loss(stack.params, stack.buffers, x[idx], y[idx], shared=stack.shared)
+            for p in stack.params.values():  # what zero_grad(set_to_none=True) does, without its per-call wrapping
+                p.grad = None
+            losses.sum().backward()
+            stack.optimizer.step()
+            stack.pending.append(losses.detach())
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                route.use(False)
+                _checkpoint(stack, curves, step, models, data, cfg, callbacks, started)
+                if not stack.members:
+                    break
+                onednn = _onednn_route(stack, data, cfg)  # fewer rows are other shapes (verdicts are cached)
+    finally:
+        route.restore()
     _leave(stack, list(range(len(stack.members))), models)
     return curves
+
+
+def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
+    """Whether the stack's training steps run their float32 products on oneDNN (``initsearch.kernels``): on
+    the CPU, when one step of this stack (these shapes, this batch size, these threads) gives the same loss
+    and gradients as the default route to float32 precision, and faster. The probe works on copies."""
+    device = data.x_train.device
+    if device.type != "cpu":
+        return False
+    key = ("population", type(stack.engine).__name__, stack.shared, cfg.batch_size, torch.get_num_threads(),
+           tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in stack.params.items()),
+           tuple((name, tuple(b.shape), b.dtype) for name, b in stack.buffers.items()),
+           tuple(data.x_train.shape[1:]), data.x_train.dtype)
+    idx = torch.arange(cfg.batch_size, device=device) % len(data.x_train)
+    if not stack.shared:
+        idx = idx.expand(len(stack.members), -1)  # (rows, batch): each row's own gather, as in training
+    xb, yb = data.x_train[idx], data.y_train[idx]
+
+    def step() -> list[torch.Tensor]:
+        params = {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in stack.params.items()}
+        buffers = {name: b.clone() for name, b in stack.buffers.items()}
+        losses = stack.engine.loss(params, buffers, xb, yb, shared=stack.shared)
+        losses.sum().backward()
+        return [losses.detach(), *(p.grad for p in params.values() if p.grad is not None)]
+
+    return choose_route(step, key)
 
 
 def _leave(stack: _Stack, rows: list[int], models: Sequence[nn.Module]) -> None:

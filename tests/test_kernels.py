@@ -1,0 +1,149 @@
+"""The matrix-product route: oneDNN only where it is exact to float32 precision and faster, measured."""
+from __future__ import annotations
+
+import copy
+import functools
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import initsearch.population as population
+from initsearch import kernels
+from initsearch.models import MLP
+from initsearch.population import train_population
+from initsearch.train import TrainConfig, train_run
+from tests.conftest import teacher_data
+
+needs_route = pytest.mark.skipif(not kernels.available(), reason="this torch has no oneDNN matmul setting")
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts():
+    kernels.forget()
+    yield
+    kernels.forget()
+
+
+def current() -> str:
+    return torch.backends.mkldnn.matmul.fp32_precision
+
+
+def test_matches_accepts_float32_rounding_and_refuses_bfloat16_rounding():
+    torch.manual_seed(0)
+    ref = [torch.randn(64, 128), torch.randn(10)]
+    assert kernels.matches(ref, [t.clone() for t in ref])
+    assert kernels.matches(ref, [t * (1 + 1e-6) for t in ref])
+    assert not kernels.matches(ref, [ref[0].bfloat16().float(), ref[1]])  # 8-bit mantissa: ~1e-3 off
+    assert not kernels.matches(ref, [ref[0], ref[1][:5]])
+    assert not kernels.matches(ref, ref[:1])
+    assert not kernels.matches(ref, [ref[0], ref[1] * float("nan")])
+
+
+def fake_step(lossy: bool, onednn_s: float, default_s: float, calls: list[str]):
+    """A step whose result and duration depend on the route it runs on."""
+    torch.manual_seed(1)
+    value = torch.randn(256)
+
+    def step() -> list[torch.Tensor]:
+        on = current() == kernels.ONEDNN
+        calls.append("onednn" if on else "default")
+        time.sleep(onednn_s if on else default_s)
+        return [value.bfloat16().float() if on and lossy else value.clone()]
+
+    return step
+
+
+@needs_route
+def test_the_route_is_taken_only_when_exact_and_faster_and_the_verdict_is_cached():
+    calls: list[str] = []
+    assert kernels.choose_route(fake_step(False, 0.001, 0.01, calls), "exact-fast")
+    assert "onednn" in calls and "default" in calls
+    calls.clear()
+    assert kernels.choose_route(fake_step(False, 0.001, 0.01, calls), "exact-fast") and calls == []  # cached
+    assert not kernels.choose_route(fake_step(True, 0.001, 0.01, calls), "lossy-fast")
+    assert not kernels.choose_route(fake_step(False, 0.01, 0.001, calls), "exact-slow")
+    assert current() in kernels.DEFAULT_PRECISIONS  # every probe puts the setting back
+
+
+@needs_route
+def test_a_precision_the_user_chose_is_never_changed():
+    before = current()
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        assert not kernels.available()
+        calls: list[str] = []
+        assert not kernels.choose_route(fake_step(False, 0.001, 0.01, calls), "user-chose") and calls == []
+        with kernels.Route() as route:
+            route.use(False)
+            assert current() == "bf16"
+        assert current() == "bf16"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+@needs_route
+def test_route_restores_the_setting():
+    before = current()
+    with kernels.Route() as route:
+        route.use(True)
+        assert current() == kernels.ONEDNN
+        route.use(False)
+        assert current() == before
+        route.use(True)
+    assert current() == before
+
+
+def test_population_steps_use_the_chosen_route_and_validation_the_default(monkeypatch):
+    """Whatever the probe decides on this machine, the training steps run on its route, validation and
+    everything after training on the caller's setting, and the curves are train_run's."""
+    data = teacher_data((16,), n_train=256, n_val=64)
+    cfg = TrainConfig(steps=12, batch_size=64, lr=0.05, eval_every=4)
+    # exactness still decides; speed does not, so the oneDNN route runs wherever it is exact
+    monkeypatch.setattr(population, "choose_route", functools.partial(kernels.choose_route, min_gain=-1e9))
+    seen: dict[str, set[str]] = {"loss": set(), "logits": set()}
+    engine_cls = population._StackedSequential
+    for name in ("loss", "logits"):
+        original = getattr(engine_cls, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            seen[_name].add(current() if kernels._backend() is not None else "none")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(engine_cls, name, spy)
+    before = current() if kernels._backend() is not None else "none"
+    models = []
+    for i in range(4):
+        torch.manual_seed(i)
+        models.append(MLP((16,), 3, depth=3, width=32))
+    copies = [copy.deepcopy(m) for m in models]
+    together = train_population(models, data, cfg, seeds=[5] * 4)
+    verdicts = list(kernels._VERDICTS.values())
+    assert verdicts, "the stacked engine asked for a route"
+    onednn_used = verdicts[0]
+    expected_loss_routes = {kernels.ONEDNN} if onednn_used else {before}
+    assert expected_loss_routes <= seen["loss"] and seen["logits"] == {before}
+    assert (current() if kernels._backend() is not None else "none") == before
+    for member, copy_ in zip(together, copies):
+        alone = train_run(copy_, data, cfg, seed=5)
+        torch.testing.assert_close(torch.tensor(member.train_loss), torch.tensor(alone.train_loss), rtol=1e-4, atol=1e-4)
+    for m, c in zip(models, copies):
+        for (name, a), (_, b) in zip(m.state_dict().items(), c.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_the_setting_is_restored_when_training_fails(monkeypatch):
+    data = teacher_data((8,), n_train=64, n_val=16)
+    cfg = TrainConfig(steps=6, batch_size=16, eval_every=3)
+    monkeypatch.setattr(population, "choose_route", lambda step, key: True)
+    before = current() if kernels._backend() is not None else "none"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("checkpoint failed")
+
+    monkeypatch.setattr(population, "_checkpoint", boom)
+    models = [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="checkpoint failed"):
+        train_population(models, data, cfg, seeds=[0, 1, 2])
+    assert (current() if kernels._backend() is not None else "none") == before
