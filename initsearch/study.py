@@ -25,6 +25,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from initsearch.apply import forked_seed
 from initsearch.config import StudySettings
 from initsearch.data import Dataset, load_dataset
 from initsearch.diagnostics import SignalReport, is_degenerate, signal_report
@@ -399,8 +400,7 @@ class Objective:
         return value
 
     def _fresh_model(self, seed: int) -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with forked_seed(seed):
             model = build_model(self.s.model, self.proxy.data.input_shape, self.proxy.data.num_classes)
         return model.to(self.proxy.device)
 

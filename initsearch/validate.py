@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from initsearch.apply import forked_seed
 from initsearch.config import StudySettings, settings_from_config
 from initsearch.contenders import contender_policy, init_contender
 from initsearch.data import Dataset
@@ -141,8 +142,7 @@ def run_validation(
     for name, pol in contender_policies(policy, settings.baselines).items():
         result = ContenderResult(name)
         for seed in fresh:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with forked_seed(seed):
                 model = build_model(target_model, data.input_shape, data.num_classes)
             model = model.to(device)
             init_contender(model, pol, baseline=None if name == POLICY else name, seed=seed, example_x=example[0],

@@ -76,7 +76,7 @@ import initsearch.space as space_mod  # noqa: E402
 import initsearch.study as study_mod  # noqa: E402
 import initsearch.tracking as tracking_mod  # noqa: E402
 import initsearch.train as train_mod  # noqa: E402
-from initsearch.apply import apply_policy  # noqa: E402
+from initsearch.apply import apply_policy, forked_seed  # noqa: E402
 from initsearch.cli import config_dir  # noqa: E402
 from initsearch.config import StudySettings, settings_from_config  # noqa: E402
 from initsearch.models import build_model  # noqa: E402
@@ -185,8 +185,7 @@ def load_avg() -> list[float]:
 
 def fresh(settings: StudySettings, proxy: Proxy, seed: int) -> nn.Module:
     """The proxy as ``Objective._fresh_model`` builds it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with forked_seed(seed):
         model = build_model(settings.model, proxy.data.input_shape, proxy.data.num_classes)
     return model.to(proxy.device)
 

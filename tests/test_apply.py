@@ -222,3 +222,16 @@ def test_given_layers_skip_discovery_with_the_same_result_and_are_checked():
     with pytest.raises(PolicyError, match=r"^layers: layer '1' .*weight \(64, 20\)"):
         apply_policy(wider, p, example_batch=x, seed=3, layers=layers)
     assert same(snapshot(wider), before)
+
+
+def test_forked_seed_gives_the_same_weights_as_manual_seed_and_restores_the_cpu_rng():
+    from initsearch.apply import forked_seed
+
+    torch.manual_seed(123)
+    reference = torch.randn(64)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with forked_seed(123):
+        seeded = torch.randn(64)
+    assert torch.equal(seeded, reference)
+    assert torch.equal(torch.get_rng_state(), state)
