@@ -86,7 +86,6 @@ path keeps the contiguous layout (``train_run`` alone converts CNNs to channels-
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -107,7 +106,10 @@ from initsearch.train import (
     _check_data,
     _snapshot,
     divergence_reason,
+    draw_batches,
+    fused,
     make_optimizer,
+    segment_steps,
     train_run,
 )
 
@@ -433,24 +435,10 @@ def _build_stack(models: Sequence[nn.Module], seeds: Sequence[int], cfg: TrainCo
     shared = len({int(s) for s in seeds}) == 1
     return _Stack(
         engine=engine, params=dict(zip(names, holder.stacked)), buffers=buffers,
-        optimizer=_fused(make_optimizer(holder, cfg)), members=list(range(len(models))),
+        optimizer=fused(make_optimizer(holder, cfg)), members=list(range(len(models))),
         generators=[torch.Generator(device=device).manual_seed(int(s)) for s in (seeds[:1] if shared else seeds)],
         shared=shared,
     )
-
-
-def _fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """``optimizer`` rebuilt with ``fused=True`` (one kernel per tensor for the whole update instead of
-    several element-wise passes), the same class and hyperparameters, so the same update as
-    ``train.make_optimizer``'s up to float rounding; ``optimizer`` itself where this torch has no fused
-    version for these tensors (fused SGD: about 1% faster per member-step, fused Adam about 7%, K=10)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key it does not take
-    settings = {key: value for key, value in optimizer.defaults.items() if key in accepted}
-    try:
-        return type(optimizer)(params, **{**settings, "foreach": None, "fused": True})
-    except (RuntimeError, TypeError, ValueError):
-        return optimizer
 
 
 def _probe(stack: _Stack, data: TrainData) -> str | None:
@@ -492,23 +480,9 @@ def draw_indices(generators: Sequence[torch.Generator], n: int, steps: int, batc
                  device: torch.device) -> torch.Tensor:
     """The batch indices of the next ``steps`` steps for each member: shape ``(steps, K, batch_size)``.
 
-    Each member's generator yields exactly what ``train_run``'s ``randint(0, n, (batch_size,))`` calls would,
-    one per step, in order (see the module docstring for the CPU shortcut).
+    Each member's generator yields exactly what ``train_run``'s draws would (``train.draw_batches``).
     """
-    per_member = []
-    for gen in generators:
-        if device.type == "cpu":
-            per_member.append(torch.randint(0, n, (steps, batch_size), generator=gen, device=device))
-        else:
-            per_member.append(torch.stack([torch.randint(0, n, (batch_size,), generator=gen, device=device)
-                                           for _ in range(steps)]))
-    return torch.stack(per_member, dim=1)
-
-
-def _segment_length(step: int, cfg: TrainConfig) -> int:
-    """Steps from ``step`` (1-based) up to and including the next checkpoint."""
-    next_checkpoint = min(cfg.steps, ((step - 1) // cfg.eval_every + 1) * cfg.eval_every)
-    return next_checkpoint - step + 1
+    return torch.stack([draw_batches(gen, n, steps, batch_size, device) for gen in generators], dim=1)
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------
@@ -615,7 +589,7 @@ def _train_stacked(stack: _Stack, models: Sequence[nn.Module], data: TrainData, 
                 for group in stack.optimizer.param_groups:
                     group["lr"] = cfg.lr_at(step)
             if stack.plan is None or stack.offset == stack.plan.shape[0]:
-                stack.plan = draw_indices(stack.generators, len(x), _segment_length(step, cfg), cfg.batch_size, device)
+                stack.plan = draw_indices(stack.generators, len(x), segment_steps(step, cfg), cfg.batch_size, device)
                 if stack.shared:
                     stack.plan = stack.plan[:, 0]  # (steps, batch): every member's indices
                 stack.offset = 0

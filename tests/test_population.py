@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from initsearch.models import CNN, MLP, ResCNN
-from initsearch.population import _fused, _Holder, choose_mode, draw_indices, static_blocker, train_population
+from initsearch.population import _Holder, choose_mode, draw_indices, static_blocker, train_population
 from initsearch.train import Curve, TrainConfig, make_optimizer, train_run
+from initsearch.train import fused as fused_optimizer
 from tests.conftest import TensorData, teacher_data
 
 
@@ -284,7 +285,7 @@ def test_the_stacked_optimizer_is_train_s_optimizer_fused(optimizer):
     holder = _Holder([torch.zeros(2, 3, requires_grad=True)])
     plain = make_optimizer(holder, TrainConfig(optimizer=optimizer, lr=0.02, momentum=0.8, weight_decay=0.1,
                                                warmup_steps=2))
-    fused = _fused(plain)
+    fused = fused_optimizer(plain)
     assert type(fused) is type(plain) and fused.defaults["fused"] is True
     assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == \
         {k: v for k, v in plain.defaults.items() if k not in ("fused", "foreach")}
