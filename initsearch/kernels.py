@@ -111,7 +111,7 @@ def _timed(step: Callable[[], Sequence[torch.Tensor]], route: Route, onednn: boo
     return best
 
 
-def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, repeats: int = 2,
+def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, repeats: int = 1,
                  min_gain: float = 0.05) -> bool:
     """Whether ``step`` (a CPU computation returning the tensors to compare; it must not change any state the
     caller keeps) should run on the oneDNN route: exact to float32 precision and at least ``min_gain``
