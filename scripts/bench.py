@@ -19,8 +19,8 @@ are paid by a warm-up before any part. Opening a fresh MLflow store is not timed
 
 initsearch's time is split by wrapping its functions with timers (exclusive time: a nested call is counted
 in its own category only): training steps (``train_run``/``train_population`` minus the rest), validation
-checkpoints, init (fresh model, ``apply_policy`` incl. LSUV, ``signal_report``), data (batch index sampling
-and gathering, estimated from a micro-benchmark of the same shapes and subtracted from training steps),
+checkpoints, init (fresh model, ``apply_policy`` incl. LSUV, ``signal_report``), data (batch index drawing,
+timed, and gathering, estimated from a micro-benchmark of the same shapes and subtracted from training steps),
 Optuna (ask/tell, search-space sampling, report/should_prune, user attrs, trial queries), MLflow (the study
 thread's hooks and the final wait until the MLflow writer process has logged every trial), other (the rest of
 the wall time). Shown apart because they overlap the study: the wall time of the tracker's sender thread
@@ -71,6 +71,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
 import initsearch.batched as batched_mod  # noqa: E402
+import initsearch.kernels as kernels_mod  # noqa: E402
 import initsearch.population as population_mod  # noqa: E402
 import initsearch.space as space_mod  # noqa: E402
 import initsearch.study as study_mod  # noqa: E402
@@ -128,10 +129,9 @@ def _targets() -> list[tuple[Any, str, str]]:
     return [
         (S, "train_run", "train"), (B, "train_population", "train"),
         (train_mod, "evaluate", "validation"), (P, "evaluate_members", "validation"),
-        (P, "draw_indices", "data"),
+        (P, "draw_indices", "data"), (train_mod, "draw_batches", "data"),
         (S.Objective, "_fresh_model", "init/LSUV/diagnostics"),
-        (S, "init_contender", "init/LSUV/diagnostics"), (B, "init_contender", "init/LSUV/diagnostics"),
-        (S, "signal_report", "init/LSUV/diagnostics"), (B, "signal_report", "init/LSUV/diagnostics"),
+        (S, "init_contender", "init/LSUV/diagnostics"), (S, "signal_report", "init/LSUV/diagnostics"),
         (S, "_require_finite", "init/LSUV/diagnostics"), (B, "_require_finite", "init/LSUV/diagnostics"),
         (space_mod.SearchSpace, "sample", "Optuna"),
         (optuna.study.Study, "ask", "Optuna"), (optuna.study.Study, "tell", "Optuna"),
@@ -321,24 +321,19 @@ def split(timers: Timers, wall: float, data_estimate: float) -> dict[str, float]
 
 
 def sampling_cost(proxy: Proxy, batch_size: int, k: int, repeats: int = 5, steps: int = 200) -> float:
-    """Seconds per step (per member when k > 1) of drawing batch indices and gathering the batch, the way
-    ``train_run`` (k == 1) or ``train_population`` (k > 1) does it. A study's population shares one evaluation
-    seed, so ``train_population`` gathers one batch per step for all k members (see its "Shared batches")."""
+    """Seconds per step (per member when k > 1) of gathering the batch, the way ``train_run`` (k == 1) or
+    ``train_population`` (k > 1) does it; the index drawing (``train.draw_batches``) is timed in the study
+    itself. A study's population shares one evaluation seed, so ``train_population`` gathers one batch per
+    step for all k members (see its "Shared batches")."""
     x, y, device = proxy.data.x_train, proxy.data.y_train, proxy.device
     gen = torch.Generator(device=device).manual_seed(0)
     best = math.inf
     for _ in range(repeats):
+        plan = train_mod.draw_batches(gen, len(x), steps, batch_size, device)
         _sync(device)
         start = time.perf_counter()
-        if k == 1:
-            for _ in range(steps):
-                idx = torch.randint(0, len(x), (batch_size,), generator=gen, device=device)
-                x[idx], y[idx]
-        else:  # the index drawing is timed in the study itself; this is the gathering
-            plan = population_mod.draw_indices([gen], len(x), steps, batch_size, device)
-            start = time.perf_counter()
-            for i in range(steps):
-                x[plan[i, 0]], y[plan[i, 0]]
+        for i in range(steps):
+            x[plan[i]], y[plan[i]]
         _sync(device)
         best = min(best, (time.perf_counter() - start) / steps / k)
     return best
@@ -435,9 +430,13 @@ def engine_check(settings: StudySettings, proxy: Proxy, k: int, repeats: int = 3
     """Milliseconds per member-step (validation included, init not) of K fresh proxies trained one by one
     (``train_run``), and as one population with each engine that can run the proxy; the best of ``repeats``.
     Two seed layouts: ``shared`` (one evaluation seed for all members, as a batched study trains them) and
-    ``distinct`` (seeds 0..K-1: every member its own batches)."""
+    ``distinct`` (seeds 0..K-1: every member its own batches). ``stacked, default route`` is the stacked
+    engine with its float32 products kept on ATen's default kernels (``initsearch.kernels`` not consulted),
+    to show what stacking gains apart from the kernels."""
     models = lambda: [fresh(settings, proxy, i) for i in range(k)]  # noqa: E731
     modes = ["loop"] + [m for m in ("stacked", "vmap") if _engine_ok(models(), m, proxy.device)]
+    if "stacked" in modes and kernels_mod.available() and proxy.device.type == "cpu":
+        modes.insert(2, "stacked, default route")
     out: dict[str, dict[str, float]] = {}
     for layout, seeds in (("shared", [0] * k), ("distinct", list(range(k)))):
         best: dict[str, float] = {}
@@ -445,20 +444,36 @@ def engine_check(settings: StudySettings, proxy: Proxy, k: int, repeats: int = 3
             for mode in modes:
                 group = models()
                 _sync(proxy.device)
-                start = time.perf_counter()
-                if mode == "loop":
-                    for model, seed in zip(group, seeds):
-                        train_run(model, proxy.data, settings.train, seed=seed)
-                else:
-                    train_population(group, proxy.data, settings.train, seeds=seeds, mode=mode)
-                _sync(proxy.device)
-                per = (time.perf_counter() - start) / k / settings.train.steps * 1e3
+                with _default_route(mode.endswith("default route")):
+                    start = time.perf_counter()
+                    if mode == "loop":
+                        for model, seed in zip(group, seeds):
+                            train_run(model, proxy.data, settings.train, seed=seed)
+                    else:
+                        train_population(group, proxy.data, settings.train, seeds=seeds, mode=mode.split(",")[0])
+                    _sync(proxy.device)
+                    per = (time.perf_counter() - start) / k / settings.train.steps * 1e3
                 best[mode] = min(best.get(mode, math.inf), per)
         for mode, ms in best.items():
-            print(f"  engine check, K={k}, {layout:<8} seeds, {mode:<8}: {ms:.3f} ms per member-step "
+            print(f"  engine check, K={k}, {layout:<8} seeds, {mode:<22}: {ms:.3f} ms per member-step "
                   f"({best['loop'] / ms:.2f}x the loop)")
         out[layout] = best
-    return {"k": k, "ms_per_member_step": out}
+    routes = {str(key[1:5]): verdict for key, verdict in kernels_mod._VERDICTS.items()}
+    return {"k": k, "ms_per_member_step": out, "onednn_route_verdicts": routes}
+
+
+@contextlib.contextmanager
+def _default_route(on: bool) -> Iterator[None]:
+    """Within (when ``on``): populations keep ATen's default matmul kernels."""
+    if not on:
+        yield
+        return
+    original = population_mod.choose_route
+    population_mod.choose_route = lambda step, key: False
+    try:
+        yield
+    finally:
+        population_mod.choose_route = original
 
 
 def _engine_ok(models: list[nn.Module], mode: str, device: torch.device) -> bool:
