@@ -21,25 +21,26 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     (``x`` needs no gradient). Validation runs the same way (the validation set is shared anyway).
   * The optimizer is ``train.make_optimizer``'s, rebuilt with ``fused=True`` where torch has a fused
     kernel (same class and hyperparameters; one kernel per tensor instead of several element-wise passes).
+  * **Kernels.** The training steps run their float32 products on the route ``initsearch.kernels`` chooses
+    for this stack's shapes: oneDNN where a probe step shows it exact to float32 precision and faster, ATen's
+    default (MKL) otherwise. Validation always runs on the default route.
 
     Measured on this project's 2-core CPU (digits_mlp: 64-128-128-128-10 ReLU MLP, 200 steps, batch 128, SGD
-    momentum, one thread, validation included, best of 3; 2026-11-29, two runs each under load 1.1-2.9 from
-    other jobs), ms per member-step, ``train_run`` one by one 0.57-0.60:
+    momentum, one thread, validation included, best of 3, ``bench.py --engine-check 10``; 2026-11-29,
+    quiet machine), ms per member-step at K=10, one shared seed:
 
-    ======================================================  ===========  ===========  ===========
-    K                                                       4            10           16
-    distinct seeds (``bench.py --engine-check K``), before  0.442-0.455  0.421-0.440  0.461-0.473
-    distinct seeds, now                                     0.396-0.398  0.359-0.366  0.380-0.391
-    one shared seed (a scratch timing), before              0.440-0.448  0.421-0.440  0.436-0.476
-    one shared seed, now                                    0.395-0.400  0.377-0.401  0.369-0.425
-    ======================================================  ===========  ===========  ===========
+    ==========================================================  ===========
+    ``train_run`` one by one (fused SGD)                         0.545
+    ``stacked``, default route (MKL)                             0.358 (1.52x)
+    ``stacked``, oneDNN route (bitwise the same curves here)     0.224 (2.43x)
+    ``vmap``, oneDNN route                                       0.308 (1.77x)
+    ==========================================================  ===========
 
-    "Before" is the previous layout, ``(K, B, in) @ (K, in, out)`` with an out-of-place ``ReLU``, unfused
-    optimizer. That is 1.44-1.64x the loop (before: 1.24-1.38x). The matrix products alone take ~0.30 ms per
-    member-step (MKL runs its AVX2 path on this AMD CPU, ~105 GFLOP/s; one ``mm`` for the shared first layer
-    runs at the same rate as K small ones), and a K-step carries ~0.2 ms of Python and dispatch whatever K
-    (0.05 ms per member-step at K=4, 0.02 at K=10), so one thread cannot go much below ~0.33 ms here.
-    ``vmap`` is slower still (0.48-0.52 ms at K=10): its batching rules add copies around every matmul.
+    MKL runs its AVX2 path on this AMD CPU (~105 GFLOP/s), and its products alone take ~0.30 ms per
+    member-step, which bounded the stacked engine at ~0.33 ms; oneDNN's AVX-512 kernels compute the same
+    float32 products (here to the bit) in 55-60% of that time. The earlier layout, ``(K, B, in) @ (K, in,
+    out)`` with an out-of-place ``ReLU`` and an unfused optimizer, took 0.42-0.44 ms. On a single model the
+    oneDNN route is slower (0.60 against 0.58 ms per step), which is one reason it is measured per stack.
   * ``vmap`` (any other model, the CNN proxies included): a copy of the first model on the ``meta`` device
     is the stateless skeleton that ``torch.func.functional_call`` runs with member ``k``'s slice, mapped
     over K by ``torch.func.vmap`` (convolutions become grouped convolutions by torch.func's batching rules).
