@@ -82,22 +82,32 @@ def _weight_std(t: torch.Tensor) -> float:
 @contextlib.contextmanager
 def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
     """Fork the global RNGs (CPU and the model's CUDA devices) and seed them, so the same seed gives the
-    same weights and the caller's RNG state is left as it was."""
+    same weights and the caller's RNG state is left as it was. A model with parameters on another
+    accelerator (MPS, XPU...) is seeded with ``torch.manual_seed``, which seeds those too (their state is not
+    forked: ``fork_rng`` only knows CPU and CUDA)."""
     if seed is None:
         yield
         return
-    with forked_seed(seed, sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})):
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    if any(p.device.type not in ("cpu", "cuda", "meta") for p in model.parameters()):
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(seed))
+            yield
+        return
+    with forked_seed(seed, cuda):
         yield
 
 
 @contextlib.contextmanager
 def forked_seed(seed: int, cuda_devices: list[int] | tuple[int, ...] = ()) -> Iterator[None]:
-    """Within: the CPU generator and those of ``cuda_devices`` seeded with ``seed``; after: all as before.
+    """Within: the CPU generator and those of ``cuda_devices`` seeded with ``int(seed)``; after: all as
+    before.
 
     Only the forked generators are seeded. ``torch.manual_seed`` would also queue a seed for every CUDA,
     XPU and MTIA device (outliving the fork on a machine where CUDA starts later) and, before CUDA starts,
     record a stack trace for each: 0.37 ms per call on the project's CPU, twice per trial.
     """
+    seed = int(seed)  # as torch.manual_seed takes it: numpy integers too
     with torch.random.fork_rng(devices=list(cuda_devices)):
         torch.default_generator.manual_seed(seed)
         for index in cuda_devices:

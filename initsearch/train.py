@@ -183,6 +183,12 @@ def fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
 
 
+def _sparse_gradients(model: nn.Module) -> bool:
+    """Whether some parameter gets a sparse gradient (``nn.Embedding``/``EmbeddingBag`` with
+    ``sparse=True``): fused optimizers refuse those at their first step, so such models keep the plain one."""
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules())
+
+
 def _autocast(device: torch.device, bf16: bool) -> ContextManager[Any]:
     """bf16 autocast on CUDA when asked; a no-op elsewhere."""
     if bf16 and device.type == "cuda":
@@ -295,7 +301,8 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
         _seed_global(seed, device)
         gen = torch.Generator(device=device).manual_seed(seed)
         channels_last = _to_channels_last(model, x)
-        opt = fused(make_optimizer(model, cfg))
+        opt = make_optimizer(model, cfg)
+        opt = opt if _sparse_gradients(model) else fused(opt)
         model.train()
         plan, offset = None, 0
         for step in range(1, cfg.steps + 1):

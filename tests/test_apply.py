@@ -235,3 +235,7 @@ def test_forked_seed_gives_the_same_weights_as_manual_seed_and_restores_the_cpu_
         seeded = torch.randn(64)
     assert torch.equal(seeded, reference)
     assert torch.equal(torch.get_rng_state(), state)
+    import numpy as np
+
+    with forked_seed(np.int64(123)):  # seeds as torch.manual_seed takes them
+        assert torch.equal(torch.randn(64), reference)

@@ -249,3 +249,15 @@ def test_batches_are_the_per_step_draws_of_the_seeded_generator_and_the_optimize
     expected = [torch.randint(0, n, (5,), generator=gen) for _ in range(7)]
     assert len(seen) == 7 and all(torch.equal(a, b) for a, b in zip(seen, expected))
     assert steps == [True] * 7
+
+
+def test_a_model_with_sparse_embedding_gradients_trains_with_the_plain_optimizer() -> None:
+    """Fused optimizers refuse sparse gradients; train_run must keep the plain SGD for such models."""
+    n = 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 20, (n, 3), generator=g)
+    y = (x[:, 0] % 2).long()
+    data = TensorData(x, y, x[:8], y[:8], 2, (3,))
+    model = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    curve = train_run(model, data, TrainConfig(steps=6, batch_size=8, lr=0.1, momentum=0.0, eval_every=3), seed=0)
+    assert curve.steps_done == 6 and np.isfinite(curve.train_loss).all()
