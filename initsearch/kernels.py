@@ -13,10 +13,15 @@ oneDNN route only when
   inputs, with 8 bits of mantissa, miss by ~1e-3 to 1e-2), and
 - it ran faster (best of ``repeats`` timings each way, at least ``min_gain`` faster).
 
-The verdict is cached per ``key`` (the caller puts every shape, the thread count and the device in it).
+The verdict is cached per ``key`` (the caller puts every shape, the thread count and the device in it; the
+step should compute on synthetic operands of those shapes, so that the verdict does not depend on values
+that happen to be exact in bfloat16, such as zeros).
 The route is a process-wide torch setting: ``Route`` sets it for the steps of a training loop and always puts
-the caller's setting back. Where the caller already chose a precision other than the default (``"none"``
-or ``"ieee"``), or torch has no such setting, the default route is kept.
+the caller's setting back. Where the caller already chose a precision other than the default (``"none"``,
+or ``"ieee"``, which is also what ``torch.set_float32_matmul_precision("highest")`` reads as), or torch has
+no such setting, the default route is kept. While the route is on, torch's legacy
+``torch.get_float32_matmul_precision()`` raises (it refuses a mix of the legacy and the new settings); no
+training step calls it.
 
 Measured on this project's 2-core CPU (digits_mlp's stacked population, batch 128, 2026-11-29): the oneDNN
 route gives bitwise the same losses and weights after 200 steps, and one member-step takes 0.20-0.22 ms
@@ -111,7 +116,7 @@ def _timed(step: Callable[[], Sequence[torch.Tensor]], route: Route, onednn: boo
     return best
 
 
-def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, repeats: int = 1,
+def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, repeats: int = 3,
                  min_gain: float = 0.05) -> bool:
     """Whether ``step`` (a CPU computation returning the tensors to compare; it must not change any state the
     caller keeps) should run on the oneDNN route: exact to float32 precision and at least ``min_gain``

@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,6 +200,11 @@ class _StackedSequential:
         self.layers = list(model.named_children())
         self.plan = _fuse_relus(self.layers)
         self.training = True
+        self._structure = repr(model)
+
+    def structure(self) -> str:
+        """The model's modules as text (what ``RouteKey`` keeps)."""
+        return self._structure
 
     def train(self) -> None:
         self.training = True
@@ -334,8 +340,13 @@ class _Vmapped:
     def __init__(self, model: nn.Module) -> None:
         self.skeleton = copy.deepcopy(model).to("meta")
         self.skeleton.train()
+        self._structure = repr(model)
         self._loss = vmap(self._member_loss)
         self._logits = vmap(self._member_logits, in_dims=(0, 0, None))
+
+    def structure(self) -> str:
+        """The model's modules as text (what ``RouteKey`` keeps)."""
+        return self._structure
 
     def train(self) -> None:
         self.skeleton.train()
@@ -616,30 +627,74 @@ def _train_stacked(stack: _Stack, models: Sequence[nn.Module], data: TrainData, 
     return curves
 
 
+@dataclass(frozen=True)
+class RouteKey:
+    """What the matrix-product route of a stack's training step depends on: the engine and the model's
+    structure (``repr``: strides, paddings, flags), every stacked tensor's shape and dtype (rows included),
+    the batch (size, shared or per row, input shape), and the threads."""
+
+    engine: str
+    structure: str
+    rows: int
+    shared: bool
+    batch_size: int
+    threads: int
+    params: tuple[tuple[str, tuple[int, ...], str, bool], ...]
+    buffers: tuple[tuple[str, tuple[int, ...], str], ...]
+    inputs: tuple[tuple[int, ...], str]
+
+
+def _route_key(stack: _Stack, data: TrainData, cfg: TrainConfig) -> RouteKey:
+    return RouteKey(
+        engine=type(stack.engine).__name__, structure=stack.engine.structure(), rows=len(stack.members),
+        shared=stack.shared, batch_size=cfg.batch_size, threads=torch.get_num_threads(),
+        params=tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in stack.params.items()),
+        buffers=tuple((n, tuple(b.shape), str(b.dtype)) for n, b in stack.buffers.items()),
+        inputs=(tuple(data.x_train.shape[1:]), str(data.x_train.dtype)),
+    )
+
+
 def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
     """Whether the stack's training steps run their float32 products on oneDNN (``initsearch.kernels``): on
-    the CPU, when one step of this stack (these shapes, this batch size, these threads) gives the same loss
-    and gradients as the default route to float32 precision, and faster. The probe works on copies."""
+    the CPU, when one step of this stack's engine, shapes, batch and threads gives the same loss and
+    gradients as the default route to float32 precision, and runs faster.
+
+    The probe step runs on **synthetic operands** of the stack's shapes and dtypes: parameters
+    ``N(0, 1/fan_in)`` (``N(0, 1)`` for vectors) and float inputs ``N(0, 1)`` from a fixed generator, the
+    real labels, copies of the buffers. Real weights could hide a down-converting kernel (zeros, or powers
+    of two, are exact in bfloat16), and the verdict is cached for every later stack with the same key."""
     device = data.x_train.device
     if device.type != "cpu":
         return False
-    key = ("population", type(stack.engine).__name__, stack.shared, cfg.batch_size, torch.get_num_threads(),
-           tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in stack.params.items()),
-           tuple((name, tuple(b.shape), b.dtype) for name, b in stack.buffers.items()),
-           tuple(data.x_train.shape[1:]), data.x_train.dtype)
+    key = _route_key(stack, data, cfg)
+    gen = torch.Generator(device=device).manual_seed(0)
     idx = torch.arange(cfg.batch_size, device=device) % len(data.x_train)
     if not stack.shared:
         idx = idx.expand(len(stack.members), -1)  # (rows, batch): each row's own gather, as in training
     xb, yb = data.x_train[idx], data.y_train[idx]
+    if xb.is_floating_point():
+        xb = torch.randn(xb.shape, generator=gen, dtype=xb.dtype, device=device)
+    synthetic = {name: _synthetic(p, gen) for name, p in stack.params.items()}
 
     def step() -> list[torch.Tensor]:
-        params = {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in stack.params.items()}
+        params = {name: p.clone().requires_grad_(stack.params[name].requires_grad) for name, p in synthetic.items()}
         buffers = {name: b.clone() for name, b in stack.buffers.items()}
         losses = stack.engine.loss(params, buffers, xb, yb, shared=stack.shared)
         losses.sum().backward()
         return [losses.detach(), *(p.grad for p in params.values() if p.grad is not None)]
 
     return choose_route(step, key)
+
+
+def _synthetic(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random values of ``p``'s shape and dtype (rows first): ``N(0, 1/fan_in)`` where a row is a matrix or
+    more (fan_in: the elements per output), ``N(0, 1)`` for vectors; ``p`` itself (detached) when not float."""
+    if not p.is_floating_point():
+        return p.detach().clone()
+    values = torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device)
+    if p.dim() >= 3:
+        values /= math.sqrt(max(1, math.prod(p.shape[2:])))
+    return values
 
 
 def _leave(stack: _Stack, rows: list[int], models: Sequence[nn.Module]) -> None:

@@ -458,7 +458,8 @@ def engine_check(settings: StudySettings, proxy: Proxy, k: int, repeats: int = 3
             print(f"  engine check, K={k}, {layout:<8} seeds, {mode:<22}: {ms:.3f} ms per member-step "
                   f"({best['loop'] / ms:.2f}x the loop)")
         out[layout] = best
-    routes = {str(key[1:5]): verdict for key, verdict in kernels_mod._VERDICTS.items()}
+    routes = {f"{key.engine}, K={key.rows}, {'shared' if key.shared else 'distinct'} seeds, {key.threads} thread(s)":
+              verdict for key, verdict in kernels_mod._VERDICTS.items() if isinstance(key, population_mod.RouteKey)}
     return {"k": k, "ms_per_member_step": out, "onednn_route_verdicts": routes}
 
 
