@@ -30,6 +30,9 @@ The one-time work stays in this process on the background thread, in order: the 
 run (resume, closing dead workers' runs, backfill) before any trial is sent; at the end of the study,
 ``study_finished`` waits until the writer has acknowledged every trial (the training-curves plot reads
 them back), then logs the results and plots. ``flush`` waits for the writer's acknowledgements too.
+While the study waits like this (``flush``, ``study_finished``), the thread logs a queued trial itself
+whenever the writer already has ``STEAL_BACKLOG`` trials in hand: the last round of a batched study (K
+trials at once) is then logged on both cores (SQLite serializes the two processes' short transactions).
 ``close`` (also registered with ``atexit``) sends EOF and waits a bounded time, and so does ``flush``; the
 writer logs what it was sent even when this process is gone (SIGKILL; a resume meanwhile leaves those trials
 to it: ``writer_running_for``), and ignores SIGINT and SIGHUP (this process handles Ctrl-C and closes it).
@@ -97,6 +100,7 @@ CLOSE_TIMEOUT_S = 60.0  # close() (interrupted, atexit): the longest wait for th
 FINISH_TIMEOUT_S = 600.0  # study_finished: the same, with the end-of-study artifacts and plots
 WRITER_EXIT_TIMEOUT_S = 45.0  # of which at most this long for the writer to log what it was sent
 STALL_TIMEOUT_S = 300.0  # flush(): give up when the writer acknowledged nothing for this long
+STEAL_BACKLOG = 2  # while the study waits: log a trial here when the writer holds this many unacknowledged
 WRITER_READY_TIMEOUT_S = 30.0  # make_tracker: the longest wait for the writer to import MLflow and open the store
 
 STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
@@ -512,6 +516,8 @@ class MlflowTracker:
         self._here_cpu_s = 0.0  # the tracker's thread, logging trials itself (no writer)
         self._finished = False
         self._closed = False
+        self._draining = False  # the study waits for the logs: the thread helps the writer (``_log_trial``)
+        self.logged_here = 0  # trials this process logged itself (no writer, its orphans, or helping it)
         atexit.register(self.close)
         if isinstance(writer, WriterProcess):
             self._attach_writer(writer)
@@ -543,6 +549,7 @@ class MlflowTracker:
         """Log the end-of-study results once every trial is logged (the training-curves plot reads them
         back), then stop the thread and the writer (this blocks, at most ``FINISH_TIMEOUT_S``)."""
         self._finished = True
+        self._draining = True
         self._worker.submit(self._await_writer)
         self._worker.submit(self._eof_writer)  # nothing left to send: it exits while the plots are drawn
         self._worker.submit(self._finish, study, summary, None if policy_path is None else Path(policy_path))
@@ -552,6 +559,7 @@ class MlflowTracker:
         """Block until everything enqueued so far is logged (the writer's acknowledgements included), at most
         about ``STALL_TIMEOUT_S`` seconds longer than the writer keeps answering; ``False`` (and a warning)
         when it gave up waiting, e.g. for a stopped writer whose full pipe blocks the sending thread."""
+        self._draining = True
         self._worker.submit(self._await_writer)
         if self._worker.drain(STALL_TIMEOUT_S + 1.0):
             return True
@@ -637,13 +645,15 @@ class MlflowTracker:
         payload["experiment_id"] = self.experiment_id
         payload["tags"]["mlflow.parentRunId"] = self.parent_id
         self._log_orphans()
-        if self.writer is None or not self.writer.send_trial(payload):
+        helping = self._draining and self.writer is not None and self.writer.unacknowledged >= STEAL_BACKLOG
+        if self.writer is None or helping or not self.writer.send_trial(payload):
             self._log_here(payload)
 
     def _log_here(self, payload: dict[str, Any]) -> None:
         started = time.thread_time()
         try:
             log_trial(self.client, payload)
+            self.logged_here += 1
         finally:
             self._here_cpu_s += time.thread_time() - started
 
@@ -665,6 +675,7 @@ class MlflowTracker:
             log.warning("MLflow tracking: the writer process (pid %d) answered nothing for %.0f s; not waiting "
                         "for its %d trials", self.writer.pid, STALL_TIMEOUT_S, self.writer.unacknowledged)
         self._log_orphans()
+        self._draining = self._finished  # after a flush, later trials go to the writer again
 
     def _eof_writer(self) -> None:
         if self.writer is not None:

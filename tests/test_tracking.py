@@ -603,6 +603,32 @@ def test_flush_gives_up_on_a_stopped_writer_whose_pipe_is_full(tmp_path, monkeyp
     assert len(runs_of(client, "full")[2]) == 8
 
 
+def test_while_the_study_waits_this_process_helps_the_writer_and_logs_each_trial_once(tmp_path):
+    """A batched round ends with K trials at once: when the study waits for them (flush/study_finished),
+    the tracker's thread logs queued trials itself while the writer has a backlog."""
+    tracker, client = sqlite_tracker(tmp_path, "helping")
+    writer = tracker.writer
+    os.kill(writer.pid, signal.SIGSTOP)
+    result: list[bool] = []
+    try:
+        for i in range(12):  # about 15 KB each, as a 300-step trial: the pipe takes a few, the rest wait
+            tracker.trial_finished(a_trial(i, steps=300))
+        flushing = threading.Thread(target=lambda: result.append(tracker.flush()))
+        flushing.start()
+        wait_for(lambda: tracker._draining, 10, "flush to start")
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+    flushing.join(120)
+    assert result == [True]
+    sent_to_writer = 12 - tracker.logged_here
+    assert tracker.logged_here >= 1 and sent_to_writer >= 2
+    tracker.close()
+    _, _, children = runs_of(client, "helping")
+    assert sorted(int(c.data.tags["initsearch.trial"]) for c in children) == list(range(12))  # each exactly once
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "train_loss")) == 300 for c in children)
+
+
 def test_passwords_of_the_tracking_uri_never_show_in_messages():
     from initsearch import mlflow_writer
 
