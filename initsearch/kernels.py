@@ -42,7 +42,8 @@ log = logging.getLogger("initsearch")
 ONEDNN = "bf16"  # the setting under which ATen sends float32 products to oneDNN (see the module docstring)
 DEFAULT_PRECISIONS: tuple[str, ...] = ("none", "ieee")
 RTOL = 1e-4
-_VERDICTS: dict[Hashable, bool] = {}
+_VERDICTS: dict[Hashable, bool] = {}  # per key: exact and faster
+_FASTER: dict[Hashable, bool] = {}  # per speed key: the oneDNN route timed faster
 
 
 def _backend() -> Any | None:
@@ -116,26 +117,28 @@ def _timed(step: Callable[[], Sequence[torch.Tensor]], route: Route, onednn: boo
     return best
 
 
-def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, repeats: int = 3,
-                 min_gain: float = 0.05) -> bool:
+def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, speed_key: Hashable = None,
+                 repeats: int = 3, min_gain: float = 0.05) -> bool:
     """Whether ``step`` (a CPU computation returning the tensors to compare; it must not change any state the
     caller keeps) should run on the oneDNN route: exact to float32 precision and at least ``min_gain``
-    faster than the default route. Cached per ``key``; ``False`` where the route is not available."""
+    faster than the default route. Exactness is checked and cached per ``key``; speed is timed once per
+    ``speed_key`` (default: ``key``), so a caller can share one timing among shapes that only differ in a
+    batch count. ``False`` where the route is not available."""
     if not available():
         return False
     if key in _VERDICTS:
         return _VERDICTS[key]
+    speed_key = key if speed_key is None else speed_key
     with Route() as route:
         reference = [t.detach().clone() for t in step()]  # the first call also pays one-time costs
         route.use(True)
         fast = [t.detach().clone() for t in step()]
         exact = matches(reference, fast)
-        faster = False
-        if exact:
+        if exact and speed_key not in _FASTER:
             default_s = _timed(step, route, False, repeats)
             onednn_s = _timed(step, route, True, repeats)
-            faster = onednn_s < (1.0 - min_gain) * default_s
-    verdict = exact and faster
+            _FASTER[speed_key] = onednn_s < (1.0 - min_gain) * default_s
+    verdict = exact and _FASTER.get(speed_key, False)
     log.debug("matmul route for %s: %s (exact: %s)", key, "oneDNN" if verdict else "default", exact)
     _VERDICTS[key] = verdict
     return verdict
@@ -144,3 +147,4 @@ def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, r
 def forget() -> None:
     """Drop the cached verdicts (tests; or after changing threads or CPU affinity)."""
     _VERDICTS.clear()
+    _FASTER.clear()

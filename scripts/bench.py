@@ -470,7 +470,7 @@ def _default_route(on: bool) -> Iterator[None]:
         yield
         return
     original = population_mod.choose_route
-    population_mod.choose_route = lambda step, key: False
+    population_mod.choose_route = lambda step, key, **_: False
     try:
         yield
     finally:

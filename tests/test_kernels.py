@@ -68,6 +68,17 @@ def test_the_route_is_taken_only_when_exact_and_faster_and_the_verdict_is_cached
 
 
 @needs_route
+def test_keys_sharing_a_speed_key_are_timed_once_but_each_checked_for_exactness():
+    calls: list[str] = []
+    assert kernels.choose_route(fake_step(False, 0.001, 0.01, calls), ("K", 10), speed_key="family")
+    timed = len(calls)
+    calls.clear()
+    assert kernels.choose_route(fake_step(False, 0.001, 0.01, calls), ("K", 9), speed_key="family")
+    assert sorted(calls) == ["default", "onednn"] and timed > 2  # one step each way: exactness only
+    assert not kernels.choose_route(fake_step(True, 0.001, 0.01, calls), ("K", 8), speed_key="family")
+
+
+@needs_route
 def test_a_precision_the_user_chose_is_never_changed():
     before = current()
     try:
@@ -154,7 +165,7 @@ def test_population_steps_use_the_chosen_route_and_validation_the_default(monkey
 def test_the_setting_is_restored_when_a_training_step_is_interrupted(monkeypatch):
     data = teacher_data((8,), n_train=64, n_val=16)
     cfg = TrainConfig(steps=9, batch_size=16, eval_every=3)
-    monkeypatch.setattr(population, "choose_route", lambda step, key: True)
+    monkeypatch.setattr(population, "choose_route", lambda step, key, **_: True)
     before = _current_or_none()
 
     def interrupt(count: int) -> None:
@@ -176,7 +187,7 @@ def test_the_probe_step_does_not_depend_on_the_members_weights(monkeypatch):
     data = teacher_data((8,), n_train=64, n_val=16)
     cfg = TrainConfig(steps=3, batch_size=16, eval_every=3)
     probes = []
-    monkeypatch.setattr(population, "choose_route", lambda step, key: probes.append(step) or False)
+    monkeypatch.setattr(population, "choose_route", lambda step, key, **_: probes.append(step) or False)
     models = [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
     stack = population._build_stack(models, [0, 1, 2], cfg, torch.device("cpu"), population._StackedSequential(models[0]))
     population._onednn_route(stack, data, cfg)
