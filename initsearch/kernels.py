@@ -117,6 +117,12 @@ def _timed(step: Callable[[], Sequence[torch.Tensor]], route: Route, onednn: boo
     return best
 
 
+def known(key: Hashable) -> bool | None:
+    """The cached verdict for ``key`` (``None`` before ``choose_route`` has decided it): lets a caller skip
+    building its probe step."""
+    return _VERDICTS.get(key)
+
+
 def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, speed_key: Hashable = None,
                  repeats: int = 3, min_gain: float = 0.05) -> bool:
     """Whether ``step`` (a CPU computation returning the tensors to compare; it must not change any state the

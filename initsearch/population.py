@@ -100,6 +100,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from initsearch.kernels import Route, choose_route
+from initsearch.kernels import known as known_route
 from initsearch.train import (
     Curve,
     TrainConfig,
@@ -667,6 +668,9 @@ def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
     if device.type != "cpu":
         return False
     key = _route_key(stack, data, cfg)
+    verdict = known_route(key)
+    if verdict is not None:
+        return verdict
     gen = torch.Generator(device=device).manual_seed(0)
     idx = torch.arange(cfg.batch_size, device=device) % len(data.x_train)
     if not stack.shared:
