@@ -465,16 +465,16 @@ def engine_check(settings: StudySettings, proxy: Proxy, k: int, repeats: int = 3
 
 @contextlib.contextmanager
 def _default_route(on: bool) -> Iterator[None]:
-    """Within (when ``on``): populations keep ATen's default matmul kernels."""
+    """Within (when ``on``): populations keep ATen's default matmul kernels (no verdict consulted)."""
     if not on:
         yield
         return
-    original = population_mod.choose_route
-    population_mod.choose_route = lambda step, key, **_: False
+    original = population_mod._onednn_route
+    population_mod._onednn_route = lambda stack, data, cfg: False
     try:
         yield
     finally:
-        population_mod.choose_route = original
+        population_mod._onednn_route = original
 
 
 def _engine_ok(models: list[nn.Module], mode: str, device: torch.device) -> bool:
