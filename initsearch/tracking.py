@@ -19,10 +19,10 @@ by path by ``make_tracker`` so that it imports MLflow but not torch, at a lower 
 thread only turns each ``TrialOutcome`` into a plain payload (``trial_payload``: tags, params, about 450
 ``(key, value, timestamp, step)`` metric rows, policy.json and init_signals.json as text) and queues it;
 a background thread sends it as one JSON line. That costs the study process about 0.7 ms of CPU per
-digits_mlp trial; the writer spends the 35-40 ms of MLflow ORM CPU per trial on the other core, no
-longer under the study's GIL. ``scripts/tracking_overhead.py --n-trials 20 --repeats 3`` on a quiet
-2-core machine (OMP_NUM_THREADS=1): +3.8% per trial (median; best of 3 +3.6%), where the same trials
-logged on a thread paid +20.7% (+22.2%). This needs the second core to be free: when it is busy (other
+digits_mlp trial; the writer spends the ~34 ms of MLflow ORM CPU per trial on the other core, no
+longer under the study's GIL. ``scripts/tracking_overhead.py --n-trials 20 --repeats 5`` on a quiet
+2-core machine (OMP_NUM_THREADS=1, 2026-11-29 09:29): +2.2% per trial (median; best of 5 +4.4%), where the
+same trials logged on a thread paid +20.7% to +26.4%. This needs the second core to be free: when it is busy (other
 jobs, or a VM whose two cores share one), the writer's CPU competes with training again and a trial
 pays roughly what logging it costs (+15-20% measured then). Starting the writer (importing MLflow, about
 1.3 s of CPU) overlaps opening the store in ``make_tracker``, a one-time cost.
