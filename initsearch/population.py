@@ -201,11 +201,6 @@ class _StackedSequential:
         self.layers = list(model.named_children())
         self.plan = _fuse_relus(self.layers)
         self.training = True
-        self._structure = repr(model)
-
-    def structure(self) -> str:
-        """The model's modules as text (what ``RouteKey`` keeps)."""
-        return self._structure
 
     def train(self) -> None:
         self.training = True
@@ -341,13 +336,8 @@ class _Vmapped:
     def __init__(self, model: nn.Module) -> None:
         self.skeleton = copy.deepcopy(model).to("meta")
         self.skeleton.train()
-        self._structure = repr(model)
         self._loss = vmap(self._member_loss)
         self._logits = vmap(self._member_logits, in_dims=(0, 0, None))
-
-    def structure(self) -> str:
-        """The model's modules as text (what ``RouteKey`` keeps)."""
-        return self._structure
 
     def train(self) -> None:
         self.skeleton.train()
@@ -406,6 +396,7 @@ class _Stack:
     members: list[int]
     generators: list[torch.Generator]  # one per row; a single one when ``shared``
     shared: bool  # all members have one seed: one batch per step serves them all
+    structure: str  # the members' architecture as text (``repr`` of one of them): part of ``RouteKey``
     pending: list[torch.Tensor] = field(default_factory=list)  # (rows,) losses of the steps since the checkpoint
     plan: torch.Tensor | None = None  # (steps, rows, batch), or (steps, batch) when shared: the current segment's
     offset: int = 0  # the next step's position in ``plan``
@@ -450,7 +441,7 @@ def _build_stack(models: Sequence[nn.Module], seeds: Sequence[int], cfg: TrainCo
         engine=engine, params=dict(zip(names, holder.stacked)), buffers=buffers,
         optimizer=fused(make_optimizer(holder, cfg)), members=list(range(len(models))),
         generators=[torch.Generator(device=device).manual_seed(int(s)) for s in (seeds[:1] if shared else seeds)],
-        shared=shared,
+        shared=shared, structure=repr(models[0]),
     )
 
 
@@ -594,7 +585,7 @@ def _train_stacked(stack: _Stack, models: Sequence[nn.Module], data: TrainData, 
     x, y, device = data.x_train, data.y_train, data.x_train.device
     curves = [Curve(train_loss=np.zeros(0, dtype=np.float64)) for _ in models]
     route = Route()
-    onednn = _onednn_route(stack, data, cfg)
+    rows, onednn = len(stack.members), _onednn_route(stack, data, cfg)
     started = time.perf_counter()
     try:
         for step in range(1, cfg.steps + 1):
@@ -621,7 +612,8 @@ def _train_stacked(stack: _Stack, models: Sequence[nn.Module], data: TrainData, 
                 _checkpoint(stack, curves, step, models, data, cfg, callbacks, started)
                 if not stack.members:
                     break
-                onednn = _onednn_route(stack, data, cfg)  # fewer rows are other shapes (verdicts are cached)
+                if len(stack.members) != rows:  # members left: other shapes (their verdicts are cached)
+                    rows, onednn = len(stack.members), _onednn_route(stack, data, cfg)
     finally:
         route.restore()
     _leave(stack, list(range(len(stack.members))), models)
@@ -647,7 +639,7 @@ class RouteKey:
 
 def _route_key(stack: _Stack, data: TrainData, cfg: TrainConfig) -> RouteKey:
     return RouteKey(
-        engine=type(stack.engine).__name__, structure=stack.engine.structure(), rows=len(stack.members),
+        engine=type(stack.engine).__name__, structure=stack.structure, rows=len(stack.members),
         shared=stack.shared, batch_size=cfg.batch_size, threads=torch.get_num_threads(),
         params=tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in stack.params.items()),
         buffers=tuple((n, tuple(b.shape), str(b.dtype)) for n, b in stack.buffers.items()),
