@@ -7,12 +7,12 @@ Public API::
 """
 from __future__ import annotations
 
-from initsearch.apply import ApplyReport, LayerApplyReport, apply_policy
-from initsearch.diagnostics import SignalReport, gradient_quotient, signal_report
+from initsearch.init.apply import ApplyReport, LayerApplyReport, apply_policy
+from initsearch.init.diagnostics import SignalReport, gradient_quotient, signal_report
 from initsearch.errors import ConfigError, DataError, InitSearchError, PolicyError
-from initsearch.layers import LayerDiscovery, LayerInfo, discover_layers
-from initsearch.lsuv import LsuvReport, lsuv
-from initsearch.policy import InitPolicy, InitSpec, LsuvSettings, Rule, load_policy, save_policy
+from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
+from initsearch.init.lsuv import LsuvReport, lsuv
+from initsearch.init.policy import InitPolicy, InitSpec, LsuvSettings, Rule, load_policy, save_policy
 
 __version__ = "0.1.0"
 

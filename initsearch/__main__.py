@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from initsearch.cli import config_dir, report_error, report_unexpected, run
 from initsearch.errors import InitSearchError
-from initsearch.study import StudyInterrupted
+from initsearch.search.study import StudyInterrupted
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

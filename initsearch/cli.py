@@ -21,12 +21,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.config import StudySettings, settings_from_config
+from initsearch.search.settings import StudySettings, settings_from_config
 from initsearch.errors import ConfigError, InitSearchError
 from initsearch.export import export_policy
-from initsearch.report import summarize
-from initsearch.study import StudyFailed, StudyInterrupted, open_storage, prepare, run_study
-from initsearch.workers import StudyLock
+from initsearch.search.report import summarize
+from initsearch.search.study import StudyFailed, StudyInterrupted, open_storage, prepare, run_study
+from initsearch.search.workers import StudyLock
 
 log = logging.getLogger("initsearch")
 HELPER_STOP_TIMEOUT_S = 120.0  # how long a stopped helper worker may take to record its trial and exit
@@ -98,7 +98,7 @@ def check_storage(settings: StudySettings) -> None:
 def open_tracker(settings: StudySettings) -> Any:
     """The study's tracker (``tracking.make_tracker``). A local SQLite MLflow store is opened under a lock
     next to it: two workers creating the same new store at once would both run its migrations and fail."""
-    from initsearch.tracking import make_tracker, resolve_tracking_uri
+    from initsearch.tracking.tracker import make_tracker, resolve_tracking_uri
 
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None or not uri.startswith("sqlite:///"):

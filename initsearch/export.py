@@ -16,7 +16,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from initsearch.errors import ConfigError, InitSearchError
-from initsearch.policy import InitPolicy, save_policy
+from initsearch.init.policy import InitPolicy, save_policy
 
 
 def trial_policy(study: optuna.Study, trial: FrozenTrial) -> InitPolicy:
@@ -83,8 +83,8 @@ def _parse_args(argv: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from initsearch.config import DEFAULT_STORAGE
-    from initsearch.study import open_storage
+    from initsearch.search.settings import DEFAULT_STORAGE
+    from initsearch.search.study import open_storage
 
     try:
         args = _parse_args(sys.argv[1:] if argv is None else argv)

@@ -24,16 +24,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from initsearch.apply import forked_seed
-from initsearch.config import StudySettings, settings_from_config
-from initsearch.contenders import contender_policy, init_contender
-from initsearch.data import Dataset
+from initsearch.init.apply import forked_seed
+from initsearch.search.settings import StudySettings, settings_from_config
+from initsearch.contenders.baselines import contender_policy, init_contender
+from initsearch.proxy.data import Dataset
 from initsearch.errors import ConfigError, InitSearchError
-from initsearch.models import build_model
-from initsearch.policy import InitPolicy, load_policy
-from initsearch.scoring import score
-from initsearch.study import prepare
-from initsearch.train import Curve, train_run
+from initsearch.proxy.models import build_model
+from initsearch.init.policy import InitPolicy, load_policy
+from initsearch.proxy.scoring import score
+from initsearch.search.study import prepare
+from initsearch.proxy.train import Curve, train_run
 
 FRESH_SEED_OFFSET = 1_000_000  # the search scores on seed*1000 + i (i < score.seeds): these never collide
 POLICY = "policy"
@@ -163,7 +163,7 @@ def run_validation(
 # ---- outputs ---------------------------------------------------------------------------------------------------
 def plot_validation(report: ValidationReport) -> Any:
     """Mean training loss (smoothed) and mean validation accuracy per contender, with min-max bands."""
-    from initsearch.tracking import _pyplot
+    from initsearch.tracking.tracker import _pyplot
 
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -200,7 +200,7 @@ def log_validation(settings: StudySettings, report: ValidationReport, csv_path: 
     """A validation parent run in the study's experiment, one child per contender; returns the parent's id."""
     from mlflow.entities import Metric
 
-    from initsearch.tracking import _open_client, check_reachable, default_artifact_location, log_in_batches, resolve_tracking_uri
+    from initsearch.tracking.tracker import _open_client, check_reachable, default_artifact_location, log_in_batches, resolve_tracking_uri
 
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:

@@ -70,21 +70,21 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-import initsearch.batched as batched_mod  # noqa: E402
-import initsearch.kernels as kernels_mod  # noqa: E402
-import initsearch.population as population_mod  # noqa: E402
-import initsearch.space as space_mod  # noqa: E402
-import initsearch.study as study_mod  # noqa: E402
-import initsearch.tracking as tracking_mod  # noqa: E402
-import initsearch.train as train_mod  # noqa: E402
-from initsearch.apply import apply_policy, forked_seed  # noqa: E402
+import initsearch.search.batched as batched_mod  # noqa: E402
+import initsearch.proxy.kernels as kernels_mod  # noqa: E402
+import initsearch.proxy.population as population_mod  # noqa: E402
+import initsearch.search.space as space_mod  # noqa: E402
+import initsearch.search.study as study_mod  # noqa: E402
+import initsearch.tracking.tracker as tracking_mod  # noqa: E402
+import initsearch.proxy.train as train_mod  # noqa: E402
+from initsearch.init.apply import apply_policy, forked_seed  # noqa: E402
 from initsearch.cli import config_dir  # noqa: E402
-from initsearch.config import StudySettings, settings_from_config  # noqa: E402
-from initsearch.models import build_model  # noqa: E402
-from initsearch.policy import InitPolicy  # noqa: E402
-from initsearch.population import train_population  # noqa: E402
-from initsearch.study import FINISHED, Proxy, make_sampler, prepare, run_study  # noqa: E402
-from initsearch.train import train_run  # noqa: E402
+from initsearch.search.settings import StudySettings, settings_from_config  # noqa: E402
+from initsearch.proxy.models import build_model  # noqa: E402
+from initsearch.init.policy import InitPolicy  # noqa: E402
+from initsearch.proxy.population import train_population  # noqa: E402
+from initsearch.search.study import FINISHED, Proxy, make_sampler, prepare, run_study  # noqa: E402
+from initsearch.proxy.train import train_run  # noqa: E402
 
 CATEGORIES = ("training steps", "validation", "init/LSUV/diagnostics", "data", "Optuna", "MLflow", "other")
 HANDWRITTEN_SCHEMES = ("kaiming_normal", "xavier_normal", "orthogonal")

@@ -16,10 +16,10 @@ import time
 import torch
 
 from initsearch import apply_policy
-from initsearch.data import load_dataset
-from initsearch.models import build_model
-from initsearch.space import baseline_policy
-from initsearch.train import TrainConfig, train_run
+from initsearch.proxy.data import load_dataset
+from initsearch.proxy.models import build_model
+from initsearch.search.space import baseline_policy
+from initsearch.proxy.train import TrainConfig, train_run
 
 TRAINED = 0.5
 

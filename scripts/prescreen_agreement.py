@@ -21,13 +21,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from initsearch.cli import config_dir
-from initsearch.config import settings_from_config
-from initsearch.contenders import contender_policy, init_contender
-from initsearch.diagnostics import is_degenerate, signal_report
-from initsearch.models import build_model
-from initsearch.scoring import score
-from initsearch.study import prepare
-from initsearch.train import train_run
+from initsearch.search.settings import settings_from_config
+from initsearch.contenders.baselines import contender_policy, init_contender
+from initsearch.init.diagnostics import is_degenerate, signal_report
+from initsearch.proxy.models import build_model
+from initsearch.proxy.scoring import score
+from initsearch.search.study import prepare
+from initsearch.proxy.train import train_run
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -36,11 +36,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from initsearch.cli import config_dir  # noqa: E402
-from initsearch.config import settings_from_config  # noqa: E402
+from initsearch.search.settings import settings_from_config  # noqa: E402
 from initsearch.export import export_policy  # noqa: E402
-from initsearch.report import summarize  # noqa: E402
-from initsearch.study import FINISHED, prepare, run_study  # noqa: E402
-from initsearch.tracking import make_tracker  # noqa: E402
+from initsearch.search.report import summarize  # noqa: E402
+from initsearch.search.study import FINISHED, prepare, run_study  # noqa: E402
+from initsearch.tracking.tracker import make_tracker  # noqa: E402
 
 
 @dataclass

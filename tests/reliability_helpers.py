@@ -93,7 +93,7 @@ def target(cls: type, **kwargs: Any) -> list[str]:
 
 
 def load_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    from initsearch.study import open_storage
+    from initsearch.search.study import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(deepcopy=False)
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import initsearch.batched as batched
-import initsearch.study as study_module
-from initsearch.config import settings_from_config
+import initsearch.search.batched as batched
+import initsearch.search.study as study_module
+from initsearch.search.settings import settings_from_config
 from initsearch.errors import ConfigError
-from initsearch.study import open_storage, prepare, run_study
+from initsearch.search.study import open_storage, prepare, run_study
 from tests.conftest import TINY, compose_config
 
 

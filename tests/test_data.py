@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from initsearch.data import (
+from initsearch.proxy.data import (
     CIFAR10_FOLDER,
     Dataset,
     load_cifar10,

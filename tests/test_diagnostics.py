@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from initsearch.diagnostics import LayerSignal, SignalReport, gradient_quotient, is_degenerate, signal_report
+from initsearch.init.diagnostics import LayerSignal, SignalReport, gradient_quotient, is_degenerate, signal_report
 from tests.conftest import plain_mlp
 
 

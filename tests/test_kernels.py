@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import initsearch.population as population
-from initsearch import kernels
-from initsearch.models import MLP
-from initsearch.population import train_population
-from initsearch.train import TrainConfig, train_run
+import initsearch.proxy.population as population
+from initsearch.proxy import kernels as kernels
+from initsearch.proxy.models import MLP
+from initsearch.proxy.population import train_population
+from initsearch.proxy.train import TrainConfig, train_run
 from tests.conftest import teacher_data
 
 needs_route = pytest.mark.skipif(not kernels.available(), reason="this torch has no oneDNN matmul setting")

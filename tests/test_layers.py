@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from initsearch.layers import LayerDiscovery, LayerInfo, discover_layers
+from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
 
 
 class Untraceable(nn.Module):

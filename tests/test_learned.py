@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from initsearch.apply import apply_policy
-from initsearch.diagnostics import gradient_quotient
+from initsearch.init.apply import apply_policy
+from initsearch.init.diagnostics import gradient_quotient
 from initsearch.errors import ConfigError, PolicyError
-from initsearch.layers import discover_layers
-from initsearch.learned import (
+from initsearch.init.layers import discover_layers
+from initsearch.contenders.learned import (
     LEARNED_BASELINES,
     LearnedInitResult,
     gq_tensor,
@@ -25,10 +25,10 @@ from initsearch.learned import (
     one_step_loss,
     run_learned_baseline,
 )
-from initsearch.models import MLP
-from initsearch.policy import InitPolicy
-from initsearch.space import baseline_policy
-from initsearch.train import TrainConfig, train_run
+from initsearch.proxy.models import MLP
+from initsearch.init.policy import InitPolicy
+from initsearch.search.space import baseline_policy
+from initsearch.proxy.train import TrainConfig, train_run
 from tests.conftest import TensorData
 
 N_IN, N_CLASSES = 16, 4

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from initsearch.lsuv import LsuvReport, lsuv
+from initsearch.init.lsuv import LsuvReport, lsuv
 from tests.conftest import plain_mlp
 
 

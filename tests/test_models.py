@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from initsearch.errors import ConfigError
-from initsearch.models import CNN, MLP, ResCNN, build_model, scale_width
+from initsearch.proxy.models import CNN, MLP, ResCNN, build_model, scale_width
 
 DIGITS = (1, 8, 8)
 CIFAR = (3, 32, 32)

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from initsearch.activations import ACTIVATIONS
+from initsearch.init.activations import ACTIVATIONS
 from initsearch.errors import PolicyError
-from initsearch.layers import LayerInfo
-from initsearch.policy import (
+from initsearch.init.layers import LayerInfo
+from initsearch.init.policy import (
     INIT_KEYS,
     MAX_BYTES,
     MAX_DEPTH,
@@ -24,7 +24,7 @@ from initsearch.policy import (
     plan,
     save_policy,
 )
-from initsearch.schemes import BIAS_OPTIONS, MODES, SCHEME_NAMES, SCHEME_SPECS
+from initsearch.init.schemes import BIAS_OPTIONS, MODES, SCHEME_NAMES, SCHEME_SPECS
 
 # The example of policy-format.md, verbatim.
 DOC_EXAMPLE = {

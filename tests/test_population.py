@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from initsearch.models import CNN, MLP, ResCNN
-from initsearch.population import _Holder, choose_mode, draw_indices, static_blocker, train_population
-from initsearch.train import Curve, TrainConfig, make_optimizer, train_run
-from initsearch.train import fused as fused_optimizer
+from initsearch.proxy.models import CNN, MLP, ResCNN
+from initsearch.proxy.population import _Holder, choose_mode, draw_indices, static_blocker, train_population
+from initsearch.proxy.train import Curve, TrainConfig, make_optimizer, train_run
+from initsearch.proxy.train import fused as fused_optimizer
 from tests.conftest import TensorData, teacher_data
 
 

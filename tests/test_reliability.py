@@ -19,13 +19,13 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import initsearch.study as study_module
+import initsearch.search.study as study_module
 from initsearch.__main__ import main
 from initsearch.cli import report_error, run
-from initsearch.config import settings_from_config
+from initsearch.search.settings import settings_from_config
 from initsearch.errors import ConfigError, PolicyError
-from initsearch.study import StudyFailed, StudyInterrupted, open_storage, prepare, run_study
-from initsearch.workers import StudyLock, counted, worker_alive, worker_id
+from initsearch.search.study import StudyFailed, StudyInterrupted, open_storage, prepare, run_study
+from initsearch.search.workers import StudyLock, counted, worker_alive, worker_id
 from tests.conftest import TINY, compose_config
 from tests.reliability_helpers import (
     AlwaysBroken,
@@ -168,7 +168,7 @@ def test_hydra_errors_are_one_line_and_status_2_in_a_real_process(in_tmp):
 
 def test_a_policy_for_another_model_is_refused_and_leaves_the_model_untouched(tmp_path):
     from initsearch import apply_policy, load_policy, save_policy
-    from initsearch.models import build_model
+    from initsearch.proxy.models import build_model
 
     path = save_policy({"format": "initsearch-policy", "version": 1, "rules": [
         {"layer": "fc1", "scheme": "orthogonal"}, {"layer": "conv1", "scheme": "kaiming_normal"}]}, tmp_path / "p.json")
@@ -420,7 +420,7 @@ def test_the_same_seed_gives_the_same_trials_and_policy_in_a_fresh_process(in_tm
 def test_heartbeat_counts_the_trial_start_as_the_first_beat(monkeypatch):
     from datetime import datetime
 
-    from initsearch.workers import Heartbeat
+    from initsearch.search.workers import Heartbeat
 
     class FakeTrial:
         def __init__(self, number: int, start: float) -> None:
@@ -430,7 +430,7 @@ def test_heartbeat_counts_the_trial_start_as_the_first_beat(monkeypatch):
             self.user_attrs[key] = value
 
     clock = [1000.0]
-    monkeypatch.setattr("initsearch.workers.time.time", lambda: clock[0])
+    monkeypatch.setattr("initsearch.search.workers.time.time", lambda: clock[0])
     beat = Heartbeat(60)
     short = FakeTrial(0, 1000.0)
     for clock[0] in (1010.0, 1050.0):  # a trial shorter than the interval writes nothing

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from initsearch.schemes import SCHEME_NAMES, SCHEME_SPECS, _SCHEME_FUNCTIONS, compute_fans, init_bias, init_weight
+from initsearch.init.schemes import SCHEME_NAMES, SCHEME_SPECS, _SCHEME_FUNCTIONS, compute_fans, init_bias, init_weight
 
 SQRT3 = math.sqrt(3.0)
 TRUNC_STD_FACTOR = 0.8796  # std of N(0, 1) cut at +-2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from initsearch.errors import ConfigError
-from initsearch.scoring import (
+from initsearch.proxy.scoring import (
     METRICS,
     aggregate,
     check_aggregate,
@@ -16,7 +16,7 @@ from initsearch.scoring import (
     partial_score,
     score,
 )
-from initsearch.train import Curve
+from initsearch.proxy.train import Curve
 
 
 def make_curve(losses: list[float], val: list[tuple[int, float, float]], **kw: object) -> Curve:

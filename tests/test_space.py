@@ -7,8 +7,8 @@ import torch
 
 from initsearch import apply_policy, discover_layers
 from initsearch.errors import ConfigError
-from initsearch.models import build_model
-from initsearch.space import BASELINE_NAMES, baseline_policy, space_from_config
+from initsearch.proxy.models import build_model
+from initsearch.search.space import BASELINE_NAMES, baseline_policy, space_from_config
 from tests.conftest import compose_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -10,10 +10,10 @@ import torch
 
 import initsearch
 from initsearch.cli import run
-from initsearch.config import settings_from_config
+from initsearch.search.settings import settings_from_config
 from initsearch.errors import ConfigError, DataError
-from initsearch.models import build_model
-from initsearch.study import open_storage
+from initsearch.proxy.models import build_model
+from initsearch.search.study import open_storage
 from tests.conftest import PYTHON, TINY, compose_config, subprocess_env
 
 import optuna

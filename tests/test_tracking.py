@@ -24,13 +24,13 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from initsearch import tracking
+from initsearch.tracking import tracker as tracking
 from initsearch.cli import run
-from initsearch.config import settings_from_config
+from initsearch.search.settings import settings_from_config
 from initsearch.errors import ConfigError
-from initsearch.study import NullTracker, TrialOutcome
-from initsearch.train import Curve
-from initsearch.workers import worker_id
+from initsearch.search.study import NullTracker, TrialOutcome
+from initsearch.proxy.train import Curve
+from initsearch.search.workers import worker_id
 from tests.conftest import TINY, compose_config
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
@@ -463,9 +463,9 @@ KILLED_STUDY = """
 import os, pickle, signal, sys
 from types import SimpleNamespace
 import numpy as np
-from initsearch import tracking
-from initsearch.study import TrialOutcome
-from initsearch.train import Curve
+from initsearch.tracking import tracker as tracking
+from initsearch.search.study import TrialOutcome
+from initsearch.proxy.train import Curve
 
 def a_trial(number):
     curve = Curve(train_loss=np.linspace(2.0, 1.0, 30), val_steps=[30], val_loss=[1.1], val_acc=[0.5], steps_done=30,
@@ -630,7 +630,7 @@ def test_while_the_study_waits_this_process_helps_the_writer_and_logs_each_trial
 
 
 def test_passwords_of_the_tracking_uri_never_show_in_messages():
-    from initsearch import mlflow_writer
+    from initsearch.tracking import writer as mlflow_writer
 
     uri = "http://alice:s3cret%21pw@127.0.0.1"  # no port: urllib raises http.client.InvalidURL
     with pytest.raises(ConfigError) as info:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from initsearch.errors import ConfigError, DataError
-from initsearch.models import MLP
-from initsearch.train import Curve, TrainConfig, divergence_reason, evaluate, make_optimizer, train_run
+from initsearch.proxy.models import MLP
+from initsearch.proxy.train import Curve, TrainConfig, divergence_reason, evaluate, make_optimizer, train_run
 from tests.conftest import TensorData, teacher_data
 
 

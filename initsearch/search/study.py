@@ -25,18 +25,18 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from initsearch.apply import forked_seed
-from initsearch.config import StudySettings
-from initsearch.data import Dataset, load_dataset
-from initsearch.diagnostics import SignalReport, is_degenerate, signal_report
+from initsearch.init.apply import forked_seed
+from initsearch.search.settings import StudySettings
+from initsearch.proxy.data import Dataset, load_dataset
+from initsearch.init.diagnostics import SignalReport, is_degenerate, signal_report
 from initsearch.errors import ConfigError, InitSearchError
-from initsearch.layers import LayerDiscovery, LayerInfo, discover_layers
-from initsearch.models import build_model
-from initsearch.policy import InitPolicy
-from initsearch.scoring import aggregate, partial_score, score
-from initsearch.contenders import contender_policy, init_contender
-from initsearch.train import Curve, train_run
-from initsearch.workers import (
+from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
+from initsearch.proxy.models import build_model
+from initsearch.init.policy import InitPolicy
+from initsearch.proxy.scoring import aggregate, partial_score, score
+from initsearch.contenders.baselines import contender_policy, init_contender
+from initsearch.proxy.train import Curve, train_run
+from initsearch.search.workers import (
     Heartbeat,
     StudyLock,
     TrialGate,
@@ -574,7 +574,7 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
         total = len(settings.baselines) + settings.n_trials
         done = counted(study.get_trials(deepcopy=False))
         if done < total and settings.batch_trials > 1:  # population training (issue 6): K trials at a time
-            from initsearch.batched import run_batched
+            from initsearch.search.batched import run_batched
 
             run_batched(study, settings, proxy, tracker, settings.batch_trials, lock=lock, stale=stale)
         elif done < total:

@@ -67,9 +67,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from initsearch.config import DEFAULT_TRACKING_URI, StudySettings
+from initsearch.search.settings import DEFAULT_TRACKING_URI, StudySettings
 from initsearch.errors import ConfigError
-from initsearch.mlflow_writer import (  # noqa: F401 - the batching rules and MLflow's limits live there
+from initsearch.tracking.writer import (  # noqa: F401 - the batching rules and MLflow's limits live there
     MAX_BATCH_BYTES,
     MAX_ENTITIES_PER_BATCH,
     MAX_FAILURES,
@@ -86,8 +86,8 @@ from initsearch.mlflow_writer import (  # noqa: F401 - the batching rules and ML
     one_line,
     scrub,
 )
-from initsearch.study import NullTracker, Tracker, TrialOutcome, _redact, resolve_device
-from initsearch.workers import running_with_env, worker_alive, worker_id  # reliability (issue 7)
+from initsearch.search.study import NullTracker, Tracker, TrialOutcome, _redact, resolve_device
+from initsearch.search.workers import running_with_env, worker_alive, worker_id  # reliability (issue 7)
 
 log = logging.getLogger("initsearch")
 
@@ -95,7 +95,7 @@ OFF_VALUES = ("none", "off")
 PROBE_TIMEOUT_S = 5.0
 CURVES_TOP = 3  # searched trials drawn against the baselines in training_curves.png
 
-WRITER_SCRIPT = Path(__file__).with_name("mlflow_writer.py")  # run by path: imports MLflow, not torch
+WRITER_SCRIPT = Path(__file__).with_name("writer.py")  # run by path: imports MLflow, not torch
 CLOSE_TIMEOUT_S = 60.0  # close() (interrupted, atexit): the longest wait for the queued logging
 FINISH_TIMEOUT_S = 600.0  # study_finished: the same, with the end-of-study artifacts and plots
 WRITER_EXIT_TIMEOUT_S = 45.0  # of which at most this long for the writer to log what it was sent

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from initsearch.layers import layer_family
+from initsearch.init.layers import layer_family
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

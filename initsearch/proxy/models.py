@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from initsearch.activations import ACTIVATIONS, make_activation
+from initsearch.init.activations import ACTIVATIONS, make_activation
 from initsearch.errors import ConfigError
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "rescnn")

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from initsearch.apply import apply_policy
-from initsearch.layers import LayerDiscovery
-from initsearch.learned import LEARNED_BASELINES, LearnedInitResult, learned_base_policy, run_learned_baseline
-from initsearch.policy import InitPolicy
-from initsearch.space import BASELINE_NAMES, baseline_policy
-from initsearch.train import TrainConfig
+from initsearch.init.apply import apply_policy
+from initsearch.init.layers import LayerDiscovery
+from initsearch.contenders.learned import LEARNED_BASELINES, LearnedInitResult, learned_base_policy, run_learned_baseline
+from initsearch.init.policy import InitPolicy
+from initsearch.search.space import BASELINE_NAMES, baseline_policy
+from initsearch.proxy.train import TrainConfig
 
 ALL_BASELINES: tuple[str, ...] = (*BASELINE_NAMES, *LEARNED_BASELINES)
 

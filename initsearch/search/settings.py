@@ -12,11 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.contenders import ALL_BASELINES
+from initsearch.contenders.baselines import ALL_BASELINES
 from initsearch.errors import ConfigError
-from initsearch.scoring import check_aggregate, check_metric, direction
-from initsearch.space import SearchSpace, space_from_config
-from initsearch.train import TrainConfig
+from initsearch.proxy.scoring import check_aggregate, check_metric, direction
+from initsearch.search.space import SearchSpace, space_from_config
+from initsearch.proxy.train import TrainConfig
 
 DEFAULT_STORAGE = "initsearch.journal"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

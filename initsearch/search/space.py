@@ -23,11 +23,11 @@ from typing import Any
 
 import optuna
 
-from initsearch.activations import ACTIVATIONS
+from initsearch.init.activations import ACTIVATIONS
 from initsearch.errors import ConfigError
-from initsearch.layers import LayerInfo
-from initsearch.policy import InitPolicy
-from initsearch.schemes import SCHEME_SPECS
+from initsearch.init.layers import LayerInfo
+from initsearch.init.policy import InitPolicy
+from initsearch.init.schemes import SCHEME_SPECS
 
 SPACES = ("hybrid", "grouped", "free", "scales_only")
 BIAS_OPTIONS = ("zeros", "pytorch_default")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from initsearch.errors import ConfigError
-from initsearch.train import Curve
+from initsearch.proxy.train import Curve
 
 METRICS: tuple[str, ...] = ("auc_loss", "final_val_loss", "val_acc_at_budget", "steps_to_target")
 AGGREGATES: tuple[str, ...] = ("mean", "worst", "median", "mean_plus_std")

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from initsearch.errors import PolicyError
-from initsearch.layers import LayerDiscovery, LayerInfo, discover_layers
-from initsearch.lsuv import LsuvReport, lsuv
-from initsearch.policy import InitPolicy, InitSpec, load_policy, plan
-from initsearch.schemes import SCHEME_SPECS, init_bias, init_weight
+from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
+from initsearch.init.lsuv import LsuvReport, lsuv
+from initsearch.init.policy import InitPolicy, InitSpec, load_policy, plan
+from initsearch.init.schemes import SCHEME_SPECS, init_bias, init_weight
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from initsearch.layers import layer_family
+from initsearch.init.layers import layer_family
 
 # A rescale that moves the output std by less than this relative amount has no effect worth repeating.
 _NO_EFFECT_RTOL = 1e-6

@@ -99,9 +99,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from initsearch.kernels import Route, choose_route
-from initsearch.kernels import known as known_route
-from initsearch.train import (
+from initsearch.proxy.kernels import Route, choose_route
+from initsearch.proxy.kernels import known as known_route
+from initsearch.proxy.train import (
     Curve,
     TrainConfig,
     TrainData,

@@ -42,12 +42,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from initsearch.config import StudySettings
-from initsearch.contenders import contender_policy
-from initsearch.policy import InitPolicy
-from initsearch.population import train_population
-from initsearch.scoring import aggregate, partial_score, score
-from initsearch.study import (
+from initsearch.search.settings import StudySettings
+from initsearch.contenders.baselines import contender_policy
+from initsearch.init.policy import InitPolicy
+from initsearch.proxy.population import train_population
+from initsearch.proxy.scoring import aggregate, partial_score, score
+from initsearch.search.study import (
     Objective,
     Proxy,
     Tracker,
@@ -60,8 +60,8 @@ from initsearch.study import (
     _safely,
     _StaleTrials,
 )
-from initsearch.train import Curve
-from initsearch.workers import Heartbeat, StudyLock, counted, enqueue_retry, mark_worker, running
+from initsearch.proxy.train import Curve
+from initsearch.search.workers import Heartbeat, StudyLock, counted, enqueue_retry, mark_worker, running
 
 log = logging.getLogger("initsearch")
 

@@ -66,10 +66,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from initsearch.apply import apply_policy
+from initsearch.init.apply import apply_policy
 from initsearch.errors import ConfigError, PolicyError
-from initsearch.layers import LayerInfo, discover_layers, layer_family
-from initsearch.policy import MAX_CONSTANT, MAX_POSITIVE, InitPolicy, InitSpec, Rule, load_policy, plan
+from initsearch.init.layers import LayerInfo, discover_layers, layer_family
+from initsearch.init.policy import MAX_CONSTANT, MAX_POSITIVE, InitPolicy, InitSpec, Rule, load_policy, plan
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

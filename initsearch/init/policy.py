@@ -47,10 +47,10 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-from initsearch.activations import ACTIVATIONS, activation_gain
+from initsearch.init.activations import ACTIVATIONS, activation_gain
 from initsearch.errors import PolicyError
-from initsearch.layers import LayerInfo
-from initsearch.schemes import BIAS_OPTIONS, MODES, SCHEME_NAMES, SCHEME_SPECS
+from initsearch.init.layers import LayerInfo
+from initsearch.init.schemes import BIAS_OPTIONS, MODES, SCHEME_NAMES, SCHEME_SPECS
 
 __all__ = [
     "FORMAT",
