@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test ui clean
+.PHONY: install run test lint ui clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ run: install
 # The whole test suite.
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# The checks CI runs besides the tests: ruff, and the folder rules (import-linter contracts in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+	cd $(CURDIR) && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/lint-imports
 
 # The MLflow UI on the default local store (http://127.0.0.1:5000).
 ui: install

@@ -4,38 +4,47 @@ Public API::
 
     import initsearch
     report = initsearch.apply_policy(model, "policy.json", example_batch=x, seed=0)
+
+The names below load on first use (PEP 562), so ``import initsearch.errors`` alone, as the MLflow writer
+process does, imports no torch.
 """
 from __future__ import annotations
 
-from initsearch.init.apply import ApplyReport, LayerApplyReport, apply_policy
-from initsearch.init.diagnostics import SignalReport, gradient_quotient, signal_report
-from initsearch.errors import ConfigError, DataError, InitSearchError, PolicyError
-from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
-from initsearch.init.lsuv import LsuvReport, lsuv
-from initsearch.init.policy import InitPolicy, InitSpec, LsuvSettings, Rule, load_policy, save_policy
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ApplyReport",
-    "ConfigError",
-    "DataError",
-    "InitPolicy",
-    "InitSearchError",
-    "InitSpec",
-    "LayerApplyReport",
-    "LayerDiscovery",
-    "LayerInfo",
-    "LsuvReport",
-    "LsuvSettings",
-    "PolicyError",
-    "Rule",
-    "SignalReport",
-    "apply_policy",
-    "discover_layers",
-    "gradient_quotient",
-    "load_policy",
-    "lsuv",
-    "save_policy",
-    "signal_report",
-]
+_HOMES = {
+    "initsearch.init.apply": ("ApplyReport", "LayerApplyReport", "apply_policy"),
+    "initsearch.init.diagnostics": ("SignalReport", "gradient_quotient", "signal_report"),
+    "initsearch.errors": ("ConfigError", "DataError", "InitSearchError", "PolicyError"),
+    "initsearch.init.layers": ("LayerDiscovery", "LayerInfo", "discover_layers"),
+    "initsearch.init.lsuv": ("LsuvReport", "lsuv"),
+    "initsearch.init.policy": ("InitPolicy", "InitSpec", "LsuvSettings", "Rule", "load_policy", "save_policy"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_HOME_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'initsearch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and editors see
+    from initsearch.errors import ConfigError, DataError, InitSearchError, PolicyError
+    from initsearch.init.apply import ApplyReport, LayerApplyReport, apply_policy
+    from initsearch.init.diagnostics import SignalReport, gradient_quotient, signal_report
+    from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
+    from initsearch.init.lsuv import LsuvReport, lsuv
+    from initsearch.init.policy import InitPolicy, InitSpec, LsuvSettings, Rule, load_policy, save_policy

@@ -13,8 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from initsearch.cli import config_dir, report_error, report_unexpected, run
-from initsearch.errors import InitSearchError
-from initsearch.search.study import StudyInterrupted
+from initsearch.errors import InitSearchError, StudyInterrupted
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -30,7 +29,7 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(exc.exit_status)
     except InitSearchError as exc:
         sys.exit(report_error(exc, verbose))
-    except Exception as exc:  # noqa: BLE001 - one line, not Hydra's traceback
+    except Exception as exc:
         sys.exit(report_unexpected(exc, verbose))
 
 
@@ -47,7 +46,7 @@ def compose_problem(args: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="initsearch"):
             compose(config_name="config", overrides=list(args), return_hydra_config=True)
-    except Exception as exc:  # noqa: BLE001 - any composition error is the user's override
+    except Exception as exc:
         return _one_line(exc, args)
     return None
 
@@ -81,7 +80,7 @@ def _unparsable(arg: str) -> bool:
 
     try:
         OverridesParser.create().parse_overrides([arg])
-    except Exception:  # noqa: BLE001
+    except Exception:
         return True
     return False
 

@@ -21,11 +21,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.search.settings import StudySettings, settings_from_config
-from initsearch.errors import ConfigError, InitSearchError
+from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, first_line
 from initsearch.export import export_policy
 from initsearch.search.report import summarize
-from initsearch.search.study import StudyFailed, StudyInterrupted, open_storage, prepare, run_study
+from initsearch.search.settings import StudySettings, settings_from_config
+from initsearch.search.storage import is_rdb, open_storage
+from initsearch.search.study import run_study
+from initsearch.search.trial import prepare
 from initsearch.search.workers import StudyLock
 
 log = logging.getLogger("initsearch")
@@ -87,7 +89,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
 def check_storage(settings: StudySettings) -> None:
     """Before any data is loaded: open a database storage once (an unreachable server is one line at once);
     for a journal file, its folder must exist (the file itself is created by the study)."""
-    if "://" in settings.storage:
+    if is_rdb(settings.storage):
         open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period)
         return
     folder = Path(settings.storage).expanduser().absolute().parent
@@ -98,7 +100,8 @@ def check_storage(settings: StudySettings) -> None:
 def open_tracker(settings: StudySettings) -> Any:
     """The study's tracker (``tracking.make_tracker``). A local SQLite MLflow store is opened under a lock
     next to it: two workers creating the same new store at once would both run its migrations and fail."""
-    from initsearch.tracking.tracker import make_tracker, resolve_tracking_uri
+    from initsearch.tracking.tracker import make_tracker
+    from initsearch.tracking.uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None or not uri.startswith("sqlite:///"):
@@ -135,7 +138,7 @@ def _close(tracker: Any) -> None:
     if close is not None:
         try:
             close()
-        except Exception as exc:  # noqa: BLE001 - tracking must not hide the stop
+        except Exception as exc:
             log.warning("tracking: closing failed (%s: %s)", type(exc).__name__, exc)
 
 
@@ -253,7 +256,7 @@ def worker_main(config: dict[str, Any], index: int, parent_pid: int) -> None:
         sys.exit(exc.exit_status)
     except InitSearchError as exc:
         sys.exit(report_error(exc, verbose, prefix=f"initsearch worker {index}"))
-    except Exception as exc:  # noqa: BLE001 - one line, as in the main process
+    except Exception as exc:
         sys.exit(report_unexpected(exc, verbose, prefix=f"initsearch worker {index}"))
 
 
@@ -263,7 +266,7 @@ def _detach(tracker: Any) -> None:
     if detach is not None:
         try:
             detach()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.warning("tracking: %s", exc)
 
 
@@ -294,7 +297,7 @@ def report_unexpected(exc: BaseException, verbose: bool, prefix: str = "initsear
     """Anything else: one line naming the exception (the traceback with ``verbose``); exit status 1."""
     if verbose:
         traceback.print_exception(exc)
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc)
     hint = "" if verbose else " (verbose=true shows the traceback)"
     print(f"{prefix}: error: {type(exc).__name__}: {text}{hint}", file=sys.stderr)
     return 1

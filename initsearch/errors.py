@@ -1,8 +1,15 @@
-"""The exceptions initsearch raises on bad input.
+"""The exceptions initsearch raises, and the few helpers that turn a problem into one safe line.
 
-Each carries one line that names the bad field or key and the value, so the CLI can print it as is.
+Each error carries one line that names the bad field or key and the value, so the commands can print it as
+is. This module imports nothing of initsearch (and nothing outside the standard library): every stage, and
+the MLflow writer process, uses it.
 """
 from __future__ import annotations
+
+import math
+import signal
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 
 class InitSearchError(Exception):
@@ -22,3 +29,85 @@ class ConfigError(InitSearchError, ValueError):
 
 class DataError(InitSearchError):
     """A dataset is missing, corrupt, or refused (bad checksum, unsafe archive, bad batch file)."""
+
+
+class StudyFailed(InitSearchError):
+    """No trial of the study finished, so there is nothing to export."""
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the study (a ``KeyboardInterrupt``, so Optuna fails the running trial and
+    re-raises it). That trial is recorded failed, reason ``interrupted by SIGINT``, and enqueued again;
+    ``study`` is the study so far (``None`` if it stopped before the study was open). The process should
+    exit with ``exit_status`` (128 + the signal number: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signum = int(signum)
+        self.study: Any = None  # an optuna.Study
+        super().__init__(signal.Signals(self.signum).name)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+def interrupt_reason(exc: BaseException) -> str:
+    """``interrupted by SIGINT`` (or the signal a ``StudyInterrupted`` carries): why a trial stopped."""
+    return f"interrupted by {signal.Signals(getattr(exc, 'signum', signal.SIGINT)).name}"
+
+
+# ---- one line per problem ----------------------------------------------------------------------------------
+def first_line(exc: BaseException, *, with_type: bool = False, limit: int | None = None) -> str:
+    """The first line of ``exc``'s message, passwords hidden (``hide_password_of``), at most ``limit``
+    characters. ``with_type``: ``Type: first line`` (just ``Type`` when the message is empty)."""
+    text = scrub(str(exc).strip())
+    first = text.splitlines()[0] if text else ""
+    if limit is not None:
+        first = first[:limit]
+    if with_type:
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return first
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite. Ints always are: ``math.isfinite`` would overflow on
+    huge ones, so it only judges floats."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+# ---- passwords never shown ---------------------------------------------------------------------------------
+_SECRETS: set[str] = set()  # passwords of the store URLs in use: ``scrub`` hides them in any text
+
+
+def url_password(url: str) -> str | None:
+    """The password in ``scheme://user:password@host/...``, as written in the URL, or ``None``."""
+    try:
+        return urlsplit(url).password
+    except ValueError:  # a malformed port, say: read the userinfo by hand
+        return url.partition("://")[2].rpartition("@")[0].partition(":")[2] or None
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (``postgresql://user:***@host/db``)."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+
+
+def hide_password_of(url: str) -> None:
+    """Remember the password in ``url``, as written and decoded, so ``scrub`` and ``first_line`` hide it:
+    database drivers and MLflow quote the failing URL in their errors, credentials included."""
+    password = url_password(url)
+    if password:
+        _SECRETS.update({password, unquote(password)})
+
+
+def scrub(text: str) -> str:
+    """``text`` with every remembered password replaced by ``***``."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return text

@@ -7,7 +7,7 @@ Without ``trial`` it exports the best complete trial (a baseline, if one won).
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,15 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from initsearch.errors import ConfigError, InitSearchError
+from initsearch import __version__
+from initsearch.errors import ConfigError, InitSearchError, first_line
 from initsearch.init.policy import InitPolicy, save_policy
+from initsearch.search.settings import DEFAULT_STORAGE
+from initsearch.search.storage import is_rdb, open_storage
 
 
 def trial_policy(study: optuna.Study, trial: FrozenTrial) -> InitPolicy:
     """The trial's policy, with provenance (study, trial, metric, score, per-seed scores, model, versions)."""
-    from initsearch import __version__
-
     stored = trial.user_attrs.get("policy")
     if stored is None:
         raise ConfigError(f"trial: trial {trial.number} of study {study.study_name!r} has no policy (state {trial.state.name})")
@@ -38,7 +39,7 @@ def trial_policy(study: optuna.Study, trial: FrozenTrial) -> InitPolicy:
         "params": dict(trial.params),
         "model": study.user_attrs.get("model"),
         "data": study.user_attrs.get("data"),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "initsearch": __version__,
         "torch": torch.__version__.split("+")[0],
     }
@@ -83,16 +84,13 @@ def _parse_args(argv: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from initsearch.search.settings import DEFAULT_STORAGE
-    from initsearch.search.study import open_storage
-
     try:
         args = _parse_args(sys.argv[1:] if argv is None else argv)
         trial = args.get("trial")
         if trial is not None and not trial.isdigit():
             raise ConfigError(f"trial: must be a trial number, got {trial!r}")
         storage = args.get("storage") or DEFAULT_STORAGE
-        if "://" not in storage and not Path(storage).exists():
+        if not is_rdb(storage) and not Path(storage).exists():
             raise ConfigError(f"storage: no study storage at {storage!r} (run the study first, or pass storage=...)")
         try:
             study = optuna.load_study(study_name=args["study_name"], storage=open_storage(storage))
@@ -102,9 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except InitSearchError as exc:
         print(f"initsearch.export: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - e.g. an unreadable storage: one line, not a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"initsearch.export: error: {type(exc).__name__}: {first}", file=sys.stderr)
+    except Exception as exc:
+        print(f"initsearch.export: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0

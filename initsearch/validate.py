@@ -24,16 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from initsearch.init.apply import forked_seed
-from initsearch.search.settings import StudySettings, settings_from_config
 from initsearch.contenders.baselines import contender_policy, init_contender
-from initsearch.proxy.data import Dataset
 from initsearch.errors import ConfigError, InitSearchError
-from initsearch.proxy.models import build_model
 from initsearch.init.policy import InitPolicy, load_policy
+from initsearch.proxy.data import Dataset
 from initsearch.proxy.scoring import score
-from initsearch.search.study import prepare
 from initsearch.proxy.train import Curve, train_run
+from initsearch.search.settings import StudySettings, settings_from_config
+from initsearch.search.trial import fresh_model, prepare
 
 FRESH_SEED_OFFSET = 1_000_000  # the search scores on seed*1000 + i (i < score.seeds): these never collide
 POLICY = "policy"
@@ -142,9 +140,7 @@ def run_validation(
     for name, pol in contender_policies(policy, settings.baselines).items():
         result = ContenderResult(name)
         for seed in fresh:
-            with forked_seed(seed):
-                model = build_model(target_model, data.input_shape, data.num_classes)
-            model = model.to(device)
+            model = fresh_model(target_model, data, device, seed)
             init_contender(model, pol, baseline=None if name == POLICY else name, seed=seed, example_x=example[0],
                            train_x=data.x_train, train_y=data.y_train, train=train_cfg)
             curve = train_run(model, data, train_cfg, seed=seed)
@@ -163,9 +159,9 @@ def run_validation(
 # ---- outputs ---------------------------------------------------------------------------------------------------
 def plot_validation(report: ValidationReport) -> Any:
     """Mean training loss (smoothed) and mean validation accuracy per contender, with min-max bands."""
-    from initsearch.tracking.tracker import _pyplot
+    from initsearch.tracking.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in report.results:
         full = [c for c in r.curves if len(c.train_loss) == report.steps]
@@ -200,14 +196,15 @@ def log_validation(settings: StudySettings, report: ValidationReport, csv_path: 
     """A validation parent run in the study's experiment, one child per contender; returns the parent's id."""
     from mlflow.entities import Metric
 
-    from initsearch.tracking.tracker import _open_client, check_reachable, default_artifact_location, log_in_batches, resolve_tracking_uri
+    from initsearch.tracking.uri import check_reachable, default_artifact_location, open_client, resolve_tracking_uri
+    from initsearch.tracking.writer import log_in_batches
 
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:
         return None
     if uri.lower().startswith(("http://", "https://")):
         check_reachable(uri)
-    client = _open_client(uri)
+    client = open_client(uri)
     exp = client.get_experiment_by_name(settings.study_name)
     exp_id = exp.experiment_id if exp else client.create_experiment(settings.study_name, artifact_location=default_artifact_location(uri))
     parent = client.create_run(exp_id, run_name="validation", tags={

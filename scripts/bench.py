@@ -5,7 +5,7 @@ In one process, on the same proxy, data, budget (steps, batch size) and number o
 (a) ``handwritten``: a plain Optuna objective as users write it today: a ``DataLoader`` over the training
     set, per-layer ``torch.nn.init`` schemes chosen with ``trial.suggest_categorical``, ``mlflow.log_metric``
     every step into a SQLite MLflow store, validation at the same checkpoints, the mean training loss as score;
-(b) ``bare``: ``initsearch.train.train_run`` over the candidates (c) tried, one after another, with no search
+(b) ``bare``: ``initsearch.proxy.train.train_run`` over the candidates (c) tried, one after another, with no search
     and no logging: only the training runs are timed (the floor for one candidate at a time);
 (c) ``initsearch``: ``run_study`` with the real MLflow tracker into a temporary SQLite store and the default
     Optuna storage kind (a journal file);
@@ -70,21 +70,24 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-import initsearch.search.batched as batched_mod  # noqa: E402
 import initsearch.proxy.kernels as kernels_mod  # noqa: E402
 import initsearch.proxy.population as population_mod  # noqa: E402
-import initsearch.search.space as space_mod  # noqa: E402
-import initsearch.search.study as study_mod  # noqa: E402
-import initsearch.tracking.tracker as tracking_mod  # noqa: E402
 import initsearch.proxy.train as train_mod  # noqa: E402
-from initsearch.init.apply import apply_policy, forked_seed  # noqa: E402
+import initsearch.search.batched as batched_mod  # noqa: E402
+import initsearch.search.sequential as sequential_mod  # noqa: E402
+import initsearch.search.space as space_mod  # noqa: E402
+import initsearch.search.trial as trial_mod  # noqa: E402
+import initsearch.tracking.tracker as tracking_mod  # noqa: E402
 from initsearch.cli import config_dir  # noqa: E402
-from initsearch.search.settings import StudySettings, settings_from_config  # noqa: E402
-from initsearch.proxy.models import build_model  # noqa: E402
+from initsearch.init.apply import apply_policy  # noqa: E402
 from initsearch.init.policy import InitPolicy  # noqa: E402
+from initsearch.proxy.models import build_model  # noqa: E402
 from initsearch.proxy.population import train_population  # noqa: E402
-from initsearch.search.study import FINISHED, Proxy, make_sampler, prepare, run_study  # noqa: E402
 from initsearch.proxy.train import train_run  # noqa: E402
+from initsearch.search.settings import StudySettings, settings_from_config  # noqa: E402
+from initsearch.search.study import make_sampler, run_study  # noqa: E402
+from initsearch.search.trial import Proxy, fresh_model, prepare  # noqa: E402
+from initsearch.search.workers import FINISHED  # noqa: E402
 
 CATEGORIES = ("training steps", "validation", "init/LSUV/diagnostics", "data", "Optuna", "MLflow", "other")
 HANDWRITTEN_SCHEMES = ("kaiming_normal", "xavier_normal", "orthogonal")
@@ -125,23 +128,23 @@ class Timers:
 
 def _targets() -> list[tuple[Any, str, str]]:
     """(owner, attribute, category) of every function the split wraps."""
-    S, B, P, T = study_mod, batched_mod, population_mod, tracking_mod.MlflowTracker
+    S, B, R, P, T = sequential_mod, batched_mod, trial_mod, population_mod, tracking_mod.MlflowTracker
     return [
         (S, "train_run", "train"), (B, "train_population", "train"),
         (train_mod, "evaluate", "validation"), (P, "evaluate_members", "validation"),
         (P, "draw_indices", "data"), (train_mod, "draw_batches", "data"),
-        (S.Objective, "_fresh_model", "init/LSUV/diagnostics"),
-        (S, "init_contender", "init/LSUV/diagnostics"), (S, "signal_report", "init/LSUV/diagnostics"),
-        (S, "_require_finite", "init/LSUV/diagnostics"), (B, "_require_finite", "init/LSUV/diagnostics"),
+        (R, "fresh_model", "init/LSUV/diagnostics"),
+        (R, "init_contender", "init/LSUV/diagnostics"), (R, "signal_report", "init/LSUV/diagnostics"),
+        (R, "require_finite", "init/LSUV/diagnostics"),
         (space_mod.SearchSpace, "sample", "Optuna"),
         (optuna.study.Study, "ask", "Optuna"), (optuna.study.Study, "tell", "Optuna"),
         (optuna.study.Study, "get_trials", "Optuna"),
         (optuna.study._optimize, "_tell_with_warning", "Optuna"),
         (optuna.trial.Trial, "report", "Optuna"), (optuna.trial.Trial, "should_prune", "Optuna"),
         (optuna.trial.Trial, "set_user_attr", "Optuna"),
-        (S, "_complete_twin", "Optuna"), (B, "_complete_twin", "Optuna"),
+        (R, "complete_twin", "Optuna"),
         (T, "study_started", "MLflow"), (T, "trial_finished", "MLflow"), (T, "flush", "MLflow"),
-        (T, "_log_trial", "MLflow worker thread"), (T, "_start", "MLflow worker thread"),
+        (T, "_log_trial", "MLflow logging thread"), (T, "_start", "MLflow logging thread"),
     ]
 
 
@@ -184,10 +187,8 @@ def load_avg() -> list[float]:
 
 
 def fresh(settings: StudySettings, proxy: Proxy, seed: int) -> nn.Module:
-    """The proxy as ``Objective._fresh_model`` builds it."""
-    with forked_seed(seed):
-        model = build_model(settings.model, proxy.data.input_shape, proxy.data.num_classes)
-    return model.to(proxy.device)
+    """The proxy as a trial builds it (the function itself, bound before any timer wraps it)."""
+    return fresh_model(settings.model, proxy.data, proxy.device, seed)
 
 
 def warm_up(settings: StudySettings, proxy: Proxy) -> None:
@@ -287,7 +288,7 @@ def initsearch_study(cfg: Any, settings: StudySettings, proxy: Proxy, tmp: Path,
         getattr(tracker, "flush", lambda: None)()
         _sync(proxy.device)
         seconds = time.perf_counter() - start
-    cpu = dict(getattr(tracker, "worker_cpu_s", {}))  # after the flush: every trial acknowledged
+    cpu = dict(getattr(tracker, "tracking_cpu_s", {}))  # after the flush: every trial acknowledged
     getattr(tracker, "close", lambda: None)()
     trials = study.get_trials(deepcopy=False, states=FINISHED)
     trained = [t for t in trials if "duplicate_of" not in t.user_attrs]
@@ -297,7 +298,7 @@ def initsearch_study(cfg: Any, settings: StudySettings, proxy: Proxy, tmp: Path,
         "trials": len(trials), "trained": len(trained), "seconds": seconds, "trials_per_min": rate(len(trials), seconds),
         "states": {st.name.lower(): sum(1 for t in trials if t.state == st) for st in FINISHED},
         "split_s": split(timers, seconds, per_step * steps_trained),
-        "mlflow_worker_thread_s": timers.seconds.get("MLflow worker thread", 0.0),
+        "mlflow_worker_thread_s": timers.seconds.get("MLflow logging thread", 0.0),
         "mlflow_writer_trial_cpu_s": cpu.get("_log_trial", 0.0),
     }
     return result, study
@@ -431,7 +432,7 @@ def engine_check(settings: StudySettings, proxy: Proxy, k: int, repeats: int = 3
     (``train_run``), and as one population with each engine that can run the proxy; the best of ``repeats``.
     Two seed layouts: ``shared`` (one evaluation seed for all members, as a batched study trains them) and
     ``distinct`` (seeds 0..K-1: every member its own batches). ``stacked, default route`` is the stacked
-    engine with its float32 products kept on ATen's default kernels (``initsearch.kernels`` not consulted),
+    engine with its float32 products kept on ATen's default kernels (``initsearch.proxy.kernels`` not consulted),
     to show what stacking gains apart from the kernels."""
     models = lambda: [fresh(settings, proxy, i) for i in range(k)]  # noqa: E731
     modes = ["loop"] + [m for m in ("stacked", "vmap") if _engine_ok(models(), m, proxy.device)]

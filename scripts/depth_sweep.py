@@ -16,9 +16,9 @@ import time
 import torch
 
 from initsearch import apply_policy
+from initsearch.contenders.baselines import baseline_policy
 from initsearch.proxy.data import load_dataset
 from initsearch.proxy.models import build_model
-from initsearch.search.space import baseline_policy
 from initsearch.proxy.train import TrainConfig, train_run
 
 TRAINED = 0.5

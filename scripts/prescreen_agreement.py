@@ -3,7 +3,7 @@
     python scripts/prescreen_agreement.py [--study deep_mlp] [--n 60] [--seed 0]
 
 Samples --n random policies from the study's search space (plus its baselines), and for each: the signal
-statistics at init on one batch (initsearch.diagnostics: per-layer output std, gradient norms), the pre-screen's
+statistics at init on one batch (initsearch.init.diagnostics: per-layer output std, gradient norms), the pre-screen's
 verdict (is_degenerate), and the trained score of one short run (the study's budget, one seed). Prints the
 Spearman rank correlation of each statistic with the score, and how many of the pre-screen's rejections were
 policies that would have scored among the best quarter (what turning it on would lose).
@@ -21,13 +21,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from initsearch.cli import config_dir
-from initsearch.search.settings import settings_from_config
 from initsearch.contenders.baselines import contender_policy, init_contender
 from initsearch.init.diagnostics import is_degenerate, signal_report
 from initsearch.proxy.models import build_model
 from initsearch.proxy.scoring import score
-from initsearch.search.study import prepare
 from initsearch.proxy.train import train_run
+from initsearch.search.settings import settings_from_config
+from initsearch.search.trial import prepare
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,11 +18,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from initsearch.cli import config_dir, run
-from initsearch.search.settings import settings_from_config
 from initsearch.export import trial_policy
 from initsearch.init.policy import load_policy, save_policy
 from initsearch.search.report import summarize
-from initsearch.search.study import open_storage
+from initsearch.search.settings import settings_from_config
+from initsearch.search.storage import open_storage
 from initsearch.validate import run_validation
 
 ALL_BASELINES = "[pytorch_default,xavier,he,lecun,orthogonal,lsuv,gradinit,metainit]"

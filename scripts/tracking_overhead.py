@@ -36,10 +36,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from initsearch.cli import config_dir  # noqa: E402
-from initsearch.search.settings import settings_from_config  # noqa: E402
 from initsearch.export import export_policy  # noqa: E402
 from initsearch.search.report import summarize  # noqa: E402
-from initsearch.search.study import FINISHED, prepare, run_study  # noqa: E402
+from initsearch.search.settings import settings_from_config  # noqa: E402
+from initsearch.search.study import run_study  # noqa: E402
+from initsearch.search.trial import prepare  # noqa: E402
+from initsearch.search.workers import FINISHED  # noqa: E402
 from initsearch.tracking.tracker import make_tracker  # noqa: E402
 
 
@@ -89,7 +91,7 @@ def one_study(tracking: bool, n_trials: int, extra: list[str]) -> Timing:
             if flush is not None:
                 flush()
             t2 = time.perf_counter()
-            cpu = getattr(tracker, "worker_cpu_s", {})
+            cpu = getattr(tracker, "tracking_cpu_s", {})
             summary = summarize(study, settings.score.metric)
             path = export_policy(study, Path(tmp) / "best_policy.json")
             t3 = time.perf_counter()

@@ -167,7 +167,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     truncate_to: int | None = None
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Keep test output clean."""
 
     def copyfile(self, source: Any, outputfile: Any) -> None:

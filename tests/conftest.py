@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch import nn
 
 from initsearch.cli import config_dir
 
@@ -40,7 +40,7 @@ def compose_config(overrides: list[str], study: str | None = None) -> DictConfig
 
 @dataclass
 class TensorData:
-    """The duck-typed data object ``train_run``/``train_population`` take (``initsearch.train.TrainData``)."""
+    """The duck-typed data object ``train_run``/``train_population`` take (``initsearch.proxy.train.TrainData``)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor

@@ -19,7 +19,6 @@ from torch import nn
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 
-
 def _in_training(module: nn.Module) -> bool:
     """True in a training step (train mode with autograd on); layer discovery runs in eval mode, no_grad."""
     return module.training and torch.is_grad_enabled()
@@ -93,7 +92,7 @@ def target(cls: type, **kwargs: Any) -> list[str]:
 
 
 def load_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    from initsearch.search.study import open_storage
+    from initsearch.search.storage import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(deepcopy=False)
 
@@ -135,7 +134,7 @@ def running_trial(storage: str, name: str, min_number: int = 0) -> optuna.trial.
     """A RUNNING trial numbered ``>= min_number`` that has started training (has a worker), or ``None``."""
     try:
         trials = load_trials(storage, name)
-    except Exception:  # noqa: BLE001 - the study may not exist yet
+    except Exception:
         return None
     for t in trials:
         if t.state == optuna.trial.TrialState.RUNNING and t.number >= min_number and "worker" in t.user_attrs:

@@ -225,7 +225,7 @@ def test_given_layers_skip_discovery_with_the_same_result_and_are_checked():
 
 
 def test_forked_seed_gives_the_same_weights_as_manual_seed_and_restores_the_cpu_rng():
-    from initsearch.init.apply import forked_seed
+    from initsearch.init.seeding import forked_seed
 
     torch.manual_seed(123)
     reference = torch.randn(64)

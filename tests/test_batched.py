@@ -9,10 +9,12 @@ import torch
 from optuna.trial import TrialState
 
 import initsearch.search.batched as batched
-import initsearch.search.study as study_module
-from initsearch.search.settings import settings_from_config
+import initsearch.search.trial as trial_module
 from initsearch.errors import ConfigError
-from initsearch.search.study import open_storage, prepare, run_study
+from initsearch.search.settings import settings_from_config
+from initsearch.search.storage import open_storage
+from initsearch.search.study import run_study
+from initsearch.search.trial import prepare
 from tests.conftest import TINY, compose_config
 
 
@@ -81,7 +83,7 @@ def test_baseline_scores_match_the_one_at_a_time_study(tmp_path):
 
 def test_a_failing_and_a_diverging_member_end_alone(tmp_path, monkeypatch):
     settings, proxy = study_of(tmp_path, 4, "n_trials=2")
-    real_init = study_module.init_contender  # the per-seed init both engines share (Objective.init_for_seed)
+    real_init = trial_module.init_contender  # the per-seed init both runners share (TrialRun.init_model)
 
     def init(model, policy, *, baseline, **kwargs):
         result = real_init(model, policy, baseline=baseline, **kwargs)
@@ -93,7 +95,7 @@ def test_a_failing_and_a_diverging_member_end_alone(tmp_path, monkeypatch):
             raise ValueError("cannot apply this one")
         return result
 
-    monkeypatch.setattr(study_module, "init_contender", init)
+    monkeypatch.setattr(trial_module, "init_contender", init)
     rec = Recorder()
     study = run_study(settings, proxy, rec)
     by_baseline = {t.user_attrs.get("baseline"): t for t in study.get_trials()}

@@ -1,4 +1,4 @@
-"""Tests of initsearch.data: digits, synthetic, and CIFAR-10 (tiny archives served over loopback HTTP)."""
+"""Tests of initsearch.proxy.data: digits, synthetic, and CIFAR-10 (tiny archives served over loopback HTTP)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from initsearch.errors import DataError
 from initsearch.proxy.data import (
     CIFAR10_FOLDER,
     Dataset,
@@ -20,7 +21,6 @@ from initsearch.proxy.data import (
     read_cifar_batch,
     synthetic_dataset,
 )
-from initsearch.errors import DataError
 
 try:  # tests/ is a package in this checkout; fall back to a plain sys.path import when it is not
     from tests import cifar_fixture as cf

@@ -1,9 +1,8 @@
 """Signal diagnostics at init: per-layer stds and gradients, the gradient quotient, the degenerate pre-screen."""
 from __future__ import annotations
 
-from functools import partial
-
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from torch.nn import functional as F
 
 from initsearch.init.diagnostics import LayerSignal, SignalReport, gradient_quotient, is_degenerate, signal_report
 from tests.conftest import plain_mlp
-
 
 mlp = partial(plain_mlp, depth=10, act=nn.ReLU)
 

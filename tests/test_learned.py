@@ -1,5 +1,5 @@
-"""GradInit and MetaInit (initsearch.learned): they repair deliberately bad inits, count their passes, respect
-their bounds, and turn into ordinary policies that reproduce the weights they wrote."""
+"""GradInit and MetaInit (initsearch.contenders.learned): they repair deliberately bad inits, count their
+passes, respect their bounds, and turn into ordinary policies that reproduce the weights they wrote."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from initsearch.init.apply import apply_policy
-from initsearch.init.diagnostics import gradient_quotient
-from initsearch.errors import ConfigError, PolicyError
-from initsearch.init.layers import discover_layers
+from initsearch.contenders.baselines import baseline_policy
 from initsearch.contenders.learned import (
     LEARNED_BASELINES,
     LearnedInitResult,
@@ -25,9 +22,12 @@ from initsearch.contenders.learned import (
     one_step_loss,
     run_learned_baseline,
 )
-from initsearch.proxy.models import MLP
+from initsearch.errors import ConfigError, PolicyError
+from initsearch.init.apply import apply_policy
+from initsearch.init.diagnostics import gradient_quotient
+from initsearch.init.layers import discover_layers
 from initsearch.init.policy import InitPolicy
-from initsearch.search.space import baseline_policy
+from initsearch.proxy.models import MLP
 from initsearch.proxy.train import TrainConfig, train_run
 from tests.conftest import TensorData
 
@@ -80,7 +80,7 @@ def early_loss(curve) -> float:
 
 
 def random_batch_gq(model) -> float:
-    """GQ (measured by initsearch.diagnostics) on one fixed random batch, as MetaInit sees its data."""
+    """GQ (measured by initsearch.init.diagnostics) on one fixed random batch, as MetaInit sees its data."""
     g = torch.Generator().manual_seed(123)
     x = torch.randn(128, N_IN, generator=g)
     y = torch.randint(0, N_CLASSES, (128,), generator=g)

@@ -1,9 +1,8 @@
 """LSUV: every layer's output std lands within tol of the target, in forward order, touching only weights."""
 from __future__ import annotations
 
-from functools import partial
-
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from torch import nn
 
 from initsearch.init.lsuv import LsuvReport, lsuv
 from tests.conftest import plain_mlp
-
 
 mlp = partial(plain_mlp, depth=20, act=nn.Tanh)
 
@@ -29,7 +27,7 @@ def cnn() -> nn.Sequential:
 
 
 def output_stds(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Each linear/conv layer's output std, measured independently of lsuv.py with our own hooks."""
+    """Each linear/conv layer's output std, measured independently of the lsuv module with our own hooks."""
     stds: dict[str, float] = {}
 
     def hook_for(name: str):

@@ -1,4 +1,4 @@
-"""Tests for initsearch.models: proxy shapes, stable names, width scaling, build_model and its errors."""
+"""Tests for initsearch.proxy.models: proxy shapes, stable names, width scaling, build_model and its errors."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for initsearch.policy: the policy file format version 1 (policy-format.md)."""
+"""Tests for initsearch.init.policy: the policy file format version 1 (policy-format.md)."""
 from __future__ import annotations
 
 import copy
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from initsearch.init.activations import ACTIVATIONS
 from initsearch.errors import PolicyError
+from initsearch.init.activations import ACTIVATIONS
 from initsearch.init.layers import LayerInfo
 from initsearch.init.policy import (
     INIT_KEYS,
@@ -24,7 +24,7 @@ from initsearch.init.policy import (
     plan,
     save_policy,
 )
-from initsearch.init.schemes import BIAS_OPTIONS, MODES, SCHEME_NAMES, SCHEME_SPECS
+from initsearch.init.schemes import BIAS_OPTIONS, FAN_MODES, SCHEME_NAMES, SCHEME_SPECS
 
 # The example of policy-format.md, verbatim.
 DOC_EXAMPLE = {
@@ -456,7 +456,7 @@ _CONSTANT = st.one_of(st.floats(min_value=-1e4, max_value=1e4), st.integers(-10_
 _FIELD_VALUES = {
     "gain": st.one_of(st.just("auto"), _POSITIVE),
     "scale": _POSITIVE,
-    "mode": st.sampled_from(MODES),
+    "mode": st.sampled_from(FAN_MODES),
     "std": _POSITIVE,
     "a": _POSITIVE,
     "value": _CONSTANT,

@@ -14,7 +14,6 @@ from initsearch.proxy.train import Curve, TrainConfig, make_optimizer, train_run
 from initsearch.proxy.train import fused as fused_optimizer
 from tests.conftest import TensorData, teacher_data
 
-
 VEC = teacher_data((10,), n_train=256, n_val=96)
 IMG = teacher_data((3, 6, 6), n_train=128, n_val=48)
 SEEDS = [11, 12, 13]

@@ -30,7 +30,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from initsearch.search.study import open_storage
+from initsearch.search.storage import open_storage
 from initsearch.search.workers import counted
 from tests.conftest import TINY
 from tests.reliability_helpers import SlowMLP, start_cli, target, wait_until

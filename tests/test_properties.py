@@ -15,12 +15,13 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from initsearch.errors import PolicyError
 from initsearch.init.activations import ACTIVATIONS
 from initsearch.init.apply import apply_policy
-from initsearch.errors import PolicyError
-from initsearch.proxy.models import build_model
 from initsearch.init.policy import InitPolicy, load_policy
+from initsearch.proxy.models import build_model
 from tests.test_policy import init_dicts, policy_dicts
+
 
 @pytest.fixture(autouse=True)
 def _no_flush_denormal():

@@ -19,12 +19,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-import initsearch.search.study as study_module
+import initsearch.search.sequential as sequential_module
 from initsearch.__main__ import main
 from initsearch.cli import report_error, run
+from initsearch.errors import ConfigError, PolicyError, StudyFailed, StudyInterrupted
 from initsearch.search.settings import settings_from_config
-from initsearch.errors import ConfigError, PolicyError
-from initsearch.search.study import StudyFailed, StudyInterrupted, open_storage, prepare, run_study
+from initsearch.search.storage import open_storage
+from initsearch.search.study import run_study
+from initsearch.search.trial import prepare
 from initsearch.search.workers import StudyLock, counted, worker_alive, worker_id
 from tests.conftest import TINY, compose_config
 from tests.reliability_helpers import (
@@ -79,7 +81,7 @@ def test_weights_that_turn_non_finite_prune_the_trial_naming_the_weight(in_tmp):
 def test_cuda_out_of_memory_fails_that_trial_empties_the_cache_and_the_study_goes_on(in_tmp, monkeypatch):
     settings = settings_from_config(tiny("s.journal", "oom"))
     proxy = prepare(settings)
-    real, calls, emptied = study_module.train_run, [], []
+    real, calls, emptied = sequential_module.train_run, [], []
 
     def second_run_is_out_of_memory(*args, **kwargs):
         calls.append(1)
@@ -87,7 +89,7 @@ def test_cuda_out_of_memory_fails_that_trial_empties_the_cache_and_the_study_goe
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(study_module, "train_run", second_run_is_out_of_memory)
+    monkeypatch.setattr(sequential_module, "train_run", second_run_is_out_of_memory)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
@@ -185,7 +187,7 @@ def test_a_policy_for_another_model_is_refused_and_leaves_the_model_untouched(tm
 # ---- stops and resume ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_ends_the_trial_exports_the_best_so_far_and_the_same_command_resumes(signum, in_tmp, monkeypatch, capsys):
-    real, calls = study_module.train_run, []
+    real, calls = sequential_module.train_run, []
 
     def signal_during_the_third_trial(*args, **kwargs):
         calls.append(1)
@@ -194,7 +196,7 @@ def test_a_signal_ends_the_trial_exports_the_best_so_far_and_the_same_command_re
             time.sleep(5)  # the handler interrupts this
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(study_module, "train_run", signal_during_the_third_trial)
+    monkeypatch.setattr(sequential_module, "train_run", signal_during_the_third_trial)
     cfg = tiny("s.journal", "sig")
     with pytest.raises(StudyInterrupted) as info:
         run(cfg, in_tmp / "out1")
@@ -214,7 +216,7 @@ def test_a_signal_ends_the_trial_exports_the_best_so_far_and_the_same_command_re
     assert f"did not finish (state FAIL: interrupted by {signal.Signals(signum).name})" in capsys.readouterr().err
     assert not (in_tmp / "t2.json").exists()
 
-    monkeypatch.setattr(study_module, "train_run", real)
+    monkeypatch.setattr(sequential_module, "train_run", real)
     run(cfg, in_tmp / "out2")
     trials = load_trials("s.journal", "sig")
     assert [t.state for t in trials][:4] == [COMPLETE, COMPLETE, FAIL, COMPLETE]
@@ -376,7 +378,7 @@ def test_the_study_lock_excludes_other_processes(tmp_path):
 
     journal = str(tmp_path / "s.journal")
     lock = StudyLock(journal, None, "x")
-    code = ("import sys, time; from initsearch.workers import StudyLock; l = StudyLock(sys.argv[1], None, 'x'); "
+    code = ("import sys, time; from initsearch.search.workers import StudyLock; l = StudyLock(sys.argv[1], None, 'x'); "
             "print('ready', flush=True); t = time.monotonic(); l.acquire(); print(time.monotonic() - t, flush=True)")
     with lock:
         with lock:  # reentrant within a process

@@ -1,4 +1,4 @@
-"""Tests for initsearch.scoring: each metric on hand-made curves, partial scores, aggregates, errors."""
+"""Tests for initsearch.proxy.scoring: each metric on hand-made curves, partial scores, aggregates, errors."""
 from __future__ import annotations
 
 import math

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from initsearch import apply_policy, discover_layers
+from initsearch.contenders.baselines import BASELINE_NAMES, baseline_policy
 from initsearch.errors import ConfigError
 from initsearch.proxy.models import build_model
-from initsearch.search.space import BASELINE_NAMES, baseline_policy, space_from_config
+from initsearch.search.space import space_from_config
 from tests.conftest import compose_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -46,12 +47,12 @@ def test_sampled_policies_apply_cleanly(space, model_cfg):
 def test_hybrid_offers_schemes_that_fit_the_activation_and_shape():
     s = _space("hybrid")
     _, layers = _layers(MLP)
-    by_name = {l.name: l for l in layers}
+    by_name = {layer.name: layer for layer in layers}
     assert set(s.choices(by_name["fc2"])) == {"xavier_normal", "xavier_uniform", "lecun_normal", "orthogonal", "identity"}  # tanh, 32x32
     assert set(s.choices(by_name["fc1"])) == {"kaiming_normal", "kaiming_uniform", "orthogonal"}  # relu, 32x64: not square
     assert "zeros" in s.choices(by_name["out"]) and "delta_orthogonal" not in s.choices(by_name["fc3"])
     _, conv_layers = _layers(CNN)
-    conv2 = {l.name: l for l in conv_layers}["conv2"]
+    conv2 = {layer.name: layer for layer in conv_layers}["conv2"]
     assert "delta_orthogonal" in s.choices(conv2) and "identity" in s.choices(conv2)
 
 

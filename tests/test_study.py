@@ -5,18 +5,17 @@ import json
 import subprocess
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
 import initsearch
 from initsearch.cli import run
-from initsearch.search.settings import settings_from_config
 from initsearch.errors import ConfigError, DataError
 from initsearch.proxy.models import build_model
-from initsearch.search.study import open_storage
+from initsearch.search.settings import settings_from_config
+from initsearch.search.storage import open_storage
 from tests.conftest import PYTHON, TINY, compose_config, subprocess_env
-
-import optuna
 
 PRESETS = ["digits_mlp", "digits_cnn", "cifar_cnn", "cifar_mlp", "deep_mlp"]
 

@@ -24,13 +24,28 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from initsearch.tracking import tracker as tracking
 from initsearch.cli import run
-from initsearch.search.settings import settings_from_config
-from initsearch.errors import ConfigError
-from initsearch.search.study import NullTracker, TrialOutcome
+from initsearch.errors import ConfigError, first_line, scrub
 from initsearch.proxy.train import Curve
+from initsearch.search.outcome import NullTracker, TrialOutcome
+from initsearch.search.settings import settings_from_config
 from initsearch.search.workers import worker_id
+from initsearch.tracking import delivery
+from initsearch.tracking import tracker as tracking
+from initsearch.tracking.delivery import writer_running_for
+from initsearch.tracking.payload import config_params, redact_text, trial_metrics
+from initsearch.tracking.plots import plot_importances
+from initsearch.tracking.uri import check_reachable, default_artifact_location, resolve_tracking_uri
+from initsearch.tracking.writer import (
+    MAX_BATCH_BYTES,
+    MAX_ENTITIES_PER_BATCH,
+    MAX_KEY,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VALUE,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VALUE,
+    batches,
+)
 from tests.conftest import TINY, compose_config
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
@@ -258,35 +273,35 @@ def test_tracking_none_turns_it_off(tmp_path, monkeypatch):
 
 
 def test_tracking_uri_resolution(tmp_path):
-    assert tracking.resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
-    assert tracking.resolve_tracking_uri("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path.as_posix()}/sub/x.db"
-    assert tracking.resolve_tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
-    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000/", tmp_path) == "http://127.0.0.1:5000"
-    assert tracking.resolve_tracking_uri("None", tmp_path) is None
-    assert tracking.default_artifact_location(f"sqlite:///{tmp_path}/x.db") == (tmp_path / "mlartifacts").as_uri()
-    assert tracking.default_artifact_location("http://127.0.0.1:5000") is None
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///sub/x.db", tmp_path) == f"sqlite:///{tmp_path.as_posix()}/sub/x.db"
+    assert resolve_tracking_uri("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000/", tmp_path) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("None", tmp_path) is None
+    assert default_artifact_location(f"sqlite:///{tmp_path}/x.db") == (tmp_path / "mlartifacts").as_uri()
+    assert default_artifact_location("http://127.0.0.1:5000") is None
 
 
 # ---- MLflow's limits and the batching -------------------------------------------------------------------------
 def test_limits_are_within_mlflows():
-    assert tracking.MAX_PARAM_VALUE <= mlflow_limits.MAX_PARAM_VAL_LENGTH
-    assert tracking.MAX_TAG_VALUE <= mlflow_limits.MAX_TAG_VAL_LENGTH
-    assert tracking.MAX_KEY <= mlflow_limits.MAX_ENTITY_KEY_LENGTH
-    assert tracking.MAX_METRICS_PER_BATCH <= mlflow_limits.MAX_METRICS_PER_BATCH
-    assert tracking.MAX_PARAMS_TAGS_PER_BATCH <= mlflow_limits.MAX_PARAMS_TAGS_PER_BATCH
-    assert tracking.MAX_ENTITIES_PER_BATCH <= mlflow_limits.MAX_ENTITIES_PER_BATCH
-    assert tracking.MAX_BATCH_BYTES < mlflow_limits.MAX_BATCH_LOG_REQUEST_SIZE
+    assert MAX_PARAM_VALUE <= mlflow_limits.MAX_PARAM_VAL_LENGTH
+    assert MAX_TAG_VALUE <= mlflow_limits.MAX_TAG_VAL_LENGTH
+    assert MAX_KEY <= mlflow_limits.MAX_ENTITY_KEY_LENGTH
+    assert MAX_METRICS_PER_BATCH <= mlflow_limits.MAX_METRICS_PER_BATCH
+    assert MAX_PARAMS_TAGS_PER_BATCH <= mlflow_limits.MAX_PARAMS_TAGS_PER_BATCH
+    assert MAX_ENTITIES_PER_BATCH <= mlflow_limits.MAX_ENTITIES_PER_BATCH
+    assert MAX_BATCH_BYTES < mlflow_limits.MAX_BATCH_LOG_REQUEST_SIZE
 
 
 def test_batches_respect_every_limit_and_keep_everything_in_order():
     metrics = [Metric("train_loss", float(i), 0, i) for i in range(2500)]
     params = [(f"p{i}", "v" * (5000 if i < 150 else 1)) for i in range(250)]
     tags = [(f"t{i}", "x") for i in range(130)]
-    chunks = list(tracking.batches(metrics, params, tags))
+    chunks = list(batches(metrics, params, tags))
     for m, p, t in chunks:
         assert len(m) <= 1000 and len(p) <= 100 and len(t) <= 100 and len(m) + len(p) + len(t) <= 1000
         size = sum(len(k) + len(v) for k, v in p + t) + sum(len(x.key) for x in m)
-        assert size <= tracking.MAX_BATCH_BYTES
+        assert size <= MAX_BATCH_BYTES
     assert [x for c in chunks for x in c[0]] == metrics
     assert [x for c in chunks for x in c[1]] == params
     assert [x for c in chunks for x in c[2]] == tags
@@ -297,12 +312,12 @@ def test_config_params_flatten_truncate_and_redact():
         "study_name: s\nstorage: postgresql://bob:secret@db/optuna\nmodel:\n  depth: 2\n  activation: [relu, tanh]\n"
         f"long: {'a' * 7000}\nhydra:\n  run:\n    dir: x\n"
     )
-    clean = tracking.redact_text(yaml_text, ["postgresql://bob:secret@db/optuna"])
+    clean = redact_text(yaml_text, ["postgresql://bob:secret@db/optuna"])
     assert "secret" not in clean
-    params = dict(tracking.config_params(clean))
+    params = dict(config_params(clean))
     assert params["model.depth"] == "2" and params["model.activation"] == '["relu", "tanh"]'
     assert params["storage"] == "postgresql://bob:***@db/optuna"
-    assert len(params["long"]) == tracking.MAX_PARAM_VALUE and params["long"].endswith("[truncated]")
+    assert len(params["long"]) == MAX_PARAM_VALUE and params["long"].endswith("[truncated]")
     assert not any(k.startswith("hydra") for k in params)
 
 
@@ -314,7 +329,7 @@ def test_trial_metrics_keys_steps_and_seed_suffixes():
     signals = [{"name": "fc1", "output_std": 0.9, "grad_norm": 0.1}, {"name": "out", "output_std": 1.1, "grad_norm": 0.2}]
     outcome = TrialOutcome(3, None, {"bias": "zeros"}, value=1.1, seed_scores=[1.0, 1.1], seeds=[0, 1],
                            curves=[curve(10), curve(10)], signals=signals, state="complete", seconds=1.5)
-    metrics = tracking.trial_metrics(outcome, start_ms=1_000, end_ms=2_500)
+    metrics = trial_metrics(outcome, start_ms=1_000, end_ms=2_500)
     by_key: dict[str, list[Metric]] = {}
     for m in metrics:
         by_key.setdefault(m.key, []).append(m)
@@ -363,7 +378,7 @@ def test_hooks_only_enqueue_and_worker_failures_are_warnings(caplog):
 def test_pruned_and_failed_trials_get_their_status_and_reason(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    tracker = tracking.MlflowTracker(client, uri, tracking.default_artifact_location(uri))
+    tracker = tracking.MlflowTracker(client, uri, default_artifact_location(uri))
     settings = settings_from_config(tiny(tmp_path, f"tracking_uri={uri}", "study_name=states"))
     tracker.study_started(settings, "study_name: states\n", SimpleNamespace(study_name="states"))
     diverged = Curve(train_loss=np.array([1.0, float("nan")]), steps_done=2, diverged=True, reason="loss is nan at step 2")
@@ -373,7 +388,7 @@ def test_pruned_and_failed_trials_get_their_status_and_reason(tmp_path):
     tracker.flush()
     _, (parent,), children = runs_of(client, "states")
     assert tracker.writer is not None and not tracker.writer.dead  # logged by the writer process...
-    assert tracker.worker_cpu_s["_log_trial"] > 0 and tracker.writer.trial_cpu_s == tracker.worker_cpu_s["_log_trial"]
+    assert tracker.tracking_cpu_s["_log_trial"] > 0 and tracker.writer.trial_cpu_s == tracker.tracking_cpu_s["_log_trial"]
     assert {c.data.tags["initsearch.worker"] for c in children} == {worker_id()}  # ...as this process's trials
     by_trial = {c.data.tags["initsearch.trial"]: c for c in children}
     assert by_trial["0"].info.status == "KILLED" and by_trial["0"].data.tags["initsearch.state"] == "pruned"
@@ -394,11 +409,11 @@ def test_param_importances_need_two_complete_searched_trials():
     for value, name in ((1.0, "he"), (1.1, "xavier")):  # baselines: no params
         study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"baseline": name}))
     study.add_trial(optuna.trial.create_trial(value=0.9, params={"bias": "zeros", "log2_scale": 0.5}, distributions=dists))
-    assert tracking.plot_importances(study) is None  # one searched trial: skipped, no error
+    assert plot_importances(study) is None  # one searched trial: skipped, no error
     study.add_trial(optuna.trial.create_trial(value=0.8, params={"bias": "pytorch_default", "log2_scale": -0.5},
                                               distributions=dists))
     study.add_trial(optuna.trial.create_trial(value=0.7, params={"bias": "zeros", "log2_scale": 0.1}, distributions=dists))
-    fig = tracking.plot_importances(study)
+    fig = plot_importances(study)
     assert fig is not None and fig.axes
 
 
@@ -441,7 +456,7 @@ def test_the_writer_is_a_light_process_that_ignores_sigint_and_sighup(tmp_path, 
     writer = tracker.writer
     assert writer is not None and writer.proc.poll() is None
     maps = Path(f"/proc/{writer.pid}/maps").read_text()
-    assert "libtorch" not in maps  # started by path: MLflow and the standard library only, not torch
+    assert "libtorch" not in maps  # started with -m: MLflow, the standard library and initsearch.errors, not torch
     assert "mlflow.db" not in Path(f"/proc/{writer.pid}/cmdline").read_text()  # the URI is not shown by ps
     os.kill(writer.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends to the whole process group
     os.kill(writer.pid, signal.SIGHUP)  # a closed terminal, or an orphaned process group with a stopped member
@@ -464,7 +479,8 @@ import os, pickle, signal, sys
 from types import SimpleNamespace
 import numpy as np
 from initsearch.tracking import tracker as tracking
-from initsearch.search.study import TrialOutcome
+from initsearch.search.outcome import TrialOutcome
+from initsearch.search.workers import worker_id
 from initsearch.proxy.train import Curve
 
 def a_trial(number):
@@ -480,8 +496,8 @@ tracker.flush()  # the parent run exists
 os.kill(tracker.writer.pid, signal.SIGSTOP)  # the writer logs nothing before this process is gone
 for i in range(3):
     tracker.trial_finished(a_trial(i))
-tracker._worker.drain()  # the three trials are in the writer's pipe
-print(tracker.writer.pid, tracking.worker_id(), flush=True)
+tracker._thread.drain()  # the three trials are in the writer's pipe
+print(tracker.writer.pid, worker_id(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit
 """
 
@@ -502,7 +518,7 @@ def test_the_writer_logs_what_it_was_sent_after_the_study_process_is_killed(tmp_
         client = MlflowClient(uri)
         assert runs_of(client, "killed")[2] == []  # nothing was logged while the study process lived
         # The same command again, at once: its resume must leave these trials to the dead worker's writer.
-        assert tracking.writer_running_for(dead_worker) and not tracking.writer_running_for(dead_worker + "0")
+        assert writer_running_for(dead_worker) and not writer_running_for(dead_worker + "0")
         trials = [optuna.trial.create_trial(value=1.0, user_attrs={"worker": dead_worker}) for _ in range(3)]
         for number, trial in enumerate(trials):
             trial.number = number
@@ -526,7 +542,7 @@ def test_the_writer_logs_what_it_was_sent_after_the_study_process_is_killed(tmp_
 
 
 def test_a_writer_that_cannot_start_is_a_warning_and_the_trials_are_logged_here(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(tracking, "writer_command", lambda: [str(tmp_path / "no-such-python")])
+    monkeypatch.setattr(delivery, "writer_command", lambda: [str(tmp_path / "no-such-python")])
     with caplog.at_level(logging.WARNING, logger="initsearch"):
         tracker, client = sqlite_tracker(tmp_path, "nowriter")
         assert tracker.writer is None
@@ -546,7 +562,7 @@ def test_a_writer_that_dies_is_a_warning_and_the_study_still_logs_every_trial(tm
     with caplog.at_level(logging.WARNING, logger="initsearch"):
         os.kill(writer.pid, signal.SIGSTOP)
         tracker.trial_finished(a_trial(1))  # sent, never acknowledged
-        tracker._worker.drain()
+        tracker._thread.drain()
         os.kill(writer.pid, signal.SIGKILL)
         writer.proc.wait(10)
         wait_for(lambda: writer.dead, 10, "the tracker to notice")
@@ -630,12 +646,11 @@ def test_while_the_study_waits_this_process_helps_the_writer_and_logs_each_trial
 
 
 def test_passwords_of_the_tracking_uri_never_show_in_messages():
-    from initsearch.tracking import writer as mlflow_writer
-
     uri = "http://alice:s3cret%21pw@127.0.0.1"  # no port: urllib raises http.client.InvalidURL
     with pytest.raises(ConfigError) as info:
-        tracking.check_reachable(uri, timeout=2)
+        check_reachable(uri, timeout=2)
     assert "s3cret" not in str(info.value) and "tracking_uri: cannot reach MLflow" in str(info.value)
     failure = RuntimeError("API request to http://alice:s3cret%21pw@127.0.0.1:5000/api/2.0/mlflow/runs/create failed")
-    assert "s3cret" not in mlflow_writer.one_line(failure) and "alice:***@127.0.0.1:5000" in mlflow_writer.one_line(failure)
-    assert "s3cret" not in mlflow_writer.scrub("password s3cret!pw, decoded")
+    assert "s3cret" not in first_line(failure, with_type=True, limit=300)
+    assert "alice:***@127.0.0.1:5000" in first_line(failure, with_type=True, limit=300)
+    assert "s3cret" not in scrub("password s3cret!pw, decoded")

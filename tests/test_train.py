@@ -1,4 +1,4 @@
-"""Tests for initsearch.train: determinism, learning, divergence, checkpoints, callback, optimizers, warmup."""
+"""Tests for initsearch.proxy.train: determinism, learning, divergence, checkpoints, callback, optimizers, warmup."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,6 @@ from initsearch.errors import ConfigError, DataError
 from initsearch.proxy.models import MLP
 from initsearch.proxy.train import Curve, TrainConfig, divergence_reason, evaluate, make_optimizer, train_run
 from tests.conftest import TensorData, teacher_data
-
 
 DATA = teacher_data((10,))
 

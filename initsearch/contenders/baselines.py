@@ -1,4 +1,5 @@
-"""Initializing a model as a contender: a policy (sampled, a file, a textbook baseline) or a learned init.
+"""The contenders every search stands beside: the textbook baselines as policies, and initializing a model
+as a contender (a policy, sampled or from a file, a baseline, or a learned init).
 
 The study's trials and ``validate`` both go through ``init_contender``, so a baseline is initialized the same
 way wherever it is compared.
@@ -10,12 +11,51 @@ from typing import Any
 import torch
 from torch import nn
 
+from initsearch.contenders.learned import (
+    LEARNED_BASELINES,
+    LearnedInitResult,
+    learned_base_policy,
+    run_learned_baseline,
+)
+from initsearch.errors import ConfigError
 from initsearch.init.apply import apply_policy
 from initsearch.init.layers import LayerDiscovery
-from initsearch.contenders.learned import LEARNED_BASELINES, LearnedInitResult, learned_base_policy, run_learned_baseline
 from initsearch.init.policy import InitPolicy
-from initsearch.search.space import BASELINE_NAMES, baseline_policy
 from initsearch.proxy.train import TrainConfig
+
+# LSUV as the studies run it (Mishkin & Matas 2016): unit output variance per layer, at most 10 passes.
+LSUV_SETTINGS = {"enabled": True, "target_std": 1.0, "tol": 0.1, "max_iter": 10}
+
+BASELINES: dict[str, dict[str, Any]] = {
+    # What nn.Linear/nn.ConvNd.reset_parameters do: kaiming_uniform(a=sqrt 5) -> U(+-1/sqrt fan_in), bias likewise.
+    "pytorch_default": {"scheme": "pytorch_default", "bias": "pytorch_default"},
+    # Glorot & Bengio 2010, the uniform form of the paper, gain 1.
+    "xavier": {"scheme": "xavier_uniform", "gain": 1.0},
+    # He et al. 2015: N(0, gain^2/fan_in), gain from the activation.
+    "he": {"scheme": "kaiming_normal", "gain": "auto", "mode": "fan_in"},
+    # LeCun et al. 1998: N(0, 1/fan_in).
+    "lecun": {"scheme": "lecun_normal"},
+    # Saxe et al. 2014, with the activation's gain.
+    "orthogonal": {"scheme": "orthogonal", "gain": "auto"},
+}
+
+
+def baseline_policy(name: str) -> InitPolicy:
+    """The policy of a textbook baseline: one scheme for every linear/conv layer (``lsuv`` = orthogonal
+    pre-init followed by LSUV, as Mishkin & Matas 2016)."""
+    if name == "lsuv":
+        default, lsuv = {"scheme": "orthogonal", "gain": 1.0}, dict(LSUV_SETTINGS)
+    elif name in BASELINES:
+        default, lsuv = dict(BASELINES[name]), None
+    else:
+        raise ConfigError(f"baselines: unknown baseline {name!r}; expected any of {', '.join(BASELINE_NAMES)}")
+    data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": [], "default": default}
+    if lsuv:
+        data["lsuv"] = lsuv
+    return InitPolicy.from_dict(data)
+
+
+BASELINE_NAMES: tuple[str, ...] = (*BASELINES, "lsuv")
 
 ALL_BASELINES: tuple[str, ...] = (*BASELINE_NAMES, *LEARNED_BASELINES)
 

@@ -66,8 +66,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from initsearch.errors import ConfigError, PolicyError, is_finite_number
 from initsearch.init.apply import apply_policy
-from initsearch.errors import ConfigError, PolicyError
 from initsearch.init.layers import LayerInfo, discover_layers, layer_family
 from initsearch.init.policy import MAX_CONSTANT, MAX_POSITIVE, InitPolicy, InitSpec, Rule, load_policy, plan
 
@@ -77,8 +77,8 @@ LEARNED_BASELINES: tuple[str, ...] = ("gradinit", "metainit")
 MAX_SCALE = MAX_POSITIVE  # the largest multiplier a policy's ``scale`` can hold
 GRADINIT_OPTIMIZERS = ("sgd", "adam")
 DEFAULT_BATCH = 128
-# The base both learned baselines rescale: the study's ``he`` baseline (initsearch.space.BASELINES["he"]), written
-# out here so that space/study can import this module without an import cycle.
+# The base both learned baselines rescale: the study's ``he`` baseline (``BASELINES["he"]`` of the baselines
+# module), written out here so that the baselines module can import this one without an import cycle.
 HE_BASE: Mapping[str, Any] = {"scheme": "kaiming_normal", "gain": "auto", "mode": "fan_in"}
 
 
@@ -215,8 +215,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _positive_float(name: str, value: Any, *, upper: float = math.inf) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value <= 0 or value > upper:
+    if not is_finite_number(value) or value <= 0 or value > upper:
         high = f"{upper:g}]" if math.isfinite(upper) else "inf)"
         raise ValueError(f"{name}: must be a finite number in (0, {high}, got {value!r}")
     return float(value)
@@ -390,7 +389,7 @@ def one_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eta: fl
 def gq_tensor(loss: torch.Tensor, tensors: Sequence[torch.Tensor], eps: float = 1e-5, *,
               create_graph: bool = True) -> torch.Tensor:
     """The gradient quotient of ``loss`` over ``tensors`` as a 0-d tensor, differentiable in them when
-    ``create_graph`` (the same formula as ``initsearch.diagnostics.gradient_quotient``, which measures it
+    ``create_graph`` (the same formula as ``initsearch.init.diagnostics.gradient_quotient``, which measures it
     detached in float64). ``H g`` is the Hessian-vector product with ``v = g``; ``s`` (the sign) is a
     constant. Tensors the loss does not depend on are left out of the mean."""
     grads = torch.autograd.grad(loss, list(tensors), create_graph=True, allow_unused=True)
@@ -422,7 +421,7 @@ def metainit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *
     """
     steps = _positive_int("steps", steps)
     lr = _positive_float("lr", lr)
-    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not 0.0 <= momentum < 1.0:
+    if not is_finite_number(momentum) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum: must be in [0, 1), got {momentum!r}")
     eps = _positive_float("eps", eps)
     min_scale = _positive_float("min_scale", min_scale, upper=1.0)

@@ -15,7 +15,7 @@ ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu",
 # Second moment of phi(z), z ~ N(0, 1), for activations torch.nn.init.calculate_gain has no entry for.
 # "auto" gain for these is 1 / sqrt(E[phi(z)^2]): the gain that keeps the pre-activation second moment
 # at 1 from layer to layer (the argument of He et al. 2015, which gives sqrt(2) for ReLU). Computed by
-# Gauss-Hermite quadrature; tests/test_activations.py recomputes them.
+# Gauss-Hermite quadrature.
 SECOND_MOMENT_GAINS: dict[str, float] = {
     "gelu": 1.5335304411955357,  # E[gelu(z)^2] = 0.42522
     "silu": 1.676532470331092,  # E[silu(z)^2] = 0.35578

@@ -6,10 +6,9 @@ write fails, the touched parameters are restored from a snapshot before the erro
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
 from initsearch.init.lsuv import LsuvReport, lsuv
 from initsearch.init.policy import InitPolicy, InitSpec, load_policy, plan
 from initsearch.init.schemes import SCHEME_SPECS, init_bias, init_weight
+from initsearch.init.seeding import seeded
 
 
 @dataclass
@@ -77,42 +77,6 @@ def _as_inputs(example_batch: Any) -> tuple | None:
 
 def _weight_std(t: torch.Tensor) -> float:
     return float(t.detach().float().std()) if t.numel() > 1 else 0.0
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
-    """Fork the global RNGs (CPU and the model's CUDA devices) and seed them, so the same seed gives the
-    same weights and the caller's RNG state is left as it was. A model with parameters on another
-    accelerator (MPS, XPU...) is seeded with ``torch.manual_seed``, which seeds those too (their state is not
-    forked: ``fork_rng`` only knows CPU and CUDA)."""
-    if seed is None:
-        yield
-        return
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    if any(p.device.type not in ("cpu", "cuda", "meta") for p in model.parameters()):
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(int(seed))
-            yield
-        return
-    with forked_seed(seed, cuda):
-        yield
-
-
-@contextlib.contextmanager
-def forked_seed(seed: int, cuda_devices: list[int] | tuple[int, ...] = ()) -> Iterator[None]:
-    """Within: the CPU generator and those of ``cuda_devices`` seeded with ``int(seed)``; after: all as
-    before.
-
-    Only the forked generators are seeded. ``torch.manual_seed`` would also queue a seed for every CUDA,
-    XPU and MTIA device (outliving the fork on a machine where CUDA starts later) and, before CUDA starts,
-    record a stack trace for each: 0.37 ms per call on the project's CPU, twice per trial.
-    """
-    seed = int(seed)  # as torch.manual_seed takes it: numpy integers too
-    with torch.random.fork_rng(devices=list(cuda_devices)):
-        torch.default_generator.manual_seed(seed)
-        for index in cuda_devices:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
 
 
 def _groups(module: nn.Module) -> int:
@@ -189,7 +153,7 @@ def apply_policy(
     reports: list[LayerApplyReport] = []
     writes: list[tuple[torch.Tensor, torch.Tensor]] = []
     lsuv_layers: list[str] = []
-    with _seeded(seed, model):
+    with seeded(seed, model):
         for layer, rule, spec in decisions:
             module = modules[layer.name]
             where = "default" if rule is None else f"rules[{rule}]"

@@ -451,7 +451,7 @@ class _RecordingMode(TorchFunctionMode):
         super().__init__()
         self.recorder = recorder
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         self.recorder.op(func, args, kwargs, result)
@@ -515,7 +515,7 @@ def discover_layers(model: nn.Module, example_input: Any = None) -> LayerDiscove
     _weighted_modules(model)  # refuse uninitialized lazy layers up front
     try:
         nodes, method = _fx_nodes(model), "fx"
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: run the model instead
+    except Exception as exc:
         if example_input is None:
             raise ValueError(
                 f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}); "

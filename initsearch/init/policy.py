@@ -1,6 +1,6 @@
 """The init policy file, format version 1: typed dataclasses, JSON read/write, validation, rule matching.
 
-The contract is /work/shared/docs/policy-format.md. A policy is data only: nothing read from a file is
+The contract is docs/policy-format.md. A policy is data only: nothing read from a file is
 executed, imported or unpickled; every value is checked against a fixed schema and every problem raises one
 ``PolicyError`` whose message starts with the field path and names the value, e.g.
 ``rules[2].scale: must be in (0, 100], got -1``.
@@ -47,10 +47,10 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, NoReturn
 
+from initsearch.errors import PolicyError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS, activation_gain
-from initsearch.errors import PolicyError
 from initsearch.init.layers import LayerInfo
-from initsearch.init.schemes import BIAS_OPTIONS, MODES, SCHEME_NAMES, SCHEME_SPECS
+from initsearch.init.schemes import BIAS_OPTIONS, FAN_MODES, SCHEME_NAMES, SCHEME_SPECS
 
 __all__ = [
     "FORMAT",
@@ -113,16 +113,6 @@ def _interval(low: float, high: float, include_low: bool) -> str:
     return f"{'[' if include_low else '('}{low:g}, {high:g}]"
 
 
-def _is_real(value: Any) -> bool:
-    """True for an int or float that is not a bool (finiteness is checked separately)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_finite_real(value: Any) -> bool:
-    """True for a real number that is finite (ints are always finite; ``math.isfinite`` overflows on huge ones)."""
-    return _is_real(value) and not (isinstance(value, float) and not math.isfinite(value))
-
-
 def _utf8_ok(text: str) -> bool:
     """False for strings with lone surrogates, which cannot be written to a UTF-8 file."""
     try:
@@ -135,7 +125,7 @@ def _utf8_ok(text: str) -> bool:
 def _number_in(value: Any, path: str, low: float, high: float, *, include_low: bool = False) -> float:
     """A finite real number in (low, high] (or [low, high]), returned as float."""
     interval = _interval(low, high, include_low)
-    if not _is_finite_real(value):
+    if not is_finite_number(value):
         _fail(path, f"must be a finite number in {interval}, got {_show(value)}")
     above_low = value >= low if include_low else value > low
     if not (above_low and value <= high):
@@ -168,7 +158,7 @@ def _check_gain(value: Any, path: str) -> float | str:
     """``"auto"`` or a positive number <= 100."""
     if value == "auto" and isinstance(value, str):
         return value
-    if not _is_finite_real(value) or not 0 < value <= MAX_POSITIVE:
+    if not is_finite_number(value) or not 0 < value <= MAX_POSITIVE:
         _fail(path, f'must be "auto" or a number in (0, {MAX_POSITIVE:g}], got {_show(value)}')
     return float(value)
 
@@ -187,7 +177,7 @@ def _check_bias(value: Any, path: str) -> str | float:
     """``zeros``/``keep``/``pytorch_default`` or a finite number with |b| <= 1e4."""
     if isinstance(value, str) and value in BIAS_OPTIONS:
         return value
-    if not _is_finite_real(value) or not -MAX_CONSTANT <= value <= MAX_CONSTANT:
+    if not is_finite_number(value) or not -MAX_CONSTANT <= value <= MAX_CONSTANT:
         _fail(path, f"must be one of {', '.join(BIAS_OPTIONS)} or a number in [-{MAX_CONSTANT:g}, "
                     f"{MAX_CONSTANT:g}], got {_show(value)}")
     return float(value)
@@ -195,7 +185,7 @@ def _check_bias(value: Any, path: str) -> str | float:
 
 def _check_mode(value: Any, path: str) -> str:
     """``fan_in`` or ``fan_out``."""
-    return _choice(value, path, MODES)
+    return _choice(value, path, FAN_MODES)
 
 
 _INIT_CHECKS = {
@@ -225,7 +215,7 @@ def _check_type_selector(value: Any, path: str) -> str:
 
 
 def _check_activation_selector(value: Any, path: str) -> str:
-    """One of ``initsearch.activations.ACTIVATIONS``."""
+    """One of ``activations.ACTIVATIONS``."""
     return _choice(value, path, ACTIVATIONS)
 
 

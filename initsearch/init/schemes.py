@@ -1,61 +1,21 @@
 """The init schemes: name -> a small in-place function of (weight, params).
 
-``SCHEME_SPECS`` says what each scheme accepts; ``init_weight``/``init_bias`` apply one to a tensor.
+One small function per scheme, its formula and paper in its docstring (the style of ``torch.nn.init``);
+``SCHEME_SPECS``, the one table of schemes, gives each name its function and what it accepts.
+``init_weight``/``init_bias`` validate and apply one to a tensor.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from initsearch.errors import is_finite_number
+
 WEIGHTED = frozenset({"linear", "conv"})
 ALL_FAMILIES = frozenset({"linear", "conv", "norm"})
-
-
-@dataclass(frozen=True)
-class SchemeSpec:
-    """What a scheme accepts: the layer families it applies to, its parameters, its default gain.
-
-    ``params`` lists the policy fields besides ``scale``/``bias``/``lsuv`` it reads (a policy that sets any
-    other is refused); ``required`` those that must be given. ``default_gain`` is ``None`` for schemes
-    without a gain, a number, or ``"auto"`` (from the following activation).
-    """
-
-    name: str
-    families: frozenset[str]
-    params: frozenset[str] = frozenset()
-    required: frozenset[str] = frozenset()
-    default_gain: float | str | None = None
-
-
-def _spec(name, families=WEIGHTED, params=(), required=(), default_gain=None) -> SchemeSpec:
-    return SchemeSpec(name, frozenset(families), frozenset(params), frozenset(required), default_gain)
-
-
-SCHEME_SPECS: dict[str, SchemeSpec] = {
-    s.name: s
-    for s in (
-        _spec("keep", ALL_FAMILIES),
-        _spec("pytorch_default"),
-        _spec("zeros", ALL_FAMILIES),
-        _spec("constant", ALL_FAMILIES, params=("value",), required=("value",)),
-        _spec("normal", params=("std",), required=("std",)),
-        _spec("uniform", params=("a",), required=("a",)),
-        _spec("trunc_normal", params=("std",), required=("std",)),
-        _spec("xavier_normal", params=("gain",), default_gain=1.0),
-        _spec("xavier_uniform", params=("gain",), default_gain=1.0),
-        _spec("lecun_normal", params=("gain", "mode"), default_gain=1.0),
-        _spec("lecun_uniform", params=("gain", "mode"), default_gain=1.0),
-        _spec("kaiming_normal", params=("gain", "mode"), default_gain="auto"),
-        _spec("kaiming_uniform", params=("gain", "mode"), default_gain="auto"),
-        _spec("orthogonal", params=("gain",), default_gain=1.0),
-        _spec("identity", params=("gain",), default_gain=1.0),
-        _spec("delta_orthogonal", frozenset({"conv"}), params=("gain",), default_gain=1.0),
-    )
-}
-SCHEME_NAMES: tuple[str, ...] = tuple(SCHEME_SPECS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,7 +29,7 @@ SCHEME_NAMES: tuple[str, ...] = tuple(SCHEME_SPECS)
 # ``scale`` (the searched multiplier) and the resolution of ``gain="auto"`` belong to the caller.
 # ----------------------------------------------------------------------------------------------------------
 
-MODES: tuple[str, ...] = ("fan_in", "fan_out")
+FAN_MODES: tuple[str, ...] = ("fan_in", "fan_out")
 BIAS_OPTIONS: tuple[str, ...] = ("zeros", "keep", "pytorch_default")
 TRUNC_CUT: float = 2.0  # trunc_normal cuts at +-TRUNC_CUT * std (absolute bounds, as torch's a, b)
 
@@ -292,34 +252,67 @@ def _delta_orthogonal(weight: torch.Tensor, p: SchemeParams) -> None:
     weight[(slice(None), slice(None), *centre)] = torch.cat(blocks, dim=0)
 
 
-_SCHEME_FUNCTIONS: dict[str, Callable[[torch.Tensor, SchemeParams], None]] = {
-    "keep": _keep,
-    "pytorch_default": _pytorch_default,
-    "zeros": _zeros,
-    "constant": _constant,
-    "normal": _normal,
-    "uniform": _uniform,
-    "trunc_normal": _trunc_normal,
-    "xavier_normal": _xavier_normal,
-    "xavier_uniform": _xavier_uniform,
-    "lecun_normal": _lecun_normal,
-    "lecun_uniform": _lecun_uniform,
-    "kaiming_normal": _kaiming_normal,
-    "kaiming_uniform": _kaiming_uniform,
-    "orthogonal": _orthogonal,
-    "identity": _identity,
-    "delta_orthogonal": _delta_orthogonal,
+# ----------------------------------------------------------------------------------------------------------
+# The table: one row per scheme, its function and what it accepts.
+# ----------------------------------------------------------------------------------------------------------
+
+SchemeFunction = Callable[[torch.Tensor, SchemeParams], None]
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """A scheme: its name, its function, the layer families it applies to, its parameters, its default gain.
+
+    ``function(weight, params)`` fills ``weight`` in place (``init_weight`` validates first and holds
+    ``torch.no_grad()``). ``params`` lists the policy fields besides ``scale``/``bias``/``lsuv`` it reads (a
+    policy that sets any other is refused); ``required`` those that must be given. ``default_gain`` is
+    ``None`` for schemes without a gain, a number, or ``"auto"`` (from the following activation).
+    """
+
+    name: str
+    function: SchemeFunction = field(repr=False)
+    families: frozenset[str]
+    params: frozenset[str] = frozenset()
+    required: frozenset[str] = frozenset()
+    default_gain: float | str | None = None
+
+
+def _spec(name, function, families=WEIGHTED, params=(), required=(), default_gain=None) -> SchemeSpec:
+    return SchemeSpec(name, function, frozenset(families), frozenset(params), frozenset(required), default_gain)
+
+
+SCHEME_SPECS: dict[str, SchemeSpec] = {
+    s.name: s
+    for s in (
+        _spec("keep", _keep, ALL_FAMILIES),
+        _spec("pytorch_default", _pytorch_default),
+        _spec("zeros", _zeros, ALL_FAMILIES),
+        _spec("constant", _constant, ALL_FAMILIES, params=("value",), required=("value",)),
+        _spec("normal", _normal, params=("std",), required=("std",)),
+        _spec("uniform", _uniform, params=("a",), required=("a",)),
+        _spec("trunc_normal", _trunc_normal, params=("std",), required=("std",)),
+        _spec("xavier_normal", _xavier_normal, params=("gain",), default_gain=1.0),
+        _spec("xavier_uniform", _xavier_uniform, params=("gain",), default_gain=1.0),
+        _spec("lecun_normal", _lecun_normal, params=("gain", "mode"), default_gain=1.0),
+        _spec("lecun_uniform", _lecun_uniform, params=("gain", "mode"), default_gain=1.0),
+        _spec("kaiming_normal", _kaiming_normal, params=("gain", "mode"), default_gain="auto"),
+        _spec("kaiming_uniform", _kaiming_uniform, params=("gain", "mode"), default_gain="auto"),
+        _spec("orthogonal", _orthogonal, params=("gain",), default_gain=1.0),
+        _spec("identity", _identity, params=("gain",), default_gain=1.0),
+        _spec("delta_orthogonal", _delta_orthogonal, frozenset({"conv"}), params=("gain",), default_gain=1.0),
+    )
 }
+SCHEME_NAMES: tuple[str, ...] = tuple(SCHEME_SPECS)
 
 
-def _is_number(x: object) -> bool:
-    """True for int/float (not bool) values that are finite."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+# ----------------------------------------------------------------------------------------------------------
+# Validation and the entry points.
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _check_positive(name: str, x: object, scheme: str) -> None:
     """Refuse a parameter that is not a positive finite number."""
-    if not _is_number(x) or x <= 0:
+    if not is_finite_number(x) or x <= 0:
         raise ValueError(f"{name}: {scheme} needs a positive finite number, got {x!r}")
 
 
@@ -334,7 +327,7 @@ def _validate(weight: torch.Tensor, scheme: str, params: SchemeParams) -> None:
             f"scheme: {scheme!r} does not apply to a {weight.dim()}-D weight ({family} family, shape "
             f"{tuple(weight.shape)}); it applies to: {', '.join(sorted(spec.families))}"
         )
-    if params.mode not in MODES:
+    if params.mode not in FAN_MODES:
         raise ValueError(f"mode: must be 'fan_in' or 'fan_out', got {params.mode!r}")
     for name in sorted(spec.required):
         if getattr(params, name) is None:
@@ -343,7 +336,7 @@ def _validate(weight: torch.Tensor, scheme: str, params: SchemeParams) -> None:
         _check_positive("std", params.std, scheme)
     if "a" in spec.required:
         _check_positive("a", params.a, scheme)
-    if "value" in spec.required and not _is_number(params.value):
+    if "value" in spec.required and not is_finite_number(params.value):
         raise ValueError(f"value: {scheme} needs a finite number, got {params.value!r}")
     if spec.default_gain is not None:
         _check_positive("gain", params.gain, scheme)
@@ -380,7 +373,7 @@ def init_weight(
     if weight.numel() == 0:
         return
     with torch.no_grad():
-        _SCHEME_FUNCTIONS[scheme](weight, params)
+        SCHEME_SPECS[scheme].function(weight, params)
 
 
 def init_bias(bias: torch.Tensor, option: str | float, *, fan_in: int) -> None:
@@ -394,7 +387,7 @@ def init_bias(bias: torch.Tensor, option: str | float, *, fan_in: int) -> None:
     if isinstance(option, str):
         if option not in BIAS_OPTIONS:
             raise ValueError(f"bias: expected one of {', '.join(BIAS_OPTIONS)} or a number, got {option!r}")
-    elif not _is_number(option):
+    elif not is_finite_number(option):
         raise ValueError(f"bias: expected one of {', '.join(BIAS_OPTIONS)} or a finite number, got {option!r}")
     if option == "keep":
         return

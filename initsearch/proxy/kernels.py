@@ -1,12 +1,11 @@
 """Which kernels run float32 matrix products on the CPU: ATen's default (MKL) or oneDNN, chosen by measuring.
 
 PyTorch's CPU build runs float32 ``mm``/``bmm``/``baddbmm`` through MKL. On some CPUs MKL takes a slow path: on
-this project's AMD EPYC it runs its AVX2 kernels (~105 GFLOP/s on one core), while oneDNN, which ships in the
-same build, runs AVX-512 kernels there. ATen sends float32 products to oneDNN when
-``torch.backends.mkldnn.matmul.fp32_precision`` is ``"bf16"``, which is a *permission*: oneDNN **may** then
-compute in bfloat16 inside ("implicit down-conversion"), and whether it does depends on the CPU (with AMX it
-would). So nothing here is assumed. ``choose_route(step, key)`` runs the caller's step both ways and takes the
-oneDNN route only when
+an AMD EPYC it runs its AVX2 kernels, while oneDNN, which ships in the same build, runs AVX-512 kernels there.
+ATen sends float32 products to oneDNN when ``torch.backends.mkldnn.matmul.fp32_precision`` is ``"bf16"``,
+which is a *permission*: oneDNN **may** then compute in bfloat16 inside ("implicit down-conversion"), and
+whether it does depends on the CPU (with AMX it would). So nothing here is assumed:
+``choose_route(step, key)`` runs the caller's step both ways and takes the oneDNN route only when
 
 - every output of the step (a loss, the gradients) matches the default route to float32 precision: each
   tensor within ``1e-4`` of its own largest magnitude (float32 rounding differs by ~1e-6 of it; bfloat16
@@ -23,10 +22,9 @@ no such setting, the default route is kept. While the route is on, torch's legac
 ``torch.get_float32_matmul_precision()`` raises (it refuses a mix of the legacy and the new settings); no
 training step calls it.
 
-Measured on this project's 2-core CPU (digits_mlp's stacked population, batch 128, 2026-11-29): the oneDNN
-route gives bitwise the same losses and weights after 200 steps, and one member-step takes 0.20-0.22 ms
-instead of 0.35-0.38 at K=10 (1 thread), 0.28 instead of 0.40 at K=4; it is *slower* for a single model
-(0.60 against 0.58 ms per step), which is why it is measured, not assumed.
+Where it is taken, the oneDNN route can give bitwise the same losses and weights as the default one and run
+a stacked population's steps faster; it can also be *slower* (for a single model, say), which is why it is
+measured, not assumed (the figures are in docs/performance.md).
 """
 from __future__ import annotations
 

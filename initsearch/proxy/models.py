@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from initsearch.errors import ConfigError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS, make_activation
-from initsearch.errors import ConfigError
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "rescnn")
 MLP_NORMS: tuple[str, ...] = ("batch", "layer")
@@ -106,7 +106,7 @@ class MLP(_FlatSequential):
         width = _int_at_least("model.width", width, 1)
         acts = _activation_names("model.activation", activation, depth - 1)
         norm = _norm_name("model.norm", norm, MLP_NORMS)
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        if not is_finite_number(dropout) or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {dropout!r}")
         layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
         fan_in = math.prod(shape)
@@ -253,8 +253,7 @@ def scale_width(width_or_channels: int | Sequence[int], multiplier: float) -> in
     ``round`` rounds halves to even (``round(2.5) == 2``). Raises ``ValueError`` for a multiplier that is
     not a positive finite number or a width below 1.
     """
-    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) \
-            or not math.isfinite(multiplier) or multiplier <= 0:
+    if not is_finite_number(multiplier) or multiplier <= 0:
         raise ValueError(f"width multiplier must be a positive finite number, got {multiplier!r}")
 
     def one(w: int) -> int:

@@ -21,26 +21,12 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     (``x`` needs no gradient). Validation runs the same way (the validation set is shared anyway).
   * The optimizer is ``train.make_optimizer``'s, rebuilt with ``fused=True`` where torch has a fused
     kernel (same class and hyperparameters; one kernel per tensor instead of several element-wise passes).
-  * **Kernels.** The training steps run their float32 products on the route ``initsearch.kernels`` chooses
+  * **Kernels.** The training steps run their float32 products on the route the ``kernels`` module chooses
     for this stack's shapes: oneDNN where a probe step shows it exact to float32 precision and faster, ATen's
-    default (MKL) otherwise. Validation always runs on the default route.
-
-    Measured on this project's 2-core CPU (digits_mlp: 64-128-128-128-10 ReLU MLP, 200 steps, batch 128, SGD
-    momentum, one thread, validation included, best of 3, ``bench.py --engine-check 10``; 2026-11-29,
-    quiet machine), ms per member-step at K=10, one shared seed:
-
-    ==========================================================  ===========
-    ``train_run`` one by one (fused SGD)                         0.545
-    ``stacked``, default route (MKL)                             0.358 (1.52x)
-    ``stacked``, oneDNN route (bitwise the same curves here)     0.224 (2.43x)
-    ``vmap``, oneDNN route                                       0.308 (1.77x)
-    ==========================================================  ===========
-
-    MKL runs its AVX2 path on this AMD CPU (~105 GFLOP/s), and its products alone take ~0.30 ms per
-    member-step, which bounded the stacked engine at ~0.33 ms; oneDNN's AVX-512 kernels compute the same
-    float32 products (here to the bit) in 55-60% of that time. The earlier layout, ``(K, B, in) @ (K, in,
-    out)`` with an out-of-place ``ReLU`` and an unfused optimizer, took 0.42-0.44 ms. On a single model the
-    oneDNN route is slower (0.60 against 0.58 ms per step), which is one reason it is measured per stack.
+    default (MKL) otherwise. Validation always runs on the default route. On CPUs where MKL takes a slow
+    path, the matrix products dominate a stacked step and oneDNN computes the same float32 products faster;
+    on a single model the oneDNN route can be slower, which is one reason it is measured per stack (the
+    figures are in docs/performance.md).
   * ``vmap`` (any other model, the CNN proxies included): a copy of the first model on the ``meta`` device
     is the stateless skeleton that ``torch.func.functional_call`` runs with member ``k``'s slice, mapped
     over K by ``torch.func.vmap`` (convolutions become grouped convolutions by torch.func's batching rules).
@@ -99,15 +85,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from initsearch.errors import first_line
 from initsearch.proxy.kernels import Route, choose_route
 from initsearch.proxy.kernels import known as known_route
 from initsearch.proxy.train import (
     Curve,
     TrainConfig,
     TrainData,
-    _autocast,
-    _check_data,
-    _snapshot,
+    bf16_autocast,
+    check_data,
+    curve_snapshot,
     divergence_reason,
     draw_batches,
     fused,
@@ -119,12 +106,7 @@ from initsearch.proxy.train import (
 log = logging.getLogger("initsearch")
 
 Callback = Callable[[int, Curve], bool]
-MODES: tuple[str, ...] = ("auto", "stacked", "vmap", "loop")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+POPULATION_MODES: tuple[str, ...] = ("auto", "stacked", "vmap", "loop")  # ``auto`` or the engine to insist on
 
 
 # ---- which way to train --------------------------------------------------------------------------------------
@@ -462,9 +444,9 @@ def _probe(stack: _Stack, data: TrainData) -> str | None:
                 stack.engine.logits(stack.params, buffers, data.x_val[:n])
             finally:
                 stack.engine.train()
-    except Exception as exc:  # noqa: BLE001 - any failure means: train them one by one
+    except Exception as exc:
         engine = "stacked" if isinstance(stack.engine, _StackedSequential) else "vmap"
-        return f"the {engine} engine failed on this model ({type(exc).__name__}: {_first_line(exc)})"
+        return f"the {engine} engine failed on this model ({type(exc).__name__}: {first_line(exc)})"
     return None
 
 
@@ -504,7 +486,7 @@ def evaluate_members(stack: _Stack, x: torch.Tensor, y: torch.Tensor, batch_size
     correct = torch.zeros(rows, dtype=torch.int64, device=x.device)
     stack.engine.eval()
     try:
-        with _autocast(x.device, bf16):
+        with bf16_autocast(x.device, bf16):
             for start in range(0, len(x), chunk):
                 logits = stack.engine.logits(stack.params, stack.buffers, x[start:start + chunk]).float()  # (rows, n, C)
                 target = y[start:start + chunk]
@@ -524,12 +506,11 @@ def choose_mode(models: Sequence[nn.Module], mode: str = "auto", device: torch.d
 
     ``auto``: ``stacked`` for plain MLP Sequentials; ``vmap`` for other models without dropout on CUDA;
     ``loop`` otherwise: for dropout, a single member, and for ``vmap`` models on the CPU, where the batched
-    convolutions ran slower than one model at a time (0.96x on digits_cnn, about 0.5x on a CIFAR-shaped CNN
-    on this project's 2-core CPU; docs/performance.md). Any other ``mode`` insists on that engine and raises
-    ``ValueError`` when the models cannot take it.
+    convolutions ran slower than one model at a time (docs/performance.md). Any other ``mode`` insists on
+    that engine and raises ``ValueError`` when the models cannot take it.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in POPULATION_MODES:
+        raise ValueError(f"mode must be one of {', '.join(POPULATION_MODES)}, got {mode!r}")
     if mode == "loop":
         return "loop", "asked for"
     if len(models) == 1 and mode == "auto":
@@ -559,7 +540,7 @@ def train_population(models: Sequence[nn.Module], data: TrainData, cfg: TrainCon
     live on the data's device.
     """
     cfg.validate()
-    _check_data(data)
+    check_data(data)
     callbacks = list(on_checkpoint) if on_checkpoint is not None else [None] * len(models)
     if not models:
         return []
@@ -600,7 +581,7 @@ def _train_stacked(stack: _Stack, models: Sequence[nn.Module], data: TrainData, 
             idx = stack.plan[stack.offset]
             stack.offset += 1
             route.use(onednn)
-            with _autocast(device, cfg.bf16):
+            with bf16_autocast(device, cfg.bf16):
                 losses = stack.engine.loss(stack.params, stack.buffers, x[idx], y[idx], shared=stack.shared)
             for p in stack.params.values():  # what zero_grad(set_to_none=True) does, without its per-call wrapping
                 p.grad = None
@@ -648,7 +629,7 @@ def _route_key(stack: _Stack, data: TrainData, cfg: TrainConfig) -> RouteKey:
 
 
 def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
-    """Whether the stack's training steps run their float32 products on oneDNN (``initsearch.kernels``): on
+    """Whether the stack's training steps run their float32 products on oneDNN (the ``kernels`` module): on
     the CPU, when one step of this stack's engine, shapes, batch and threads gives the same loss and
     gradients as the default route to float32 precision, and runs faster.
 
@@ -731,7 +712,7 @@ def _checkpoint(stack: _Stack, curves: list[Curve], step: int, models: Sequence[
         curve.val_loss.append(float(val_loss[r]))
         curve.val_acc.append(float(val_acc[r]))
         callback = callbacks[member]
-        if callback is not None and callback(step, _snapshot(curve)):
+        if callback is not None and callback(step, curve_snapshot(curve)):
             curve.stopped, curve.reason = True, f"stopped by callback at step {step}"
             stopped.append(r)
     elapsed = time.perf_counter() - started

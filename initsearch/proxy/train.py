@@ -14,22 +14,22 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from initsearch.errors import ConfigError, DataError
+from initsearch.errors import ConfigError, DataError, is_finite_number
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
 
 class TrainData(Protocol):
-    """What ``train_run`` needs from a data object (``initsearch.data`` provides one)."""
+    """What ``train_run`` needs from a data object (``data.load_dataset``'s ``Dataset`` is one)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -82,15 +82,15 @@ class TrainConfig:
         _check_int("train.warmup_steps", self.warmup_steps, 0)
         _check_int("train.eval_every", self.eval_every, 1)
         _check_int("train.eval_batch_size", self.eval_batch_size, 1)
-        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+        if not is_finite_number(self.lr) or self.lr <= 0:
             raise ConfigError(f"train.lr: must be a finite number > 0, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not _is_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
+        if not is_finite_number(self.momentum) or not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"train.momentum: must be in [0, 1), got {self.momentum!r}")
-        if not _is_number(self.weight_decay) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+        if not is_finite_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: must be a finite number >= 0, got {self.weight_decay!r}")
-        if not _is_number(self.divergence_factor) or not self.divergence_factor > 1:
+        if not _is_real(self.divergence_factor) or not self.divergence_factor > 1:
             raise ConfigError(f"train.divergence_factor: must be > 1 (inf turns the check off), "
                               f"got {self.divergence_factor!r}")
         if not isinstance(self.bf16, bool):
@@ -103,7 +103,9 @@ class TrainConfig:
         return self.lr
 
 
-def _is_number(value: Any) -> bool:
+def _is_real(value: Any) -> bool:
+    """An int or float, not a bool, finite or not (``divergence_factor`` may be ``inf``, which turns the check
+    off); the other numbers use ``is_finite_number``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -171,9 +173,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``optimizer`` rebuilt with ``fused=True`` (one kernel per tensor for the whole update instead of
     several element-wise passes), the same class and hyperparameters, so the same update up to float
-    rounding; ``optimizer`` itself where this torch has no fused version for these tensors. On the project's
-    CPU this makes a digits_mlp step 4-5% faster (0.546 against 0.572 ms); stacked populations gain about
-    1% (SGD) to 7% (Adam) per member-step."""
+    rounding; ``optimizer`` itself where this torch has no fused version for these tensors. Fewer passes
+    over the parameters make a step faster, for single runs and stacked populations alike."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key it does not take
     settings = {key: value for key, value in optimizer.defaults.items() if key in accepted}
@@ -189,7 +190,7 @@ def _sparse_gradients(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in model.modules())
 
 
-def _autocast(device: torch.device, bf16: bool) -> ContextManager[Any]:
+def bf16_autocast(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
     """bf16 autocast on CUDA when asked; a no-op elsewhere."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -203,7 +204,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    with _autocast(x.device, bf16):
+    with bf16_autocast(x.device, bf16):
         for start in range(0, len(x), batch_size):
             logits = model(x[start:start + batch_size]).float()
             target = y[start:start + batch_size]
@@ -229,7 +230,9 @@ def divergence_reason(losses: np.ndarray, first_step: int, initial: float, facto
     return None
 
 
-def _check_data(data: TrainData) -> None:
+def check_data(data: TrainData) -> None:
+    """Raise ``DataError`` unless the four splits are tensors and each split's inputs and labels have the
+    same, non-zero, number of rows."""
     for name in ("x_train", "y_train", "x_val", "y_val"):
         if not isinstance(getattr(data, name, None), torch.Tensor):
             raise DataError(f"data.{name}: must be a tensor on the device")
@@ -275,8 +278,8 @@ def segment_steps(step: int, cfg: TrainConfig) -> int:
 def draw_batches(gen: torch.Generator, n: int, steps: int, batch_size: int, device: torch.device) -> torch.Tensor:
     """The batch indices of the next ``steps`` steps, ``(steps, batch_size)``: exactly what one
     ``randint(0, n, (batch_size,), generator=gen)`` call per step would draw, in order. On the CPU one call
-    draws them all (the CPU generator is sequential, so the values are the same, and a step saves about 5 us
-    of dispatch); elsewhere one call per step."""
+    draws them all (the CPU generator is sequential, so the values are the same, and the steps save the
+    dispatch of their own calls); elsewhere one call per step."""
     if device.type == "cpu":
         return torch.randint(0, n, (steps, batch_size), generator=gen, device=device)
     return torch.stack([torch.randint(0, n, (batch_size,), generator=gen, device=device) for _ in range(steps)])
@@ -292,7 +295,7 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
     untouched. Checkpoints (``_checkpoint``) come at every ``eval_every`` steps and at the last step.
     """
     cfg.validate()
-    _check_data(data)
+    check_data(data)
     x, y, device = data.x_train, data.y_train, data.x_train.device
     curve = Curve(train_loss=np.zeros(0, dtype=np.float64))
     losses = torch.empty(cfg.steps, dtype=torch.float32, device=device)
@@ -314,7 +317,7 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
             idx = plan[offset]
             offset += 1
             xb = x[idx].contiguous(memory_format=torch.channels_last) if channels_last else x[idx]
-            with _autocast(device, cfg.bf16):
+            with bf16_autocast(device, cfg.bf16):
                 loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -347,13 +350,13 @@ def _checkpoint(curve: Curve, losses: torch.Tensor, step: int, model: nn.Module,
     curve.val_steps.append(step)
     curve.val_loss.append(val_loss)
     curve.val_acc.append(val_acc)
-    if on_checkpoint is not None and on_checkpoint(step, _snapshot(curve)):
+    if on_checkpoint is not None and on_checkpoint(step, curve_snapshot(curve)):
         curve.stopped, curve.reason = True, f"stopped by callback at step {step}"
         return True
     return False
 
 
-def _snapshot(curve: Curve) -> Curve:
+def curve_snapshot(curve: Curve) -> Curve:
     """A copy of the curve so far, safe to keep (later checkpoints do not change it)."""
     return Curve(train_loss=curve.train_loss.copy(), val_steps=list(curve.val_steps),
                  val_loss=list(curve.val_loss), val_acc=list(curve.val_acc), steps_done=curve.steps_done,

@@ -5,18 +5,18 @@ Every invalid value raises ``ConfigError`` with one line that names the key, e.g
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from initsearch.contenders.baselines import ALL_BASELINES
-from initsearch.errors import ConfigError
+from initsearch.errors import ConfigError, is_finite_number
 from initsearch.proxy.scoring import check_aggregate, check_metric, direction
-from initsearch.search.space import SearchSpace, space_from_config
 from initsearch.proxy.train import TrainConfig
+from initsearch.search.space import SearchSpace, space_from_config
 
 DEFAULT_STORAGE = "initsearch.journal"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -66,9 +66,9 @@ class StudySettings:
     space: SearchSpace
     sampler: dict[str, Any]
     pruner: dict[str, Any]
-    # speed (issue 6): trials asked from Optuna and trained together as one stacked population; 1 = one by one
+    # speed: trials asked from Optuna and trained together as one stacked population; 1 = one by one
     batch_trials: int = 1
-    # reliability (issue 7): worker processes on this machine; heartbeat seconds and the silence after which a
+    # several workers: processes on this machine; heartbeat seconds and the silence after which a
     # RUNNING trial counts as abandoned (its worker died) and is failed and retried once
     n_workers: int = 1
     heartbeat_interval: int = 60
@@ -87,7 +87,7 @@ def _int(value: Any, key: str, low: int = 0) -> int:
 
 
 def _number(value: Any, key: str, low: float | None = None, high: float | None = None, open_low: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_finite_number(value)
     ok = ok and (low is None or (value > low if open_low else value >= low)) and (high is None or value <= high)
     if not ok:
         bounds = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}]" if low is not None else "finite"
@@ -180,3 +180,12 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         heartbeat_interval=_int(c.get("heartbeat_interval", 60), "heartbeat_interval", 1),
         grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of the ``device`` setting: ``auto`` is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for, but CUDA is not available on this machine")
+    return torch.device(name)

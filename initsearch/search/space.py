@@ -16,22 +16,21 @@ is searched at all (LSUV sets the scale). Only when ``rescale`` is on does each 
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
+from initsearch.contenders.baselines import LSUV_SETTINGS
+from initsearch.errors import ConfigError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS
-from initsearch.errors import ConfigError
 from initsearch.init.layers import LayerInfo
 from initsearch.init.policy import InitPolicy
 from initsearch.init.schemes import SCHEME_SPECS
 
 SPACES = ("hybrid", "grouped", "free", "scales_only")
-BIAS_OPTIONS = ("zeros", "pytorch_default")
-LSUV_SETTINGS = {"enabled": True, "target_std": 1.0, "tol": 0.1, "max_iter": 10}
+SEARCHED_BIAS = ("zeros", "pytorch_default")  # the bias inits a trial may draw
 
 
 @dataclass(frozen=True)
@@ -140,15 +139,15 @@ def space_from_config(cfg: Mapping[str, Any]) -> SearchSpace:
     elif not schemes:
         raise ConfigError("search_space.schemes: must list candidate schemes")
     gain = cfg.get("gain", "auto")
-    if gain != "auto" and not (_is_number(gain) and 0 < gain <= 100):
+    if gain != "auto" and not (is_finite_number(gain) and 0 < gain <= 100):
         raise ConfigError(f"search_space.gain: must be 'auto' or a number in (0, 100], got {gain!r}")
     scale = cfg.get("scale_log2", (0.0, 0.0))
-    if not (isinstance(scale, Sequence) and len(scale) == 2 and all(_is_number(v) for v in scale)
+    if not (isinstance(scale, Sequence) and len(scale) == 2 and all(is_finite_number(v) for v in scale)
             and -10 <= scale[0] <= scale[1] <= 10):
         raise ConfigError(f"search_space.scale_log2: must be [low, high] with -10 <= low <= high <= 10, got {scale!r}")
     bias = tuple(cfg.get("bias", ("zeros",)))
-    if not bias or any(b not in BIAS_OPTIONS for b in bias):
-        raise ConfigError(f"search_space.bias: must be a non-empty list of {', '.join(BIAS_OPTIONS)}, got {list(bias)!r}")
+    if not bias or any(b not in SEARCHED_BIAS for b in bias):
+        raise ConfigError(f"search_space.bias: must be a non-empty list of {', '.join(SEARCHED_BIAS)}, got {list(bias)!r}")
     lsuv = tuple(cfg.get("lsuv", (False,)))
     if not lsuv or any(not isinstance(v, bool) for v in lsuv):
         raise ConfigError(f"search_space.lsuv: must be a non-empty list of true/false, got {list(lsuv)!r}")
@@ -161,38 +160,3 @@ def _check_scheme(s: Any, key: str) -> None:
         raise ConfigError(f"{key}: unknown scheme {s!r}; expected one of {known}")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# ---- the textbook baselines ------------------------------------------------------------------------------
-BASELINES: dict[str, dict[str, Any]] = {
-    # What nn.Linear/nn.ConvNd.reset_parameters do: kaiming_uniform(a=sqrt 5) -> U(+-1/sqrt fan_in), bias likewise.
-    "pytorch_default": {"scheme": "pytorch_default", "bias": "pytorch_default"},
-    # Glorot & Bengio 2010, the uniform form of the paper, gain 1.
-    "xavier": {"scheme": "xavier_uniform", "gain": 1.0},
-    # He et al. 2015: N(0, gain^2/fan_in), gain from the activation.
-    "he": {"scheme": "kaiming_normal", "gain": "auto", "mode": "fan_in"},
-    # LeCun et al. 1998: N(0, 1/fan_in).
-    "lecun": {"scheme": "lecun_normal"},
-    # Saxe et al. 2014, with the activation's gain.
-    "orthogonal": {"scheme": "orthogonal", "gain": "auto"},
-}
-
-
-def baseline_policy(name: str) -> InitPolicy:
-    """The policy of a textbook baseline: one scheme for every linear/conv layer (``lsuv`` = orthogonal
-    pre-init followed by LSUV, as Mishkin & Matas 2016)."""
-    if name == "lsuv":
-        default, lsuv = {"scheme": "orthogonal", "gain": 1.0}, dict(LSUV_SETTINGS)
-    elif name in BASELINES:
-        default, lsuv = dict(BASELINES[name]), None
-    else:
-        raise ConfigError(f"baselines: unknown baseline {name!r}; expected any of {', '.join(BASELINE_NAMES)}")
-    data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": [], "default": default}
-    if lsuv:
-        data["lsuv"] = lsuv
-    return InitPolicy.from_dict(data)
-
-
-BASELINE_NAMES: tuple[str, ...] = (*BASELINES, "lsuv")

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from typing import Any
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
+
+from initsearch.search.outcome import Tracker, TrialOutcome, safely
 
 log = logging.getLogger("initsearch")
 
@@ -232,6 +235,35 @@ def fail_stale_trials(study: optuna.Study, grace_period: float,
     return failed
 
 
+class StaleTrials:
+    """Fails trials left RUNNING by dead workers (``fail_stale_trials``; on RDBs also Optuna's heartbeat
+    check) and tells the tracker about each one as a failed trial, so its MLflow run is closed FAILED."""
+
+    def __init__(self, tracker: Tracker, grace_period: float, heartbeats: bool) -> None:
+        self.tracker = tracker
+        self.grace_period = grace_period
+        self.heartbeats = heartbeats  # an RDB: Optuna's heartbeat judges the workers of other hosts
+
+    def check(self, study: optuna.Study) -> None:
+        if self.heartbeats:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # calls on_rdb_stale for each
+        fail_stale_trials(study, self.grace_period, self._log, other_hosts=not self.heartbeats)
+
+    def on_rdb_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = f"worker lost: no heartbeat for {self.grace_period:g} s"
+        enqueue_retry(study, trial.number, trial.params, trial.user_attrs, reason)
+        self._log(trial, reason)
+
+    def _log(self, trial: FrozenTrial, reason: str) -> None:
+        outcome = TrialOutcome(trial.number, trial.user_attrs.get("baseline"), dict(trial.params),
+                               policy=trial.user_attrs.get("policy"), state="failed", reason=reason)
+        if trial.datetime_start is not None and trial.datetime_complete is not None:
+            outcome.seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        safely(self.tracker.trial_finished, outcome)
+
+
 # ---- the study lock ------------------------------------------------------------------------------------------
 def _lock_key(name: str) -> int:
     """A stable signed 64-bit key for a PostgreSQL advisory lock (the same in every process and machine)."""
@@ -352,7 +384,7 @@ class StudyLock:
             else:
                 conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"initsearch:{self.study_name}"[:64]})
             conn.commit()
-        except Exception as exc:  # noqa: BLE001 - closing the connection drops the lock anyway
+        except Exception as exc:
             log.debug("study lock: release failed (%s); dropping the connection", exc)
             conn.invalidate()
         finally:

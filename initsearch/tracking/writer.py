@@ -1,45 +1,38 @@
 """The MLflow writer: a separate process that logs the studies' per-trial child runs.
 
-``initsearch.tracking.MlflowTracker`` starts this file *by path* (``python .../mlflow_writer.py``), so
-the process imports only MLflow and the standard library: not torch, not the ``initsearch`` package. Its
-CPU (MLflow's ORM, about 30-50 ms per digits trial) then runs on another core instead of competing for
-the study process's GIL.
+The study process (``tracking.delivery.WriterProcess``) starts it as ``python -m initsearch.tracking.writer``.
+It imports only the standard library, MLflow and ``initsearch.errors`` (which imports nothing of initsearch):
+not torch. Its CPU (MLflow's ORM) then runs on another core instead of competing for the study process's GIL.
 
 Protocol. stdin: one JSON object per line: ``{"op": "open", "seq": n}`` (open the store now; the study
 process sends it once it has created the store) and ``{"op": "trial", "seq": n, ...}`` (one child run; see
-``log_trial`` for the fields, built by ``tracking.trial_payload``). stdout: one JSON acknowledgement per
+``log_trial`` for the fields, built by ``payload.trial_payload``). stdout: one JSON acknowledgement per
 message, in order, and ``seq`` 0 once MLflow is imported: ``{"seq": n, "cpu": <process CPU s>,
 "trial_cpu": <CPU s spent logging trials>, "error": <one line or null>, "disabled": <bool>}``. Anything
 else MLflow or a library prints goes to stderr (fd 1 is pointed at fd 2; the acknowledgements use a
 private copy of the original stdout). The writer runs at a lower priority (``NICE``).
 
 Robustness. SIGINT and SIGHUP are ignored (Ctrl-C reaches the whole process group; the study process handles
-it and closes this one; a hangup would lose what was sent). On EOF of stdin every line already sent is logged, then the process exits, so the
-trials a SIGKILLed study process had sent still arrive. A failing MLflow call is reported in the
-acknowledgement (the study process logs it as a warning), or as one line on stderr when the study process
-is gone; after ``MAX_FAILURES`` failures in a row the writer stops calling MLflow and only acknowledges.
+it and closes this one; a hangup would lose what was sent). On EOF of stdin every line already sent is
+logged, then the process exits, so the trials a SIGKILLed study process had sent still arrive. A failing
+MLflow call is reported in the acknowledgement (the study process logs it as a warning), or as one line on
+stderr when the study process is gone; after ``MAX_FAILURES`` failures in a row the writer stops calling
+MLflow and only acknowledges.
 
-This module is also imported as ``initsearch.mlflow_writer``: ``tracking`` uses ``log_trial`` for its
-in-process fallback and re-exports the batching rules (``batches``, ``log_in_batches``, the limits).
+The study process imports this module too: ``log_trial`` for logging trials itself (no writer, or one
+that died), ``log_in_batches`` for the study-level runs, and the limits below.
 """
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import IO, Any
 
-if __name__ == "__main__" and sys.path and sys.path[0]:
-    # Run by path, Python puts this file's folder (the initsearch package) first on sys.path, where its
-    # modules (config.py, data.py, ...) could shadow top-level modules of the same names: drop it.
-    import os.path as _p
-
-    if _p.realpath(sys.path[0]) == _p.dirname(_p.realpath(__file__)):
-        del sys.path[0]
-
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
-from typing import IO, Any  # noqa: E402
+from initsearch.errors import first_line, hide_password_of
 
 MAX_FAILURES = 3
 URI_ENV = "INITSEARCH_MLFLOW_WRITER_URI"
@@ -134,36 +127,6 @@ def log_trial(client: Any, payload: Mapping[str, Any]) -> str:
     return run_id
 
 
-_SECRETS: set[str] = set()  # passwords of the tracking URIs in use: never shown in a message
-
-
-def hide_password_of(uri: str) -> None:
-    """Remember the password in ``uri`` (``http://user:pass@host``), so ``one_line`` and ``scrub`` hide it:
-    MLflow's error messages quote the URL of the request that failed, credentials included."""
-    try:
-        from urllib.parse import unquote, urlsplit
-
-        password = urlsplit(uri).password
-    except ValueError:
-        password = uri.partition("://")[2].rpartition("@")[0].partition(":")[2] or None
-    if password:
-        _SECRETS.update({password, unquote(password)})
-
-
-def scrub(text: str) -> str:
-    """``text`` with every remembered password replaced by ``***``."""
-    for secret in _SECRETS:
-        text = text.replace(secret, "***")
-    return text
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 300 characters of it), passwords hidden."""
-    text = scrub(str(exc).strip())
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
-
-
 # ---- the process -------------------------------------------------------------------------------------------
 class Writer:
     """Handles the messages in order; counts failures in a row and gives up after ``MAX_FAILURES``.
@@ -194,10 +157,11 @@ class Writer:
                 if op == "trial":
                     log_trial(self.client, message)
                 self.failures = 0
-            except Exception as exc:  # noqa: BLE001 - one bad trial must not stop the others
+            except Exception as exc:
                 self.failures += 1
-                error = (f"log_trial failed (trial {message.get('number')}: {one_line(exc)})" if op == "trial"
-                         else f"opening the store failed ({one_line(exc)})")
+                first = first_line(exc, with_type=True, limit=300)
+                error = (f"log_trial failed (trial {message.get('number')}: {first})" if op == "trial"
+                         else f"opening the store failed ({first})")
                 self.disabled = self.failures >= MAX_FAILURES
             finally:
                 if op == "trial":
@@ -230,21 +194,20 @@ def _private_stdout() -> IO[str]:
 
 
 def main(argv: list[str]) -> int:
-    """``mlflow_writer.py [<tracking uri>]``: log the trials read from stdin until EOF. The study process
-    passes the URI in the environment (``URI_ENV``), not on the command line, where any user could read a
-    password in it (``ps``).
+    """``python -m initsearch.tracking.writer [<tracking uri>]``: log the trials read from stdin until EOF.
+    The study process passes the URI in the environment (``URI_ENV``), not on the command line, where any
+    user could read a password in it (``ps``).
 
     It lowers its own priority (``NICE``): logging is background work, and on a machine whose cores are
     all busy the study's training should not wait for it (the writer catches up between or after trials).
-    It imports MLflow at once (about 1.3 s of CPU, while the study process opens the store), then
-    acknowledges seq 0 (ready).
+    It imports MLflow at once (while the study process opens the store), then acknowledges seq 0 (ready).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "SIGHUP"):  # a closed terminal, or an orphaned process group: EOF ends this process
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     uri = argv[0] if len(argv) == 1 else os.environ.get(URI_ENV, "")
     if len(argv) > 1 or not uri:
-        print(f"usage: mlflow_writer.py <tracking uri> (or the URI in ${URI_ENV})", file=sys.stderr)
+        print(f"usage: python -m initsearch.tracking.writer <tracking uri> (or the URI in ${URI_ENV})", file=sys.stderr)
         return 2
     hide_password_of(uri)
     try:
@@ -253,10 +216,11 @@ def main(argv: list[str]) -> int:
         pass
     acks = _private_stdout()
     try:
-        import mlflow.entities  # noqa: F401 - the costly imports now, not in the first trial
+        import mlflow.entities
         import mlflow.tracking  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - one line; the study process falls back to logging itself
-        print(f"initsearch: MLflow writer cannot start: {one_line(exc)}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        print(f"initsearch: MLflow writer cannot start: {first_line(exc, with_type=True, limit=300)}", file=sys.stderr,
+              flush=True)
         return 3
     writer = Writer(uri, acks)
     writer.ack(0, None)

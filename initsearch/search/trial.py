@@ -1,0 +1,277 @@
+"""One trial's life, the same for both runners: policy, per seed a fresh proxy, its init and a short run,
+score, aggregate, and how it ended.
+
+``TrialRun`` holds these steps; the sequential runner (``sequential.py``, one trial inside Optuna's
+``study.optimize``) and the population runner (``batched.py``, K trials asked together and trained as one
+population) only decide how models are trained and how results are told to Optuna. So a trial means the
+same thing whichever runner ran it: the same policy, seeds, checks, score, user attributes, and the same
+mapping from what went wrong to the trial's state (``TrialRun.end_by``).
+
+How a trial can end: complete (also at once, with the score of an earlier complete trial that had the same
+parameters); pruned (by the pruner, the pre-screen, a diverged loss, non-finite weights or score); failed
+with ``user_attrs["reason"]`` (an exception, e.g. in a user's model, or CUDA out of memory: the cache is
+emptied for the next trial); failed ``interrupted by SIGINT``/``SIGTERM`` (then also enqueued again, once).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from initsearch.contenders.baselines import contender_policy, init_contender
+from initsearch.errors import ConfigError, InitSearchError, first_line, interrupt_reason
+from initsearch.init.diagnostics import is_degenerate, signal_report
+from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
+from initsearch.init.policy import InitPolicy
+from initsearch.init.seeding import forked_seed
+from initsearch.proxy.data import Dataset, load_dataset
+from initsearch.proxy.models import build_model
+from initsearch.proxy.scoring import aggregate, partial_score, score
+from initsearch.proxy.train import Curve
+from initsearch.search.outcome import TrialOutcome, safely
+from initsearch.search.settings import StudySettings, resolve_device
+from initsearch.search.workers import enqueue_retry
+
+STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+
+
+# ---- what every trial shares ---------------------------------------------------------------------------------
+@dataclass
+class Proxy:
+    """The data on the device, the example batch, and the proxy model's discovered layers."""
+
+    data: Dataset
+    example_x: torch.Tensor
+    example_y: torch.Tensor
+    layers: tuple[LayerInfo, ...]
+    device: torch.device
+    layer_method: str = "fx"  # how discover_layers found them ("fx" or "hooks")
+
+    @property
+    def discovery(self) -> LayerDiscovery:
+        """The layers as ``apply_policy(layers=...)`` takes them: every fresh copy of the proxy has these."""
+        return LayerDiscovery(self.layers, self.layer_method)
+
+
+def prepare(settings: StudySettings) -> Proxy:
+    """Load the data and discover the proxy's layers: everything that can fail on a bad config fails here,
+    before the study's storage is touched."""
+    device = resolve_device(settings.device)
+    d = settings.data
+    data = load_dataset(
+        d.get("name"),
+        root=d.get("root"),
+        url=d.get("url"),
+        md5=d.get("md5"),
+        download=bool(d.get("download", True)),
+        val_fraction=float(d.get("val_fraction", 0.2)),
+        subset=d.get("subset"),
+        normalize=bool(d.get("normalize", True)),
+        seed=settings.seed,
+        device=device,
+        synthetic=d.get("synthetic"),
+    )
+    g = torch.Generator(device="cpu").manual_seed(settings.seed)
+    idx = torch.randperm(len(data.x_train), generator=g)[: settings.lsuv_batch].to(device)
+    example_x, example_y = data.x_train[idx], data.y_train[idx]
+    model = build_model(settings.model, data.input_shape, data.num_classes).to(device)
+    try:
+        discovery = discover_layers(model, example_x)
+    except InitSearchError:
+        raise
+    except Exception as exc:  # a user's model that fails on the data: one line, before the study opens
+        raise ConfigError(f"model: the proxy failed on a batch of {d.get('name')} data: "
+                          f"{type(exc).__name__}: {first_line(exc)}") from None
+    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method)
+
+
+def fresh_model(model_cfg: dict, data: Dataset, device: torch.device, seed: int) -> torch.nn.Module:
+    """A new model of ``model_cfg`` for ``data``, built under ``seed`` (the same seed, the same weights), on
+    ``device``."""
+    with forked_seed(seed):
+        model = build_model(model_cfg, data.input_shape, data.num_classes)
+    return model.to(device)
+
+
+# ---- one trial -----------------------------------------------------------------------------------------------
+class TrialRun:
+    """One trial from its policy to how it ended. The runners call, in order: ``begin``; for each evaluation
+    seed ``init_model``, training with ``on_checkpoint``, ``record``; then ``conclude``; ``end_by`` for any
+    exception; ``finish`` last. ``state`` is set once, by the first ``end``."""
+
+    def __init__(self, settings: StudySettings, proxy: Proxy, trial: optuna.Trial,
+                 heartbeat: Callable[[optuna.Trial], None]) -> None:
+        self.s = settings
+        self.proxy = proxy
+        self.trial = trial
+        self.heartbeat = heartbeat
+        self.outcome = TrialOutcome(trial.number, trial.user_attrs.get("baseline"), params={})
+        self.started = time.perf_counter()
+        self.policy: InitPolicy | None = None
+        self.state: TrialState | None = None
+        self.value: float | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.state is None
+
+    @property
+    def prunable(self) -> bool:
+        """Searched trials report partial scores to the pruner; baselines never, and nothing does with
+        ``pruner=none`` (each report would be a storage write and a read that no pruner looks at)."""
+        return self.outcome.baseline is None and self.s.pruner.get("name") != "none"
+
+    def begin(self) -> bool:
+        """Pick the policy (sampled, or the baseline's) and record it; ``False`` when the trial ended at once
+        because a complete searched trial already scored these parameters (same seeds, same score)."""
+        trial, baseline = self.trial, self.outcome.baseline
+        policy = contender_policy(baseline) if baseline else self.s.space.sample(trial, self.proxy.layers)
+        self.outcome.params = dict(trial.params)
+        self.outcome.policy = policy.to_dict()
+        trial.set_user_attr("kind", "baseline" if baseline else "search")
+        trial.set_user_attr("policy", self.outcome.policy)
+        twin = None if baseline else complete_twin(trial)
+        if twin is None:
+            self.policy = policy
+            return True
+        self.outcome.seed_scores = list(twin.user_attrs.get("seed_scores") or [])
+        for key in ("seed_scores", "seeds"):
+            trial.set_user_attr(key, twin.user_attrs.get(key))
+        trial.set_user_attr("duplicate_of", twin.number)
+        self.end(TrialState.COMPLETE, f"same policy as trial {twin.number}", twin.value)
+        return False
+
+    def init_model(self, i: int, seed: int) -> torch.nn.Module:
+        """A fresh proxy initialized as the trial's contender for evaluation seed number ``i``; raises
+        ``TrialPruned`` for non-finite weights or (on the first seed) a pre-screen rejection."""
+        s, p, trial, outcome = self.s, self.proxy, self.trial, self.outcome
+        model = fresh_model(s.model, p.data, p.device, seed)
+        used, learned = init_contender(model, self.policy, baseline=outcome.baseline, seed=seed,
+                                       example_x=p.example_x, train_x=p.data.x_train, train_y=p.data.y_train,
+                                       train=s.train, layers=p.discovery)
+        if learned is not None:  # GradInit/MetaInit: the policy they learned, and what it cost
+            passes = trial.user_attrs.get("learned_passes", [0, 0])
+            trial.set_user_attr("learned_passes", [passes[0] + learned.forward_passes,
+                                                   passes[1] + learned.backward_passes])
+            if i == 0:
+                outcome.policy = used.to_dict()
+                trial.set_user_attr("policy", outcome.policy)
+        require_finite(model, f"after init (seed {seed})")
+        if i == 0:
+            outcome.signals = signal_report(model, p.example_x, p.example_y)
+            reason = is_degenerate(outcome.signals, low=s.prescreen.low, high=s.prescreen.high)
+            if s.prescreen.enabled and reason:
+                raise optuna.TrialPruned(f"pre-screen: {reason}")
+        return model
+
+    def on_checkpoint(self, i: int) -> Callable[[int, Curve], bool]:
+        """The training callback of evaluation seed number ``i``: beat, report the partial score, and ask
+        the pruner whether to stop. A trial that already ended stops at once."""
+        s, steps = self.s, self.s.train.steps
+
+        def callback(step: int, curve: Curve) -> bool:
+            if not self.open:
+                return True
+            self.heartbeat(self.trial)
+            if not self.prunable:
+                return False
+            self.trial.report(partial_score(curve, s.score.metric, budget=steps, target_acc=s.score.target_acc),
+                              i * steps + step)
+            return self.trial.should_prune()
+
+        return callback
+
+    def record(self, seed: int, curve: Curve, model: torch.nn.Module) -> None:
+        """Keep the seed's curve and score it; raises ``TrialPruned`` for a diverged or stopped run or
+        non-finite weights after training."""
+        self.outcome.curves.append(curve)
+        self.outcome.seeds.append(seed)
+        if not self.open:
+            return
+        if curve.diverged:
+            raise optuna.TrialPruned(f"diverged on seed {seed}: {curve.reason}")
+        if curve.stopped:
+            raise optuna.TrialPruned(f"pruned at step {curve.steps_done} of seed {seed}")
+        require_finite(model, f"after training (seed {seed})")
+        s = self.s
+        self.outcome.seed_scores.append(score(curve, s.score.metric, budget=s.train.steps,
+                                              target_acc=s.score.target_acc))
+
+    def conclude(self) -> float:
+        """Aggregate the seed scores into the trial's value and end it complete."""
+        s, outcome = self.s, self.outcome
+        self.trial.set_user_attr("seed_scores", outcome.seed_scores)
+        self.trial.set_user_attr("seeds", outcome.seeds)
+        value = aggregate(outcome.seed_scores, s.score.aggregate, s.score.direction)
+        if not math.isfinite(value):
+            raise optuna.TrialPruned(f"non-finite score {value}")
+        self.end(TrialState.COMPLETE, None, value)
+        return value
+
+    def end(self, state: TrialState, reason: str | None = None, value: float | None = None) -> None:
+        """Record how the trial ended (the first call wins)."""
+        if self.state is not None:
+            return
+        self.state, self.value = state, value
+        self.outcome.state = STATE_NAMES[state]
+        if reason:
+            self.outcome.reason = reason
+        if state == TrialState.COMPLETE:
+            self.outcome.value = value
+
+    def end_by(self, exc: BaseException) -> None:
+        """End the trial as ``exc`` means: pruned; failed with the reason; after SIGINT/SIGTERM failed
+        ``interrupted by ...`` and enqueued again, once (not the policy's fault); after CUDA ran out of
+        memory failed, with the cache handed back for the next trial."""
+        if not self.open:
+            return
+        if isinstance(exc, optuna.TrialPruned):
+            self.end(TrialState.PRUNED, str(exc))
+        elif isinstance(exc, KeyboardInterrupt):
+            self.end(TrialState.FAIL, interrupt_reason(exc))
+            t = self.trial
+            safely(enqueue_retry, t.study, t.number, t.params, t.user_attrs, self.outcome.reason)
+        elif isinstance(exc, torch.cuda.OutOfMemoryError):
+            self.end(TrialState.FAIL, f"CUDA out of memory: {first_line(exc) or type(exc).__name__}")
+            release_cuda_memory(exc)
+        else:
+            self.end(TrialState.FAIL, f"{type(exc).__name__}: {exc}")
+
+    def finish(self) -> None:
+        """The trial's duration, and its reason as a user attribute (before Optuna is told)."""
+        self.outcome.seconds = time.perf_counter() - self.started
+        if self.outcome.reason:
+            safely(self.trial.set_user_attr, "reason", self.outcome.reason[:1000])
+
+
+def require_finite(model: torch.nn.Module, when: str) -> None:
+    """Prune the trial when a weight is NaN/inf (an exploding init or run): one host sync when all is well."""
+    params = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for _, p in params]).all()):
+        return
+    bad = next(name for name, p in params if not bool(torch.isfinite(p).all()))
+    raise optuna.TrialPruned(f"non-finite weights in {bad} {when}")
+
+
+def release_cuda_memory(exc: BaseException) -> None:
+    """After CUDA ran out of memory: drop the failed trial's tensors (held by the traceback's frames), then
+    hand the cached blocks back, so the next trial starts with the memory the study started with."""
+    traceback.clear_frames(exc.__traceback__)
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def complete_twin(trial: optuna.Trial) -> FrozenTrial | None:
+    """A complete searched trial of the same study with exactly these parameters, if any."""
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.number != trial.number and other.params == trial.params and not other.user_attrs.get("baseline"):
+            return other
+    return None

@@ -1,0 +1,307 @@
+"""How a trial's payload reaches MLflow: through the writer process, or on the tracker's logging thread.
+
+``WriterProcess`` is the study process's end of the writer (``initsearch.tracking.writer``): a separate
+process, started with this interpreter, that imports MLflow but not torch and runs at a lower priority.
+Logging a child run is mostly MLflow's ORM work; there it runs on another core instead of under the
+study's GIL (which pays off only while a second core is free: on a busy machine it competes with training
+again). The study process writes one JSON line per trial and keeps the payload until the writer
+acknowledges it. A writer that cannot start or dies is one warning: the trials it had not acknowledged,
+and the later ones, are logged by the tracker itself (at least once, never lost). The writer logs what it
+was sent even after the study process is gone (``writer_running_for`` tells a resume to leave those
+trials to it).
+
+``LoggingThread`` is the tracker's background thread: it runs the tracker's calls in order (the study-level
+runs, sending the trials to the writer, or logging them itself without one), so no MLflow call runs on
+the study's thread; after ``MAX_FAILURES`` failures in a row it drops the rest rather than queue minutes
+of retries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from initsearch.errors import first_line
+from initsearch.search.workers import running_with_env, worker_id
+from initsearch.tracking.writer import MAX_FAILURES, URI_ENV
+
+log = logging.getLogger("initsearch")
+
+WRITER_FOR_ENV = "INITSEARCH_MLFLOW_WRITER_FOR"  # in the writer's environment: the worker_id() that started it
+STALL_TIMEOUT_S = 300.0  # flush(): give up when the writer acknowledged nothing for this long
+PACKAGE_ROOT = str(Path(os.path.abspath(__file__)).parents[2])  # the folder that holds this initsearch package
+
+
+def writer_running_for(worker: str) -> bool:
+    """Whether a writer process started by study process ``worker`` (a ``worker_id``) still runs on this
+    machine: after its study process was killed it logs what it had been sent, so a resume must not log
+    those trials a second time."""
+    return running_with_env(WRITER_FOR_ENV, worker)
+
+
+# ---- the logging thread ------------------------------------------------------------------------------------
+class LoggingThread:
+    """One daemon thread running submitted calls in order. A failing call is logged as a warning; after
+    ``MAX_FAILURES`` in a row the remaining and later calls are dropped (one warning says so)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._failures = 0
+        self.disabled = False
+        self.cpu_s: dict[str, float] = {}  # CPU seconds spent per kind of call (scripts/tracking_overhead.py)
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.disabled:
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="initsearch-mlflow", daemon=True)
+                self._thread.start()
+        self._queue.put((fn, args))
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted call has run; ``False`` when they have not after ``timeout`` seconds."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        q = self._queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with q.all_tasks_done:  # Queue.join() with a deadline
+            while q.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                q.all_tasks_done.wait(left)
+        return True
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Let the queued calls run, then end the thread; ``False`` when it is still busy after ``timeout``
+        seconds (it is a daemon thread: the process can still exit)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def disable(self, failures: int) -> None:
+        """Drop this and every later call (one warning)."""
+        if not self.disabled:
+            self.disabled = True
+            log.warning("MLflow tracking: %d failures in a row; tracking is off for the rest of this run", failures)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if not self.disabled:
+                    self._run(*item)
+            finally:
+                self._queue.task_done()
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        started = time.thread_time()
+        try:
+            fn(*args)
+            self._failures = 0
+        except Exception as exc:
+            self._failures += 1
+            log.warning("MLflow tracking: %s failed (%s)", fn.__name__.strip("_"),
+                        first_line(exc, with_type=True, limit=300))
+            if self._failures >= MAX_FAILURES:
+                self.disable(self._failures)
+        finally:
+            name = fn.__name__
+            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + time.thread_time() - started
+
+
+# ---- the writer process ------------------------------------------------------------------------------------
+def writer_command() -> list[str]:
+    """How the writer is started: this interpreter running ``initsearch.tracking.writer`` as a module (it
+    imports MLflow and ``initsearch.errors``, not torch). The tracking URI goes in the environment
+    (``writer_env``), out of sight of ``ps``. ``-P``: the working directory is not put on ``sys.path``, so a
+    user's ``json.py`` there cannot shadow a module the writer imports (``writer_env`` sets the path)."""
+    return [sys.executable, "-P", "-m", "initsearch.tracking.writer"]
+
+
+def writer_env(uri: str) -> dict[str, str]:
+    """The writer's environment: this process's, plus the URI (``writer.URI_ENV``), this process's
+    ``worker_id`` (``WRITER_FOR_ENV``) and ``PYTHONPATH`` with the folder that holds this process's
+    ``initsearch`` first, so the writer imports the same package even when it is not installed."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, URI_ENV: uri, WRITER_FOR_ENV: worker_id(),
+            "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, path]) if path else PACKAGE_ROOT}
+
+
+class WriterProcess:
+    """The study process's end of the writer process (``initsearch.tracking.writer``).
+
+    ``send_trial`` (from the tracker's thread) writes one JSON line per trial and keeps the payload until
+    the writer acknowledges it; a reader thread reads the acknowledgements (``{"seq", "cpu", "trial_cpu",
+    "error", "disabled"}``; seq 0 = ready) and hands each to ``on_ack``. When the writer ends without
+    being asked (killed, crashed, could not import MLflow), the payloads it did not acknowledge are handed
+    to ``on_death`` once, so the tracker logs them itself: at least once, never lost (a writer killed
+    between creating a run and acknowledging it leaves that run twice, the first one RUNNING).
+    """
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.cpu_s = 0.0  # the writer's process CPU so far (its start included)
+        self.trial_cpu_s = 0.0  # of which logging trials
+        self.dead = False
+        self.closing = False
+        self._on_ack: Callable[[dict[str, Any]], None] = lambda ack: None
+        self._on_death: Callable[[str, list[dict[str, Any]]], None] | None = None
+        self._death: tuple[str, list[dict[str, Any]]] | None = None  # a death before bind()
+        self._cond = threading.Condition()
+        self._sent = 0
+        self._acked = -1  # seq 0 = the writer imported MLflow and is ready
+        self._pending: dict[int, dict[str, Any] | None] = {}
+        self._reader = threading.Thread(target=self._read, name="initsearch-mlflow-acks", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def launch(cls, uri: str) -> WriterProcess | None:
+        """Start the writer on ``uri``; ``None`` and a warning when it cannot be started at all."""
+        try:
+            proc = subprocess.Popen(writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                                    env=writer_env(uri))
+        except (OSError, ValueError) as exc:
+            log.warning("MLflow tracking: cannot start the writer process (%s); logging the trials in this "
+                        "process instead", first_line(exc, with_type=True, limit=300))
+            return None
+        return cls(proc)
+
+    def bind(self, on_ack: Callable[[dict[str, Any]], None], on_death: Callable[[str, list[dict[str, Any]]], None]) -> None:
+        """Who hears of acknowledgements and of the writer's death (a death before this is told now)."""
+        with self._cond:
+            self._on_ack, self._on_death = on_ack, on_death
+            death, self._death = self._death, None
+        if death is not None:
+            on_death(*death)
+
+    @property
+    def unacknowledged(self) -> int:
+        with self._cond:
+            return sum(1 for p in self._pending.values() if p is not None)
+
+    def send_trial(self, payload: dict[str, Any]) -> bool:
+        """Send one trial; ``False`` when the writer is gone (the caller logs it itself)."""
+        return self._send("trial", payload)
+
+    def open_store(self, timeout: float) -> bool:
+        """Have the writer open its client on the store (after this process created it); wait for that up
+        to ``timeout`` s. ``False`` when it is not done by then (the trials then wait in the pipe)."""
+        if not self._send("open", None):
+            return False
+        return self.wait_acknowledged(stall_timeout=timeout)
+
+    def _send(self, op: str, payload: dict[str, Any] | None) -> bool:
+        with self._cond:
+            if self.dead or self.closing:
+                return False
+            seq = self._sent + 1
+            line = json.dumps({"op": op, "seq": seq, **(payload or {})}).encode() + b"\n"  # may raise: nothing pending
+            self._sent = seq
+            self._pending[seq] = payload
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+        except (OSError, ValueError) as exc:
+            self._died(f"cannot be written to ({first_line(exc, with_type=True, limit=300)})")
+        return True
+
+    def wait_acknowledged(self, stall_timeout: float = STALL_TIMEOUT_S) -> bool:
+        """Block until everything sent so far is acknowledged or the writer is gone; ``False`` when it
+        acknowledged nothing for ``stall_timeout`` seconds (then the caller stops waiting)."""
+        with self._cond:
+            target, last, since = self._sent, self._acked, time.monotonic()
+            while self._acked < target and not self.dead:
+                self._cond.wait(min(1.0, stall_timeout))
+                if self._acked != last:
+                    last, since = self._acked, time.monotonic()
+                elif time.monotonic() - since >= stall_timeout:
+                    return False
+        return True
+
+    def close_input(self) -> None:
+        """EOF to the writer: it logs what it was sent, then exits."""
+        with self._cond:
+            self.closing = True
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the writer to exit (after ``close_input``); ``False`` if it still runs."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self._reader.join(5.0)
+        return True
+
+    def kill(self) -> None:
+        """End a writer that has nothing to log (the store could not be opened)."""
+        self.close_input()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5.0)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                ack = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(ack, dict) or not isinstance(ack.get("seq"), int):
+                continue
+            with self._cond:
+                self._pending.pop(ack["seq"], None)
+                self._acked = max(self._acked, ack["seq"])
+                self.cpu_s = float(ack.get("cpu") or 0.0)
+                self.trial_cpu_s = float(ack.get("trial_cpu") or 0.0)
+                self._cond.notify_all()
+                on_ack = self._on_ack
+            on_ack(ack)
+        try:
+            code = self.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        with self._cond:
+            expected = self.closing and not any(p is not None for p in self._pending.values())
+            if expected:
+                self.dead = True
+                self._cond.notify_all()
+        if not expected:
+            self._died("ended" if code is None else f"exited with status {code}")
+
+    def _died(self, reason: str) -> None:
+        with self._cond:
+            if self.dead:
+                return
+            self.dead = True
+            orphans = [p for _, p in sorted(self._pending.items()) if p is not None]
+            self._pending.clear()
+            self._cond.notify_all()
+            on_death = self._on_death
+            if on_death is None:
+                self._death = (reason, orphans)
+        if on_death is not None:
+            on_death(reason, orphans)
+

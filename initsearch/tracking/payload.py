@@ -1,0 +1,317 @@
+"""What MLflow receives for a study, built from plain data: params, tags, metric rows and texts.
+
+No MLflow client here: the tracker logs the study-level runs with them, and each trial becomes one plain,
+JSON-able payload (``trial_payload``) that the writer process, or the logging thread, turns into a child
+run (``writer.log_trial``). Keys are cleaned and values clipped to MLflow's limits here, so one odd config
+key or long reason never makes a whole batch fail; the store URLs in the config and the tags are shown
+without their passwords.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import posixpath
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from initsearch.errors import redact_url
+from initsearch.search.outcome import TrialOutcome
+from initsearch.search.settings import StudySettings, resolve_device
+from initsearch.tracking.writer import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
+
+log = logging.getLogger("initsearch")
+
+STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+TRUNCATED = "...[truncated]"
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and empty mappings stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def param_value(value: Any) -> str:
+    """A param's string: strings as they are, everything else as JSON (``null``, ``true``, ``[1, 2]``),
+    clipped to MLflow's 6000 characters with a visible ``...[truncated]`` (the full text is in config.yaml)."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return clip(text, MAX_PARAM_VALUE)
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def clean_key(key: str) -> str | None:
+    """A key MLflow accepts (letters, digits, ``_ - . / : space``; not a path that normalizes to another
+    name), or ``None`` when it is too long (MLflow allows 250 characters) and must be skipped."""
+    key = _BAD_KEY_CHARS.sub("_", str(key))
+    if posixpath.normpath(key) != key or key.startswith("/"):
+        key = key.replace("/", "_")
+    if not key or len(key) > MAX_KEY:
+        return None
+    return key
+
+
+def config_params(config_yaml: str) -> list[tuple[str, str]]:
+    """The composed config flattened into ``(key, value)`` params (``hydra`` left out; it is in config.yaml).
+    Keys MLflow cannot hold are skipped with a debug log."""
+    import yaml
+
+    tree = yaml.safe_load(config_yaml) if config_yaml.strip() else {}
+    if not isinstance(tree, Mapping):
+        return []
+    params = []
+    for key, value in flatten({k: v for k, v in tree.items() if k != "hydra"}).items():
+        name = clean_key(key)
+        if name is None:
+            log.debug("MLflow: config key %r too long for a param; it is in config.yaml", key)
+            continue
+        params.append((name, param_value(value)))
+    return params
+
+
+def redact_text(text: str, urls: Sequence[str]) -> str:
+    """``text`` with the password of each URL in ``urls`` replaced by ``***``."""
+    for url in urls:
+        if url and redact_url(url) != url:
+            text = text.replace(url, redact_url(url))
+    return text
+
+
+def version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        module = sys.modules.get(dist)
+        return str(getattr(module, "__version__", "unknown"))
+
+
+def parent_tags(settings: StudySettings) -> dict[str, str]:
+    """Study name, storage (absolute path, or URL without password), device, metric, versions."""
+    storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).absolute())
+    try:
+        device = str(resolve_device(settings.device))
+    except Exception:
+        device = settings.device
+    if device.startswith("cuda"):
+        import torch
+
+        device = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    tags = {
+        "initsearch.study": settings.study_name,
+        "initsearch.role": "parent",
+        "initsearch.storage": clip(redact_url(storage), MAX_TAG_VALUE),
+        "initsearch.device": device,
+        "initsearch.metric": settings.score.metric,
+        "initsearch.direction": settings.score.direction,
+    }
+    for dist in ("initsearch", "torch", "optuna", "mlflow"):
+        tags[f"initsearch.version.{dist}"] = version(dist)
+    return tags
+
+
+def trial_run_name(outcome: TrialOutcome) -> str:
+    return f"{outcome.baseline} (trial {outcome.number})" if outcome.baseline else f"trial {outcome.number}"
+
+
+def trial_tags(outcome: TrialOutcome, parent_id: str) -> dict[str, str]:
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "initsearch.role": "trial",
+        "initsearch.trial": str(outcome.number),
+        "initsearch.kind": "baseline" if outcome.baseline else "search",
+        "initsearch.state": outcome.state,
+    }
+    if outcome.baseline:
+        tags["initsearch.baseline"] = outcome.baseline
+    if outcome.reason:
+        tags["initsearch.reason"] = clip(outcome.reason, MAX_TAG_VALUE)
+    return tags
+
+
+def trial_params(outcome: TrialOutcome) -> list[tuple[str, str]]:
+    """``trial``, ``baseline`` (for baselines) and every sampled parameter."""
+    params = [("trial", str(outcome.number))]
+    if outcome.baseline:
+        params.append(("baseline", outcome.baseline))
+    for key, value in outcome.params.items():
+        name = clean_key(key)
+        if name is not None and name not in ("trial", "baseline"):
+            params.append((name, param_value(value)))
+    return params
+
+
+def seed_suffix(i: int) -> str:
+    """The metric-key suffix of the ``i``-th evaluation seed: none for the first, ``_s1``, ``_s2``... after."""
+    return "" if i == 0 else f"_s{i}"
+
+
+def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[tuple[str, float, int, int]]:
+    """Every metric of a trial as plain ``(key, value, timestamp_ms, step)`` rows (logged in batches, never
+    one call per step; plain so they can be sent to the writer process as JSON).
+
+    Per seed ``i``: ``train_loss{sfx}`` at steps 1..steps_done and ``val_loss{sfx}``/``val_acc{sfx}`` at the
+    checkpoints. Timestamps place each seed's steps evenly over its own training time, the seeds back to
+    back and ending at ``end_ms`` (the host only reads the losses at checkpoints, so per-step times are
+    not measured; this keeps MLflow's wall-time axis truthful to within a seed). The init diagnostics at
+    step 0 and ``start_ms``; ``score``, ``seed_score_s{i}``, ``seconds`` at ``end_ms``.
+    """
+    rows: list[tuple[str, float, int, int]] = [(k, v, start_ms, 0) for k, v in signal_metrics(outcome.signals)]
+    curves = list(outcome.curves)
+    after = [sum(c.seconds for c in curves[i + 1:]) for i in range(len(curves))]
+    for i, curve in enumerate(curves):
+        sfx = seed_suffix(i)
+        t_end = end_ms - 1000.0 * after[i]
+        t_start = max(float(start_ms), t_end - 1000.0 * curve.seconds)
+        n = max(len(curve.train_loss), 1)
+
+        def at(step: int) -> int:
+            return int(t_start + (t_end - t_start) * min(step, n) / n)
+
+        key = f"train_loss{sfx}"
+        rows.extend((key, float(loss), at(j + 1), j + 1) for j, loss in enumerate(curve.train_loss))
+        for step, loss, acc in zip(curve.val_steps, curve.val_loss, curve.val_acc):
+            rows.append((f"val_loss{sfx}", float(loss), at(step), int(step)))
+            rows.append((f"val_acc{sfx}", float(acc), at(step), int(step)))
+    if outcome.value is not None:
+        rows.append(("score", float(outcome.value), end_ms, 0))
+    for i, value in enumerate(outcome.seed_scores):
+        rows.append((f"seed_score_s{i}", float(value), end_ms, 0))
+    rows.append(("seconds", float(outcome.seconds), end_ms, 0))
+    return rows
+
+
+def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any]:
+    """``trial_metric_rows`` as ``mlflow.entities.Metric``s."""
+    from mlflow.entities import Metric
+
+    return [Metric(k, v, ts, step) for k, v, ts, step in trial_metric_rows(outcome, start_ms, end_ms)]
+
+
+def trial_payload(outcome: TrialOutcome, end_ms: int, worker: str) -> dict[str, Any]:
+    """Everything the child run of a trial holds, as plain JSON-able data (``writer.log_trial``).
+
+    The run ids (``experiment_id``, tag ``mlflow.parentRunId``) are filled in later, once the study's
+    start is logged. ``worker`` is the study process's ``worker_id`` (tag ``initsearch.worker``: a resume
+    closes the runs a dead worker left RUNNING), also when the writer process logs the run.
+    """
+    start_ms = end_ms - int(round(outcome.seconds * 1000))
+    texts: dict[str, str] = {}
+    if outcome.policy is not None:
+        texts["policy.json"] = _json(outcome.policy)
+    rows = signal_rows(outcome.signals)
+    if rows:
+        texts["init_signals.json"] = _json(rows)
+    return {
+        "number": outcome.number,
+        "experiment_id": None,
+        "run_name": trial_run_name(outcome),
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+        "tags": {**trial_tags(outcome, ""), "initsearch.worker": worker},
+        "params": trial_params(outcome),
+        "metrics": trial_metric_rows(outcome, start_ms, end_ms),
+        "texts": texts,
+        "status": STATUS_OF_STATE.get(outcome.state, "KILLED"),
+    }
+
+
+def signal_rows(signals: Any) -> list[dict[str, Any]]:
+    """The per-layer rows of a ``diagnostics.SignalReport`` as plain dicts (JSON-ready)."""
+    if signals is None:
+        return []
+    if hasattr(signals, "to_rows"):
+        rows = signals.to_rows()
+    elif hasattr(signals, "rows"):
+        rows = signals.rows
+    elif hasattr(signals, "layers"):
+        rows = signals.layers
+    else:
+        rows = signals
+    out = []
+    for row in rows or []:
+        if is_dataclass(row) and not isinstance(row, type):
+            row = asdict(row)
+        elif hasattr(row, "to_dict"):
+            row = row.to_dict()
+        if isinstance(row, Mapping):
+            out.append({str(k): _plain(v) for k, v in row.items()})
+    return out
+
+
+def signal_metrics(signals: Any) -> list[tuple[str, float]]:
+    """``init_<field>.<layer>`` for every numeric field of every layer row (``init_output_std.net.0``,
+    ``init_output_mean.net.0``, ``init_grad_norm.net.0``, ``init_weight_std.net.0``), and ``init_loss`` (the
+    loss on the batch at init); non-numeric fields and unusable keys are left out."""
+    metrics = []
+    for row in signal_rows(signals):
+        layer = row.get("name", row.get("layer"))
+        if layer is None:
+            continue
+        for field, value in row.items():
+            if field in ("name", "layer") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            key = clean_key(f"init_{field}.{layer}")
+            if key is not None:
+                metrics.append((key, float(value)))
+    loss = getattr(signals, "loss", None)
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        metrics.append(("init_loss", float(loss)))
+    return metrics
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy: numpy/torch scalars -> floats, non-finite floats -> None, tuples -> lists."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(_plain(value), indent=2)
+
+
+def summary_metrics(summary: Any, now_ms: int) -> list[Any]:
+    """``best_score``, ``best_search_score``, ``best_baseline_score``, ``improvement_pct`` (those that exist),
+    at step = number of trials in the study, so resumed studies draw a history of the headline."""
+    from mlflow.entities import Metric
+
+    step = int(len(summary.table))
+    values = {
+        "best_score": summary.best.value if summary.best is not None else None,
+        "best_search_score": summary.best_search.value if summary.best_search is not None else None,
+        "best_baseline_score": summary.best_baseline.value if summary.best_baseline is not None else None,
+        "improvement_pct": summary.improvement_pct,
+    }
+    return [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]
+
+
+def summary_tags(summary: Any) -> dict[str, str]:
+    tags = {"mlflow.note.content": clip(summary.headline(), MAX_TAG_VALUE)}
+    if summary.best is not None:
+        tags["initsearch.best_trial"] = str(summary.best.number)
+        tags["initsearch.best_kind"] = summary.best.user_attrs.get("baseline") or "search"
+    return tags
+

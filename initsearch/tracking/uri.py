@@ -1,0 +1,109 @@
+"""Where a study's MLflow runs go: the ``tracking_uri`` setting turned into a store, checked before any training.
+
+``null`` = ``sqlite:///<working dir>/mlflow.db`` made absolute, with the artifacts in ``<dir of the db>/mlartifacts``;
+any other ``sqlite:///`` path likewise; ``http(s)://host:port`` = a team ``mlflow server`` (its /health is probed
+at start, so an unreachable server is one clear ``ConfigError``); ``none`` (or ``off``) = no tracking. The same
+URI always means the same store, whichever folder a later run (a resume, the MLflow UI) starts in.
+"""
+from __future__ import annotations
+
+import http.client
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from initsearch.errors import ConfigError, first_line, hide_password_of, redact_url, scrub
+from initsearch.search.settings import DEFAULT_TRACKING_URI
+
+OFF_VALUES = ("none", "off")
+PROBE_TIMEOUT_S = 5.0
+
+
+def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str | None:
+    """The store to log to, stable across runs, or ``None`` when tracking is off.
+
+    ``None``/empty -> ``DEFAULT_TRACKING_URI`` (``sqlite:///mlflow.db``); a relative SQLite path is made
+    absolute against ``cwd`` (the working directory), so every run of the same command, and the MLflow UI
+    started in that folder, see the same database; a plain path (no ``://``) becomes a ``file:`` URI;
+    ``none``/``off`` -> ``None``; anything else (http, postgresql, ...) is kept as given.
+    """
+    text = DEFAULT_TRACKING_URI if uri is None or not str(uri).strip() else str(uri).strip()
+    if text.lower() in OFF_VALUES:
+        return None
+    base = Path.cwd() if cwd is None else cwd
+    if text.startswith("sqlite:///"):
+        path, sep, query = text[len("sqlite:///"):].partition("?")
+        if path and path != ":memory:":
+            full = Path(path).expanduser()
+            full = full if full.is_absolute() else base / full
+            return f"sqlite:///{full.absolute().as_posix()}{sep}{query}"
+        return text
+    if "://" not in text:
+        full = Path(text).expanduser()
+        return (full if full.is_absolute() else base / full).absolute().as_uri()
+    return text.rstrip("/") if is_http(text) else text
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to ``mlartifacts/`` next to the database file (a ``file:`` URI), so
+    they do not depend on the folder a later run starts in. Servers and other stores decide for themselves."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].partition("?")[0]
+        if path and path != ":memory:":
+            return (Path(path).parent / "mlartifacts").as_uri()
+    return None
+
+
+def is_http(uri: str) -> bool:
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Probe ``GET {uri}/health`` once with a short timeout; raise a one-line ``ConfigError`` when it fails.
+
+    MLflow's own client would retry with backoff for minutes; this answers in at most ``timeout`` seconds.
+    401/403 count as reachable (the server is there and wants credentials, which MLflow reads from
+    ``MLFLOW_TRACKING_USERNAME``/``..._PASSWORD``).
+    """
+    shown = redact_url(uri)
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            resp.read(64)
+        return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return
+        reason = f"GET /health answered HTTP {exc.code}"
+    except urllib.error.URLError as exc:
+        reason = str(exc.reason)
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, malformed URLs, bad ports
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    hide_password_of(uri)
+    reason = scrub(reason)
+    raise ConfigError(
+        f"tracking_uri: cannot reach MLflow at {shown}: {reason} (start the server, or set tracking_uri=none)"
+    ) from None
+
+
+def make_parent_dir(uri: str) -> None:
+    path = uri[len("sqlite:///"):].partition("?")[0]
+    if path and path != ":memory:":
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"tracking_uri: cannot create the folder of {path}: {exc}") from None
+
+
+def open_client(uri: str) -> Any:
+    """An ``MlflowClient`` on ``uri`` whose store has answered once (a one-line ``ConfigError`` if not)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:
+        first = first_line(exc)
+        raise ConfigError(
+            f"tracking_uri: cannot open MLflow store {redact_url(uri)}: {type(exc).__name__}: {first}") from None
+    return client
