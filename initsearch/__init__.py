@@ -24,11 +24,14 @@ _HOMES = {
     "initsearch.init.policy": ("InitPolicy", "InitSpec", "LsuvSettings", "Rule", "load_policy", "save_policy"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_SUBMODULES = ("errors", "init", "proxy", "contenders", "search", "tracking", "cli", "export", "validate")
 
 __all__ = sorted(_HOME_OF)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # ``initsearch.errors`` after a plain ``import initsearch``
+        return importlib.import_module(f"initsearch.{name}")
     module = _HOME_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'initsearch' has no attribute {name!r}")
@@ -38,7 +41,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({"__version__", *__all__, *_SUBMODULES})
 
 
 if TYPE_CHECKING:  # what type checkers and editors see

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, first_line
 from initsearch.export import export_policy
 from initsearch.search.report import summarize
-from initsearch.search.settings import StudySettings, settings_from_config
-from initsearch.search.storage import is_rdb, open_storage
+from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
+from initsearch.search.storage import open_storage
 from initsearch.search.study import run_study
 from initsearch.search.trial import prepare
 from initsearch.search.workers import StudyLock
@@ -98,7 +98,7 @@ def check_storage(settings: StudySettings) -> None:
 
 
 def open_tracker(settings: StudySettings) -> Any:
-    """The study's tracker (``tracking.make_tracker``). A local SQLite MLflow store is opened under a lock
+    """The study's tracker (``tracking.tracker.make_tracker``). A local SQLite MLflow store is opened under a lock
     next to it: two workers creating the same new store at once would both run its migrations and fail."""
     from initsearch.tracking.tracker import make_tracker
     from initsearch.tracking.uri import resolve_tracking_uri

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -70,11 +71,13 @@ def first_line(exc: BaseException, *, with_type: bool = False, limit: int | None
 
 
 def is_finite_number(value: Any) -> bool:
-    """An int or float (not a bool) that is finite. Ints always are: ``math.isfinite`` would overflow on
-    huge ones, so it only judges floats."""
+    """An int or float (not a bool) that is a finite float: an int beyond the float range is not (it is
+    compared, never converted, so it cannot overflow)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, int):
+        return -sys.float_info.max <= value <= sys.float_info.max
+    return math.isfinite(value)
 
 
 # ---- passwords never shown ---------------------------------------------------------------------------------
@@ -84,9 +87,12 @@ _SECRETS: set[str] = set()  # passwords of the store URLs in use: ``scrub`` hide
 def url_password(url: str) -> str | None:
     """The password in ``scheme://user:password@host/...``, as written in the URL, or ``None``."""
     try:
-        return urlsplit(url).password
-    except ValueError:  # a malformed port, say: read the userinfo by hand
-        return url.partition("://")[2].rpartition("@")[0].partition(":")[2] or None
+        password = urlsplit(url).password
+    except ValueError:  # a malformed port, say
+        password = None
+    if password is None:  # also a password with "/", "?" or "#", which SQLAlchemy accepts: read it by hand
+        password = url.partition("://")[2].rpartition("@")[0].partition(":")[2] or None
+    return password
 
 
 def redact_url(url: str) -> str:

@@ -18,8 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 from initsearch import __version__
 from initsearch.errors import ConfigError, InitSearchError, first_line
 from initsearch.init.policy import InitPolicy, save_policy
-from initsearch.search.settings import DEFAULT_STORAGE
-from initsearch.search.storage import is_rdb, open_storage
+from initsearch.search.settings import DEFAULT_STORAGE, is_rdb
+from initsearch.search.storage import open_storage
 
 
 def trial_policy(study: optuna.Study, trial: FrozenTrial) -> InitPolicy:

@@ -150,3 +150,25 @@ def test_batched_tpe_counts_running_trials_as_bad_so_a_round_spreads_out(tmp_pat
     settings, proxy = study_of(tmp_path, 2, "n_trials=1", "baselines=[]")
     study = run_study(settings, proxy, Recorder())
     assert isinstance(study.sampler, optuna.samplers.TPESampler) and study.sampler._constant_liar
+
+
+def test_an_interrupt_while_policies_are_drawn_fails_the_round_and_enqueues_it_again(tmp_path, monkeypatch):
+    settings, proxy = study_of(tmp_path, 3, "n_trials=3", "baselines=[]")
+    real, calls = type(settings.space).sample, []
+
+    def sample(self, trial, layers):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, trial, layers)
+
+    monkeypatch.setattr(type(settings.space), "sample", sample)
+    rec = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        run_study(settings, proxy, rec)
+    trials = optuna.load_study(study_name="b", storage=open_storage(f"{tmp_path}/b.journal")).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert all(t.user_attrs["reason"] == "interrupted by SIGINT" for t in failed)
+    assert sorted(t.user_attrs["retry_of"] for t in trials if t.state == TrialState.WAITING) == [0, 1, 2]
+    assert sorted(o.number for o in rec.outcomes) == [0, 1, 2] and all(o.state == "failed" for o in rec.outcomes)

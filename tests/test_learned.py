@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from initsearch.contenders.baselines import baseline_policy
 from initsearch.contenders.learned import (
-    LEARNED_BASELINES,
     LearnedInitResult,
     gq_tensor,
     gradinit,
@@ -22,6 +21,7 @@ from initsearch.contenders.learned import (
     one_step_loss,
     run_learned_baseline,
 )
+from initsearch.contenders.names import LEARNED_BASELINES
 from initsearch.errors import ConfigError, PolicyError
 from initsearch.init.apply import apply_policy
 from initsearch.init.diagnostics import gradient_quotient

@@ -100,6 +100,26 @@ def test_cuda_out_of_memory_fails_that_trial_empties_the_cache_and_the_study_goe
     assert emptied == [1]
 
 
+def test_after_cuda_out_of_memory_the_failed_model_is_gone_when_the_cache_is_emptied(in_tmp, monkeypatch):
+    """The cache is handed back only once nothing holds the failed trial's model any more."""
+    import weakref
+
+    settings = settings_from_config(tiny("s.journal", "oom-free"))
+    proxy = prepare(settings)
+    models, alive_at_empty = [], []
+
+    def out_of_memory(model, *args, **kwargs):
+        models.append(weakref.ref(model))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(sequential_module, "train_run", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: alive_at_empty.append(models[-1]() is not None))
+    run_study(settings, proxy)
+    assert alive_at_empty and not any(alive_at_empty)
+
+
 def test_a_study_where_every_trial_fails_is_one_line_and_status_2_in_a_real_process(in_tmp):
     proc = cli(TINY + target(BrokenInTraining) + ["study_name=broken"], in_tmp)
     assert proc.returncode == 2, proc.stderr

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from initsearch import apply_policy, discover_layers
-from initsearch.contenders.baselines import BASELINE_NAMES, baseline_policy
+from initsearch.contenders.baselines import BASELINE_NAMES, BASELINES, baseline_policy
+from initsearch.contenders.names import ALL_BASELINES, LEARNED_BASELINES
 from initsearch.errors import ConfigError
 from initsearch.proxy.models import build_model
 from initsearch.search.space import space_from_config
@@ -117,3 +118,10 @@ def test_bad_space_config_names_the_key(patch, key):
     with pytest.raises(ConfigError) as info:
         space_from_config(cfg)
     assert str(info.value).startswith(key + ":")
+
+
+def test_the_names_settings_check_are_the_baselines_that_exist():
+    assert set(BASELINE_NAMES) == {*BASELINES, "lsuv"}
+    assert set(ALL_BASELINES) == {*BASELINE_NAMES, *LEARNED_BASELINES}
+    for name in BASELINE_NAMES:
+        assert baseline_policy(name).default is not None

@@ -11,20 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from initsearch.contenders.learned import (
-    LEARNED_BASELINES,
-    LearnedInitResult,
-    learned_base_policy,
-    run_learned_baseline,
-)
+from initsearch.contenders.learned import LearnedInitResult, learned_base_policy, run_learned_baseline
+from initsearch.contenders.names import LEARNED_BASELINES, TEXTBOOK_BASELINES
 from initsearch.errors import ConfigError
 from initsearch.init.apply import apply_policy
 from initsearch.init.layers import LayerDiscovery
-from initsearch.init.policy import InitPolicy
+from initsearch.init.policy import InitPolicy, LsuvSettings
 from initsearch.proxy.train import TrainConfig
-
-# LSUV as the studies run it (Mishkin & Matas 2016): unit output variance per layer, at most 10 passes.
-LSUV_SETTINGS = {"enabled": True, "target_std": 1.0, "tol": 0.1, "max_iter": 10}
 
 BASELINES: dict[str, dict[str, Any]] = {
     # What nn.Linear/nn.ConvNd.reset_parameters do: kaiming_uniform(a=sqrt 5) -> U(+-1/sqrt fan_in), bias likewise.
@@ -44,7 +37,7 @@ def baseline_policy(name: str) -> InitPolicy:
     """The policy of a textbook baseline: one scheme for every linear/conv layer (``lsuv`` = orthogonal
     pre-init followed by LSUV, as Mishkin & Matas 2016)."""
     if name == "lsuv":
-        default, lsuv = {"scheme": "orthogonal", "gain": 1.0}, dict(LSUV_SETTINGS)
+        default, lsuv = {"scheme": "orthogonal", "gain": 1.0}, LsuvSettings().to_dict()
     elif name in BASELINES:
         default, lsuv = dict(BASELINES[name]), None
     else:
@@ -55,9 +48,7 @@ def baseline_policy(name: str) -> InitPolicy:
     return InitPolicy.from_dict(data)
 
 
-BASELINE_NAMES: tuple[str, ...] = (*BASELINES, "lsuv")
-
-ALL_BASELINES: tuple[str, ...] = (*BASELINE_NAMES, *LEARNED_BASELINES)
+BASELINE_NAMES: tuple[str, ...] = TEXTBOOK_BASELINES  # BASELINES and "lsuv"
 
 
 def contender_policy(baseline: str) -> InitPolicy:

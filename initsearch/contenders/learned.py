@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from initsearch.contenders.names import LEARNED_BASELINES
 from initsearch.errors import ConfigError, PolicyError, is_finite_number
 from initsearch.init.apply import apply_policy
 from initsearch.init.layers import LayerInfo, discover_layers, layer_family
@@ -73,7 +74,6 @@ from initsearch.init.policy import MAX_CONSTANT, MAX_POSITIVE, InitPolicy, InitS
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-LEARNED_BASELINES: tuple[str, ...] = ("gradinit", "metainit")
 MAX_SCALE = MAX_POSITIVE  # the largest multiplier a policy's ``scale`` can hold
 GRADINIT_OPTIMIZERS = ("sgd", "adam")
 DEFAULT_BATCH = 128

@@ -41,8 +41,7 @@ from optuna.trial import TrialState
 from initsearch.proxy.population import train_population
 from initsearch.proxy.train import Curve
 from initsearch.search.outcome import Tracker, TrialOutcome, safely
-from initsearch.search.settings import StudySettings
-from initsearch.search.storage import is_rdb
+from initsearch.search.settings import StudySettings, is_rdb
 from initsearch.search.trial import Proxy, TrialRun
 from initsearch.search.workers import Heartbeat, StaleTrials, StudyLock, counted, mark_worker, running
 

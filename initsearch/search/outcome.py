@@ -66,5 +66,6 @@ def safely(fn: Callable[..., object], *args: object) -> None:
     allowed to lose the study."""
     try:
         fn(*args)
-    except Exception as exc:
-        log.warning("tracking failed (%s: %s); the study goes on", type(exc).__name__, exc)
+    except Exception as exc:  # observers must not break the search
+        what = getattr(fn, "__name__", "a hook").strip("_")
+        log.warning("%s failed (%s: %s); the study goes on", what, type(exc).__name__, exc)

@@ -48,11 +48,7 @@ class Objective:
         try:
             self.hooks.started(trial)
             if run.begin():
-                for i, seed in enumerate(self.s.eval_seeds):
-                    model = run.init_model(i, seed)
-                    curve = train_run(model, self.proxy.data, self.s.train, seed=seed,
-                                      on_checkpoint=run.on_checkpoint(i))
-                    run.record(seed, curve, model)
+                self._train_seeds(run)
                 run.conclude()
             return run.value
         except BaseException as exc:
@@ -61,6 +57,14 @@ class Objective:
         finally:
             run.finish()
             safely(self.tracker.trial_finished, run.outcome)
+
+    def _train_seeds(self, run: TrialRun) -> None:
+        """Each evaluation seed: init, train, record. Its own frame, so that after an error the models and
+        curves die with it (``release_cuda_memory`` can clear a traceback's frames, not a running one)."""
+        for i, seed in enumerate(self.s.eval_seeds):
+            model = run.init_model(i, seed)
+            curve = train_run(model, self.proxy.data, self.s.train, seed=seed, on_checkpoint=run.on_checkpoint(i))
+            run.record(seed, curve, model)
 
 
 def optimize(study: optuna.Study, settings: StudySettings, proxy: Proxy, tracker: Tracker, lock: StudyLock,

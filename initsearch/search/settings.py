@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.contenders.baselines import ALL_BASELINES
+from initsearch.contenders.names import ALL_BASELINES
 from initsearch.errors import ConfigError, is_finite_number
 from initsearch.proxy.scoring import check_aggregate, check_metric, direction
 from initsearch.proxy.train import TrainConfig
@@ -180,6 +180,11 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         heartbeat_interval=_int(c.get("heartbeat_interval", 60), "heartbeat_interval", 1),
         grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
     )
+
+
+def is_rdb(url: str) -> bool:
+    """Whether ``storage=`` names a database (a URL) rather than a journal file (a path)."""
+    return "://" in url
 
 
 def resolve_device(name: str) -> torch.device:

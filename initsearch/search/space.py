@@ -22,11 +22,10 @@ from typing import Any
 
 import optuna
 
-from initsearch.contenders.baselines import LSUV_SETTINGS
 from initsearch.errors import ConfigError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS
 from initsearch.init.layers import LayerInfo
-from initsearch.init.policy import InitPolicy
+from initsearch.init.policy import InitPolicy, LsuvSettings
 from initsearch.init.schemes import SCHEME_SPECS
 
 SPACES = ("hybrid", "grouped", "free", "scales_only")
@@ -77,7 +76,7 @@ class SearchSpace:
             rules.append(rule)
         data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": rules, "default": {"scheme": "keep"}}
         if lsuv:
-            data["lsuv"] = dict(LSUV_SETTINGS)
+            data["lsuv"] = LsuvSettings().to_dict()
         return InitPolicy.from_dict(data)
 
     def _units(self, weighted: Sequence[LayerInfo]) -> list[tuple[str, dict[str, str], list[LayerInfo]]]:

@@ -16,16 +16,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
 
 from initsearch.errors import ConfigError, first_line, hide_password_of, redact_url
+from initsearch.search.settings import is_rdb
 from initsearch.search.workers import enqueue_retry
 
 # The URL schemes of PostgreSQL: an unroutable host then fails after a connect timeout, not minutes of TCP retries.
 POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg2://", "postgresql+psycopg://")
 CONNECT_TIMEOUT_S = 10
-
-
-def is_rdb(url: str) -> bool:
-    """Whether ``storage=`` names a database (a URL) rather than a journal file (a path)."""
-    return "://" in url
 
 
 def open_storage(

@@ -20,8 +20,8 @@ from initsearch.errors import ConfigError, StudyInterrupted
 from initsearch.search.batched import run_batched
 from initsearch.search.outcome import NullTracker, Tracker, safely
 from initsearch.search.sequential import optimize
-from initsearch.search.settings import StudySettings
-from initsearch.search.storage import is_rdb, open_storage
+from initsearch.search.settings import StudySettings, is_rdb
+from initsearch.search.storage import open_storage
 from initsearch.search.trial import Proxy
 from initsearch.search.workers import StaleTrials, StudyLock, counted
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import site
 import subprocess
 import sys
 import threading
@@ -136,11 +137,21 @@ def writer_command() -> list[str]:
 
 def writer_env(uri: str) -> dict[str, str]:
     """The writer's environment: this process's, plus the URI (``writer.URI_ENV``), this process's
-    ``worker_id`` (``WRITER_FOR_ENV``) and ``PYTHONPATH`` with the folder that holds this process's
-    ``initsearch`` first, so the writer imports the same package even when it is not installed."""
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, URI_ENV: uri, WRITER_FOR_ENV: worker_id(),
-            "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, path]) if path else PACKAGE_ROOT}
+    ``worker_id`` (``WRITER_FOR_ENV``) and, when this ``initsearch`` does not come from a site directory,
+    ``PYTHONPATH`` with the folder that holds it first, so the writer imports the same package even when it
+    is not installed. A site directory is left where it is: ahead of the standard library, a module there
+    (a ``pathlib`` backport, say) would shadow the standard one."""
+    env = {**os.environ, URI_ENV: uri, WRITER_FOR_ENV: worker_id()}
+    if PACKAGE_ROOT not in _site_dirs():
+        path = os.environ.get("PYTHONPATH")
+        env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, path]) if path else PACKAGE_ROOT
+    return env
+
+
+def _site_dirs() -> set[str]:
+    """This interpreter's site-packages folders (and the user's), as absolute paths."""
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return {os.path.abspath(d) for d in dirs}
 
 
 class WriterProcess:

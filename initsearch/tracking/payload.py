@@ -22,7 +22,7 @@ from typing import Any
 
 from initsearch.errors import redact_url
 from initsearch.search.outcome import TrialOutcome
-from initsearch.search.settings import StudySettings, resolve_device
+from initsearch.search.settings import StudySettings, is_rdb, resolve_device
 from initsearch.tracking.writer import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
 
 log = logging.getLogger("initsearch")
@@ -102,7 +102,7 @@ def version(dist: str) -> str:
 
 def parent_tags(settings: StudySettings) -> dict[str, str]:
     """Study name, storage (absolute path, or URL without password), device, metric, versions."""
-    storage = settings.storage if "://" in settings.storage else str(Path(settings.storage).absolute())
+    storage = settings.storage if is_rdb(settings.storage) else str(Path(settings.storage).absolute())
     try:
         device = str(resolve_device(settings.device))
     except Exception:

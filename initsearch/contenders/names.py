@@ -1,0 +1,9 @@
+"""The contenders' names, apart from their code: settings check ``baselines=`` against these without
+importing the learned inits."""
+from __future__ import annotations
+
+# One scheme for every layer (contenders/baselines.py); "lsuv" is orthogonal followed by LSUV.
+TEXTBOOK_BASELINES: tuple[str, ...] = ("pytorch_default", "xavier", "he", "lecun", "orthogonal", "lsuv")
+# Procedures that learn per-layer scales on data first (contenders/learned.py).
+LEARNED_BASELINES: tuple[str, ...] = ("gradinit", "metainit")
+ALL_BASELINES: tuple[str, ...] = (*TEXTBOOK_BASELINES, *LEARNED_BASELINES)
