@@ -359,31 +359,33 @@ class StudyLock:
         finally:
             os.close(fd)
 
-    def _acquire_db(self) -> None:
+    # The database's own locks, per kind: (statement to take it, statement to let it go), and their key.
+    _DB_LOCKS = {
+        "postgresql": ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"),
+        "mysql": ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"),
+    }
+
+    def _db_lock(self, conn: Any, release: bool) -> None:
+        """Take or let go of the database lock on ``conn`` (PostgreSQL advisory lock, MySQL ``GET_LOCK``)."""
         from sqlalchemy import text
 
+        key = _lock_key(self.study_name) if self._kind == "postgresql" else f"initsearch:{self.study_name}"[:64]
+        conn.execute(text(self._DB_LOCKS[self._kind][int(release)]), {"k": key})
+        conn.commit()
+
+    def _acquire_db(self) -> None:
         conn = self.storage.engine.connect()
         try:
-            if self._kind == "postgresql":
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(self.study_name)})
-            else:
-                conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": f"initsearch:{self.study_name}"[:64]})
-            conn.commit()
+            self._db_lock(conn, release=False)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
 
     def _release_db(self) -> None:
-        from sqlalchemy import text
-
         conn, self._conn = self._conn, None
         try:
-            if self._kind == "postgresql":
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(self.study_name)})
-            else:
-                conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"initsearch:{self.study_name}"[:64]})
-            conn.commit()
+            self._db_lock(conn, release=True)
         except Exception as exc:
             log.debug("study lock: release failed (%s); dropping the connection", exc)
             conn.invalidate()
