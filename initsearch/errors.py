@@ -113,7 +113,8 @@ def hide_password_of(url: str) -> None:
 
 
 def scrub(text: str) -> str:
-    """``text`` with every remembered password replaced by ``***``."""
-    for secret in _SECRETS:
+    """``text`` with every remembered password replaced by ``***``, the longest first (a password that
+    holds another one must not be left half shown)."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
