@@ -30,6 +30,7 @@ with ``constant_liar`` so they do not all land on the same point.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -160,7 +161,7 @@ def _train_seed(settings: StudySettings, proxy: Proxy, runs: list[TrialRun], i: 
             run.end_by(exc)
         return
     for run, model, curve in zip(ready, models, curves):
-        _step(run, lambda run=run, model=model, curve=curve: run.record(seed, curve, model))
+        _step(run, functools.partial(run.record, seed, curve, model))
 
 
 def _close_all(study: optuna.Study, tracker: Tracker, runs: Sequence[TrialRun]) -> None:
