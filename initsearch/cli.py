@@ -14,14 +14,14 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, first_line
+from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, did_you_mean, first_line
 from initsearch.export import export_policy
 from initsearch.search.report import summarize
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
@@ -301,3 +301,120 @@ def report_unexpected(exc: BaseException, verbose: bool, prefix: str = "initsear
     hint = "" if verbose else " (verbose=true shows the traceback)"
     print(f"{prefix}: error: {type(exc).__name__}: {text}{hint}", file=sys.stderr)
     return 1
+
+
+# ---- the command line, shared by the three commands --------------------------------------------------------------
+def config_keys(overrides: Sequence[str] = ()) -> list[str]:
+    """Every key of the composed config (dotted; Hydra's own left out), with the config groups chosen by
+    ``overrides`` (those of the form ``group=option`` that compose; the others are ignored)."""
+    from hydra import compose, initialize_config_dir
+
+    def flat(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, Mapping):
+            out = [prefix] if prefix else []
+            for key, value in node.items():
+                out += flat(value, f"{prefix}.{key}" if prefix else str(key))
+            return out
+        return [prefix]
+
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith(("+", "~"))]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="initsearch"):
+        for chosen in (groups, []):
+            try:
+                cfg = compose(config_name="config", overrides=chosen)
+                break
+            except Exception:
+                continue
+        else:
+            return []
+    return flat(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def compose_problem(args: Sequence[str], extra_keys: Sequence[str] = ()) -> str | None:
+    """Why Hydra cannot compose the config of these command-line overrides, in one line, or ``None``.
+
+    Hydra would print several lines and exit with 1. Arguments with Hydra flags (``--cfg``, ``-m``...) are
+    left to Hydra itself. ``extra_keys``: a command's own keys, also offered as "did you mean".
+    """
+    if any(arg.startswith("-") for arg in args):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="initsearch"):
+            compose(config_name="config", overrides=list(args), return_hydra_config=True)
+    except Exception as exc:
+        return compose_error_line(exc, args, extra_keys)
+    return None
+
+
+def compose_error_line(exc: BaseException, args: Sequence[str], extra_keys: Sequence[str] = ()) -> str:
+    """Hydra's message in one line: an unknown key named with the closest known one; an unparsable override
+    named; otherwise Hydra's detail lines joined, its search paths and hints left out."""
+    from hydra.errors import OverrideParseException
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, OverrideParseException):
+        bad = next((arg for arg in args if _unparsable(arg)), None)
+        return f"override {bad!r}: {lines[0] if lines else exc}" if bad else (lines[0] if lines else str(exc))
+    unknown = _unknown_key(str(exc))
+    if unknown is not None:
+        hint = did_you_mean(unknown, [*extra_keys, *config_keys(args)])
+        return (f"{unknown}: no such key{hint}" if hint else
+                f"{unknown}: no such key (a new key, e.g. an argument of your own model, is added as +{unknown}=...)")
+    kept, options = [], []
+    section = "message"
+    for line in lines:
+        if line.startswith(("Config search path", "See https://", "Set the environment variable")):
+            break
+        if line.startswith("Available options"):
+            section = "options"
+            continue
+        if line.startswith(("full_key:", "object_type", "reference_type", "provider=")):
+            continue
+        (options if section == "options" else kept).append(line)
+    text = "; ".join(kept) or type(exc).__name__
+    return text + (f" (available: {', '.join(options)})" if options else "")
+
+
+def _unknown_key(message: str) -> str | None:
+    """The key of Hydra's "Could not override 'KEY'" / "Key 'KEY' is not in struct" messages."""
+    import re
+
+    for pattern in (r"Could not override '([^']+)'", r"Key '([^']+)' is not in struct", r"Key '([^']+)' not in "):
+        match = re.search(pattern, message)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _unparsable(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except Exception:
+        return True
+    return False
+
+
+def remove_unused_output_dir(out_dir: str | Path) -> None:
+    """After a failure before anything was written: remove the run folder Hydra made (its ``.hydra`` copy of
+    the config and an empty log), and the two folders above it (``outputs/<study>/``) when they are empty then."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name == ".hydra" and entry.is_dir():
+            continue
+        if entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0:
+            continue
+        return  # something of value (a policy, a table, a log line): keep the folder
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    for folder in (out.parent, out.parent.parent):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            return
