@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, did_you_mean, first_line
 from initsearch.export import export_policy
+from initsearch.search.progress import Progress
 from initsearch.search.report import summarize
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
 from initsearch.search.storage import open_storage
@@ -54,7 +55,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
     check_storage(settings)
     with stop_on_signals(), share_cpus(settings.n_workers):
         proxy = prepare(settings)
-        tracker = open_tracker(settings)
+        tracker = Progress(open_tracker(settings), settings)
         helpers = Helpers.start(cfg, settings)
         study = None
         try:
@@ -80,10 +81,33 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = export_policy(study, out / "best_policy.json")
     summary.table.to_csv(out / "trials.csv", index=False)
+    if tracker.ran == 0:
+        searched = int((summary.table["kind"] == "search").sum())
+        print(f"study already complete: {searched} searched trials (n_trials={settings.n_trials}; "
+              "a larger n_trials searches more)")
     print(summary.format())
-    print(f"best policy: {path.resolve()}")
     tracker.study_finished(study, summary, path)
+    print(files_written(out, [path, out / "trials.csv", *getattr(tracker, "figures", [])],
+                        getattr(tracker, "runs_url", None)))
     return path
+
+
+def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
+    """The closing lines: the run folder, each file written there, and where the runs are in MLflow."""
+    lines = [f"wrote into {out.resolve()}/:"]
+    width = max(len(f.name) for f in files)
+    about = {"best_policy.json": "the best policy (apply it with initsearch.apply_policy)",
+             "trials.csv": "every trial: kind, state, score, per-seed scores, seconds, reason",
+             "score_by_trial.png": "score by trial against the baselines",
+             "training_curves.png": "training curves of the best trials and the baselines",
+             "init_signals.png": "signal through the layers at init",
+             "param_importances.png": "which choices mattered"}
+    lines += [f"  {f.name:<{width}}  {about.get(f.name, '')}".rstrip() for f in files if f.is_file()]
+    lines.append(f"best policy: {files[0].resolve()}")
+    if runs_url:
+        local = "127.0.0.1:5000" in runs_url
+        lines.append(f"MLflow runs: {runs_url}" + ("  (after: make ui)" if local else ""))
+    return "\n".join(lines)
 
 
 def check_storage(settings: StudySettings) -> None:

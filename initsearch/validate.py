@@ -30,6 +30,7 @@ from initsearch.init.policy import InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
 from initsearch.proxy.scoring import score
 from initsearch.proxy.train import Curve, train_run
+from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
 from initsearch.search.trial import fresh_model, prepare
 
@@ -137,7 +138,9 @@ def run_validation(
         data, example, device = proxy.data, (proxy.example_x, proxy.example_y), proxy.device
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
     results = []
-    for name, pol in contender_policies(policy, settings.baselines).items():
+    contenders = contender_policies(policy, settings.baselines)
+    progress = Steps(len(contenders) * len(fresh), "training runs", enabled=settings.progress)
+    for name, pol in contenders.items():
         result = ContenderResult(name)
         for seed in fresh:
             model = fresh_model(target_model, data, device, seed)
@@ -152,6 +155,7 @@ def run_validation(
                 result.scores.append(score(curve, settings.score.metric, budget=budget, target_acc=settings.score.target_acc))
             result.steps_to_target.append(_steps_to_target(curve, settings.score.target_acc))
             result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
+            progress.step(f"{name}, seed {seed}")
         results.append(result)
     return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc, results)
 

@@ -61,9 +61,12 @@ class StudySummary:
             shown[column] = [_round(v) for v in shown[column]]
         shown["seconds"] = [format_seconds(v) for v in shown["seconds"]]
         shown["note"] = [f"= trial {int(n)}" if pd.notna(n) else "" for n in t.loc[shown.index, "same_as"]]
+        reused = (shown["note"] != "").any()
+        if not reused:
+            shown = shown.drop(columns="note")
         with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_colwidth", 48):
             lines.append(shown.to_string(index=False))
-        if (shown["note"] != "").any():
+        if reused:
             lines.append("= trial N: the sampler proposed trial N's policy again; its score was reused, nothing trained")
         return "\n".join(lines)
 
