@@ -28,6 +28,7 @@ from initsearch.search.report import summarize
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
 from initsearch.search.storage import open_storage
 from initsearch.search.study import run_study
+from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import prepare
 from initsearch.search.workers import StudyLock
 
@@ -53,8 +54,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
     """
     settings = settings_from_config(cfg)
     check_storage(settings)
-    with stop_on_signals(), share_cpus(settings.n_workers):
+    with stop_on_signals():
         proxy = prepare(settings)
+        threads = choose_threads(settings, proxy)
+        log.info("%s", threads.describe())
+    with stop_on_signals(), use_threads(threads):
         tracker = Progress(open_tracker(settings), settings)
         helpers = Helpers.start(cfg, settings)
         study = None
@@ -81,15 +85,40 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = export_policy(study, out / "best_policy.json")
     summary.table.to_csv(out / "trials.csv", index=False)
+    picture = draw_policy(path, proxy, out / "best_policy.png")
     if tracker.ran == 0:
         searched = int((summary.table["kind"] == "search").sum())
         print(f"study already complete: {searched} searched trials (n_trials={settings.n_trials}; "
               "a larger n_trials searches more)")
     print(summary.format())
     tracker.study_finished(study, summary, path)
-    print(files_written(out, [path, out / "trials.csv", *getattr(tracker, "figures", [])],
+    print(files_written(out, [path, out / "trials.csv", *([picture] if picture else []), *getattr(tracker, "figures", [])],
                         getattr(tracker, "runs_url", None)))
     return path
+
+
+def draw_policy(policy_path: Path, proxy: Any, target: Path) -> Path | None:
+    """``best_policy.png``: what the exported policy does to each layer of the proxy (scheme, scale, LSUV),
+    as ``apply_policy`` would resolve it. ``None`` (and a debug log) when it cannot be drawn."""
+    from initsearch.init.policy import load_policy, plan
+    from initsearch.tracking.plots import plot_policy, save_figure
+
+    try:
+        policy = load_policy(policy_path)
+        lsuv = policy.lsuv is not None and policy.lsuv.enabled
+        rows = [{"name": layer.name, "activation": layer.activation, "scheme": spec.scheme, "scale": spec.scale,
+                 "gain": spec.gain, "lsuv": lsuv and spec.lsuv and spec.scheme != "keep"}
+                for layer, _, spec in plan(policy, proxy.layers, strict=False) if layer.family != "norm"]
+        prov = policy.provenance or {}
+        fig = plot_policy(rows, f"Best policy: trial {prov.get('trial')} ({prov.get('kind')}), "
+                                f"{prov.get('metric')} {prov.get('score', float('nan')):.4g}")
+        if fig is None:
+            return None
+        save_figure(fig, target)
+        return target
+    except Exception as exc:  # a picture is a courtesy: never fails the study
+        log.debug("best_policy.png not drawn (%s)", first_line(exc, with_type=True))
+        return None
 
 
 def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
@@ -97,6 +126,7 @@ def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
     lines = [f"wrote into {out.resolve()}/:"]
     width = max(len(f.name) for f in files)
     about = {"best_policy.json": "the best policy (apply it with initsearch.apply_policy)",
+             "best_policy.png": "what the best policy does to each layer",
              "trials.csv": "every trial: kind, state, score, per-seed scores, seconds, reason",
              "score_by_trial.png": "score by trial against the baselines",
              "training_curves.png": "training curves of the best trials and the baselines",
@@ -199,20 +229,6 @@ def stop_on_signals() -> Iterator[None]:
 
 
 # ---- helper worker processes (n_workers > 1) -----------------------------------------------------------------
-@contextmanager
-def share_cpus(n_workers: int) -> Iterator[None]:
-    """N workers on one machine split its cores (torch threads), rather than each taking all of them."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n_workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Helpers:
     """The N - 1 helper processes of ``n_workers=N`` (spawned, so nothing of this process is shared but the
     config): each runs the same study with the same settings and exports nothing."""
@@ -269,8 +285,10 @@ def worker_main(config: dict[str, Any], index: int, parent_pid: int) -> None:
     verbose = bool(config.get("verbose", False))
     try:
         settings = settings_from_config(config)
-        with stop_on_signals(), share_cpus(settings.n_workers):
+        with stop_on_signals():
             proxy = prepare(settings)
+            threads = choose_threads(settings, proxy)
+        with stop_on_signals(), use_threads(threads):
             tracker = open_tracker(settings)
             try:
                 run_study(settings, proxy, tracker, OmegaConf.to_yaml(config))

@@ -32,6 +32,8 @@ def test_a_study_not_on_a_terminal_prints_progress_lines_then_the_summary_and_ev
     assert "study already complete" not in out
     assert f"wrote into {(in_tmp / 'out').resolve()}/:" in out
     assert re.search(r"^  best_policy\.json +the best policy", out, re.M) and re.search(r"^  trials\.csv +every trial", out, re.M)
+    assert re.search(r"^  best_policy\.png +what the best policy does", out, re.M)
+    assert (in_tmp / "out" / "best_policy.png").stat().st_size > 5_000
     assert not re.search(r"\d\.\d{5,}", out)  # no raw floats: scores and times are rounded
 
     run(cfg, in_tmp / "again")  # the same command: nothing left to run

@@ -132,8 +132,8 @@ def check_study_structure(client: MlflowClient, study: str, n_children: int) -> 
     assert parent.data.params["model.width"] == "16" and parent.data.params["train.steps"] == str(STEPS)
     assert "best_score" in parent.data.metrics
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "best_policy.json", "trials.csv", "score_by_trial.png", "training_curves.png",
-            "init_signals.png"} <= parent_files
+    assert {"config.yaml", "best_policy.json", "best_policy.png", "trials.csv", "score_by_trial.png",
+            "training_curves.png", "init_signals.png"} <= parent_files
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     best = json.loads(Path(client.download_artifacts(parent.info.run_id, "best_policy.json")).read_text())
     assert best["format"] == "initsearch-policy"

@@ -179,3 +179,32 @@ def plot_init_signals(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
     return fig
+
+
+def plot_policy(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
+    """A picture of a policy on a model: its layers in forward order (top to bottom), each with the scheme
+    it gets (the bar's colour and label), its scale (the bar's length; 1 = the scheme as published) and
+    whether LSUV rescales it afterwards. ``rows``: ``name``, ``activation``, ``scheme``, ``scale``, ``lsuv``
+    (and optionally ``gain``). ``None`` when there are no layers."""
+    if not rows:
+        return None
+    plt = pyplot()
+    schemes = list(dict.fromkeys(str(r["scheme"]) for r in rows))
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(schemes)}
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    ys = list(range(len(rows)))[::-1]
+    scales = [float(r.get("scale", 1.0)) for r in rows]
+    ax.barh(ys, scales, color=[colours[str(r["scheme"])] for r in rows], height=0.6)
+    top = max(max(scales), 1.0)
+    for y, r, scale in zip(ys, rows, scales):
+        gain = r.get("gain")
+        gain_text = "" if gain is None else (f", gain {gain}" if isinstance(gain, str) else f", gain {gain:.3g}")
+        ax.text(scale + 0.02 * top, y, f"{r['scheme']} ×{scale:.3g}{gain_text}" + ("  + LSUV" if r.get("lsuv") else ""),
+                va="center", fontsize=8)
+    ax.axvline(1.0, color="gray", linewidth=0.8, linestyle=":")
+    ax.set_yticks(ys, [f"{r['name']} ({r.get('activation', '?')})" for r in rows], fontsize=8)
+    ax.set_xlim(0, top * 1.9)
+    ax.set_xlabel("scale (1 = the scheme as published)")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig

@@ -394,11 +394,16 @@ class MlflowTracker:
             folder = Path(tmp)
             if policy_path is not None and policy_path.is_file():
                 (folder / "best_policy.json").write_bytes(policy_path.read_bytes())
+                picture = policy_path.with_suffix(".png")  # drawn by the command, next to the policy
+                if picture.is_file():
+                    (folder / picture.name).write_bytes(picture.read_bytes())
             summary.table.to_csv(folder / "trials.csv", index=False)
             self._plots(study, summary, folder)
             if policy_path is not None and policy_path.parent.is_dir():
                 for png in sorted(folder.glob("*.png")):
                     target = policy_path.parent / png.name
+                    if target.exists():
+                        continue
                     target.write_bytes(png.read_bytes())
                     self.figures.append(target)
             client.log_artifacts(self.parent_id, str(folder))
