@@ -32,15 +32,17 @@ def test_candidates_double_up_to_the_cores():
     ({1: 0.10, 2: 0.30, 4: 0.50, 8: 0.90}, 1),  # a tiny proxy: more threads only wait for each other
     ({1: 1.00, 2: 0.50, 4: 0.48, 8: 0.60}, 2),  # 4 is not clearly faster than 2: the tie goes to fewer
     ({1: 1.00, 2: 0.55, 4: 0.30, 8: 0.20}, 8),  # a large proxy uses the cores
-    ({1: 1.00, 2: 0.95, 4: 0.93, 8: 0.92}, 1),  # within the margin everywhere
+    ({1: 1.00, 2: 0.95, 4: 0.50, 8: 0.40}, 1),  # 2 does not win: 4 and 8 are not tried
 ])
 def test_auto_keeps_the_fastest_count_and_ties_go_to_fewer_threads(timings, chosen, monkeypatch):
     settings = settings_of()
     proxy = prepare(settings)
     monkeypatch.setattr(threads_module, "available_cores", lambda n_workers=1: 8)
-    monkeypatch.setattr(threads_module, "time_proxy", lambda s, p, n: timings[n])
+    monkeypatch.setattr(threads_module, "time_proxy", lambda s, p, n, **kw: timings[n])
     choice = choose_threads(settings, proxy)
-    assert choice.threads == chosen and choice.seconds == timings
+    tried = [n for n in timings if n <= max(choice.seconds)]
+    assert choice.threads == chosen and choice.seconds == {n: timings[n] for n in tried}
+    assert max(choice.seconds) == (8 if chosen == 8 else [n for n in timings if n > chosen][0])
     assert choice.describe().startswith(f"threads: {chosen} (auto; 30 proxy steps took 1: ")
 
 
@@ -90,3 +92,15 @@ def test_the_study_trains_on_the_chosen_count(in_tmp, monkeypatch):
     run(compose_config(TINY + [f"storage={in_tmp}/s.journal", "study_name=threads", "threads=2"]), in_tmp / "out")
     assert seen and set(seen) == {2}
     assert torch.get_num_threads() == 1  # given back after the study
+
+
+def test_a_slow_count_is_not_run_again(monkeypatch):
+    settings = settings_of()
+    proxy = prepare(settings)
+    runs, real = [], threads_module.train_run
+    monkeypatch.setattr(threads_module, "train_run", lambda *a, **k: runs.append(1) or real(*a, **k))
+    time_proxy(settings, proxy, 1)
+    assert len(runs) == 1 + threads_module.REPEATS  # a warm-up, then the repeats
+    runs.clear()
+    time_proxy(settings, proxy, 2, warm_up=False, enough_s=0.0)
+    assert len(runs) == 1  # already past enough_s: it cannot win

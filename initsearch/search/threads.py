@@ -4,12 +4,14 @@ A trial trains a small proxy for a few hundred steps; its matrix products are to
 to pay off, and on a small or busy CPU the threads mostly wait for each other (docs/performance.md,
 "Threads"). ``auto`` times a short run of the proxy (``MEASURE_STEPS`` steps, best of ``REPEATS``) with one
 thread and with each doubling up to the cores this worker has, and keeps the fastest; a count only wins
-when it is at least ``MARGIN`` faster than the one below it, so a tie goes to fewer threads. On a GPU the
+when it takes at most ``MARGIN`` of the time of the best fewer, so a tie goes to fewer threads, and the
+trying stops at the first count that does not win. On a GPU the
 count does not matter and nothing is measured.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -61,27 +63,34 @@ def candidates(cores: int) -> list[int]:
     return out + [cores]
 
 
-def time_proxy(settings: StudySettings, proxy: Proxy, threads: int) -> float:
-    """Seconds of ``MEASURE_STEPS`` training steps of a fresh proxy on ``threads`` threads (best of
-    ``REPEATS``, after a short warm-up)."""
+def time_proxy(settings: StudySettings, proxy: Proxy, threads: int, repeats: int = REPEATS,
+               warm_up: bool = True, enough_s: float = math.inf) -> float:
+    """Seconds of ``MEASURE_STEPS`` training steps of a fresh proxy on ``threads`` threads: the best of
+    ``repeats`` runs, after a warm-up run (the allocator, the kernels) unless ``warm_up`` is off; no more
+    runs once one took ``enough_s`` or longer (it cannot win: on a busy CPU a losing count is slow)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         cfg = replace(settings.train, steps=MEASURE_STEPS, eval_every=MEASURE_STEPS)
-        best = float("inf")
-        for i in range(REPEATS + 1):
+        best = math.inf
+        for i in range(repeats + int(warm_up)):
             model = fresh_model(settings.model, proxy.data, proxy.device, seed=i)
             started = time.perf_counter()
             train_run(model, proxy.data, cfg, seed=i)
-            if i > 0:  # the first run warms up the allocator and the kernels
-                best = min(best, time.perf_counter() - started)
+            if warm_up and i == 0:
+                continue
+            best = min(best, time.perf_counter() - started)
+            if best >= enough_s:
+                break
         return best
     finally:
         torch.set_num_threads(before)
 
 
 def choose_threads(settings: StudySettings, proxy: Proxy) -> ThreadChoice:
-    """The thread count to train with (``settings.threads``; ``auto`` as the module says)."""
+    """The thread count to train with (``settings.threads``; ``auto`` as the module says). Counts are tried
+    in increasing order and the trying stops at the first that is not faster: on a busy CPU each losing
+    run is slow, so the measurement costs about one of them."""
     cores = available_cores(settings.n_workers)
     if settings.threads != "auto":
         return ThreadChoice(int(settings.threads))
@@ -90,9 +99,14 @@ def choose_threads(settings: StudySettings, proxy: Proxy) -> ThreadChoice:
     seconds: dict[int, float] = {}
     chosen = 1
     for n in candidates(cores):
-        seconds[n] = time_proxy(settings, proxy, n)
-        if n > 1 and seconds[n] <= MARGIN * seconds[chosen]:
-            chosen = n
+        first = n == 1
+        seconds[n] = time_proxy(settings, proxy, n, warm_up=first,
+                                enough_s=math.inf if first else seconds[chosen] / MARGIN)
+        if first:
+            continue
+        if seconds[n] > MARGIN * seconds[chosen]:
+            break
+        chosen = n
     return ThreadChoice(chosen, seconds)
 
 
