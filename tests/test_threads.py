@@ -104,3 +104,13 @@ def test_a_slow_count_is_not_run_again(monkeypatch):
     runs.clear()
     time_proxy(settings, proxy, 2, warm_up=False, enough_s=0.0)
     assert len(runs) == 1  # already past enough_s: it cannot win
+
+
+def test_a_proxy_that_cannot_train_leaves_the_error_to_its_trials(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("user model exploded")
+
+    monkeypatch.setattr(threads_module, "train_run", broken)
+    monkeypatch.setattr(threads_module, "available_cores", lambda n_workers=1: 2)
+    settings = settings_of()
+    assert choose_threads(settings, prepare(settings)) == ThreadChoice(1)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from initsearch.errors import first_line
 from initsearch.proxy.train import train_run
 from initsearch.search.settings import StudySettings
 from initsearch.search.trial import Proxy, fresh_model
@@ -98,15 +99,19 @@ def choose_threads(settings: StudySettings, proxy: Proxy) -> ThreadChoice:
         return ThreadChoice(cores)
     seconds: dict[int, float] = {}
     chosen = 1
-    for n in candidates(cores):
-        first = n == 1
-        seconds[n] = time_proxy(settings, proxy, n, warm_up=first,
-                                enough_s=math.inf if first else seconds[chosen] / MARGIN)
-        if first:
-            continue
-        if seconds[n] > MARGIN * seconds[chosen]:
-            break
-        chosen = n
+    try:
+        for n in candidates(cores):
+            first = n == 1
+            seconds[n] = time_proxy(settings, proxy, n, warm_up=first,
+                                    enough_s=math.inf if first else seconds[chosen] / MARGIN)
+            if first:
+                continue
+            if seconds[n] > MARGIN * seconds[chosen]:
+                break
+            chosen = n
+    except Exception as exc:  # a model that fails to train fails its trials, where the study records why
+        log.debug("threads=auto: the proxy did not train (%s); one thread", first_line(exc, with_type=True))
+        return ThreadChoice(1)
     return ThreadChoice(chosen, seconds)
 
 
