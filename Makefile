@@ -31,6 +31,7 @@ lint: install
 
 # The MLflow UI on the default local store (http://127.0.0.1:5000).
 ui: install
+	@echo "open the link a study printed (MLflow runs: ...), or choose 'Model training' in the UI's sidebar"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 clean:

@@ -24,12 +24,14 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, first_line
+from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, did_you_mean, first_line
 from initsearch.export import export_policy
+from initsearch.search.progress import Progress
 from initsearch.search.report import StudySummary, summarize
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
 from initsearch.search.storage import open_storage
 from initsearch.search.study import run_study
+from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import prepare
 from initsearch.search.workers import StudyLock
 
@@ -102,9 +104,12 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
     """``run`` with settings already made from ``cfg`` (``initsearch.search`` puts the user's objects into
     them); ``cfg`` is what MLflow records and what helper workers start from."""
     check_storage(settings)
-    with stop_on_signals(), share_cpus(settings.n_workers):
+    with stop_on_signals():
         proxy = prepare(settings)
-        tracker = open_tracker(settings)
+        threads = choose_threads(settings, proxy)
+        log.info("%s", threads.describe())
+    with stop_on_signals(), use_threads(threads):
+        tracker = Progress(open_tracker(settings), settings)
         helpers = Helpers.start(cfg, settings)
         study = None
         try:
@@ -130,10 +135,59 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
     out.mkdir(parents=True, exist_ok=True)
     path = export_policy(study, out / "best_policy.json")
     summary.table.to_csv(out / "trials.csv", index=False)
+    picture = draw_policy(path, proxy, out / "best_policy.png")
+    if tracker.ran == 0:
+        searched = int((summary.table["kind"] == "search").sum())
+        print(f"study already complete: {searched} searched trials (n_trials={settings.n_trials}; "
+              "a larger n_trials searches more)")
     print(summary.format())
-    print(f"best policy: {path.resolve()}")
     tracker.study_finished(study, summary, path)
+    print(files_written(out, [path, out / "trials.csv", *([picture] if picture else []), *getattr(tracker, "figures", [])],
+                        getattr(tracker, "runs_url", None)))
     return FinishedStudy(path, study, summary)
+
+
+def draw_policy(policy_path: Path, proxy: Any, target: Path) -> Path | None:
+    """``best_policy.png``: what the exported policy does to each layer of the proxy (scheme, scale, LSUV),
+    as ``apply_policy`` would resolve it. ``None`` (and a debug log) when it cannot be drawn."""
+    from initsearch.init.policy import load_policy, plan
+    from initsearch.tracking.plots import plot_policy, save_figure
+
+    try:
+        policy = load_policy(policy_path)
+        lsuv = policy.lsuv is not None and policy.lsuv.enabled
+        rows = [{"name": layer.name, "activation": layer.activation, "scheme": spec.scheme, "scale": spec.scale,
+                 "gain": spec.gain, "lsuv": lsuv and spec.lsuv and spec.scheme != "keep"}
+                for layer, _, spec in plan(policy, proxy.layers, strict=False) if layer.family != "norm"]
+        prov = policy.provenance or {}
+        fig = plot_policy(rows, f"Best policy: trial {prov.get('trial')} ({prov.get('kind')}), "
+                                f"{prov.get('metric')} {prov.get('score', float('nan')):.4g}")
+        if fig is None:
+            return None
+        save_figure(fig, target)
+        return target
+    except Exception as exc:  # a picture is a courtesy: never fails the study
+        log.debug("best_policy.png not drawn (%s)", first_line(exc, with_type=True))
+        return None
+
+
+def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
+    """The closing lines: the run folder, each file written there, and where the runs are in MLflow."""
+    lines = [f"wrote into {out.resolve()}/:"]
+    width = max(len(f.name) for f in files)
+    about = {"best_policy.json": "the best policy (apply it with initsearch.apply_policy)",
+             "best_policy.png": "what the best policy does to each layer",
+             "trials.csv": "every trial: kind, state, score, per-seed scores, seconds, reason",
+             "score_by_trial.png": "score by trial against the baselines",
+             "training_curves.png": "training curves of the best trials and the baselines",
+             "init_signals.png": "signal through the layers at init",
+             "param_importances.png": "which choices mattered"}
+    lines += [f"  {f.name:<{width}}  {about.get(f.name, '')}".rstrip() for f in files if f.is_file()]
+    lines.append(f"best policy: {files[0].resolve()}")
+    if runs_url:
+        local = "127.0.0.1:5000" in runs_url
+        lines.append(f"MLflow runs: {runs_url}" + ("  (after: make ui)" if local else ""))
+    return "\n".join(lines)
 
 
 def check_storage(settings: StudySettings) -> None:
@@ -225,20 +279,6 @@ def stop_on_signals() -> Iterator[None]:
 
 
 # ---- helper worker processes (n_workers > 1) -----------------------------------------------------------------
-@contextmanager
-def share_cpus(n_workers: int) -> Iterator[None]:
-    """N workers on one machine split its cores (torch threads), rather than each taking all of them."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n_workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Helpers:
     """The N - 1 helper processes of ``n_workers=N`` (spawned, so nothing of this process is shared but the
     config): each runs the same study with the same settings and exports nothing."""
@@ -295,8 +335,10 @@ def worker_main(config: dict[str, Any], index: int, parent_pid: int) -> None:
     verbose = bool(config.get("verbose", False))
     try:
         settings = settings_from_config(config)
-        with stop_on_signals(), share_cpus(settings.n_workers):
+        with stop_on_signals():
             proxy = prepare(settings)
+            threads = choose_threads(settings, proxy)
+        with stop_on_signals(), use_threads(threads):
             tracker = open_tracker(settings)
             try:
                 run_study(settings, proxy, tracker, OmegaConf.to_yaml(config))
@@ -351,3 +393,120 @@ def report_unexpected(exc: BaseException, verbose: bool, prefix: str = "initsear
     hint = "" if verbose else " (verbose=true shows the traceback)"
     print(f"{prefix}: error: {type(exc).__name__}: {text}{hint}", file=sys.stderr)
     return 1
+
+
+# ---- the command line, shared by the three commands --------------------------------------------------------------
+def config_keys(overrides: Sequence[str] = ()) -> list[str]:
+    """Every key of the composed config (dotted; Hydra's own left out), with the config groups chosen by
+    ``overrides`` (those of the form ``group=option`` that compose; the others are ignored)."""
+    from hydra import compose, initialize_config_dir
+
+    def flat(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, Mapping):
+            out = [prefix] if prefix else []
+            for key, value in node.items():
+                out += flat(value, f"{prefix}.{key}" if prefix else str(key))
+            return out
+        return [prefix]
+
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith(("+", "~"))]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="initsearch"):
+        for chosen in (groups, []):
+            try:
+                cfg = compose(config_name="config", overrides=chosen)
+                break
+            except Exception:
+                continue
+        else:
+            return []
+    return flat(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def compose_problem(args: Sequence[str], extra_keys: Sequence[str] = ()) -> str | None:
+    """Why Hydra cannot compose the config of these command-line overrides, in one line, or ``None``.
+
+    Hydra would print several lines and exit with 1. Arguments with Hydra flags (``--cfg``, ``-m``...) are
+    left to Hydra itself. ``extra_keys``: a command's own keys, also offered as "did you mean".
+    """
+    if any(arg.startswith("-") for arg in args):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="initsearch"):
+            compose(config_name="config", overrides=list(args), return_hydra_config=True)
+    except Exception as exc:
+        return compose_error_line(exc, args, extra_keys)
+    return None
+
+
+def compose_error_line(exc: BaseException, args: Sequence[str], extra_keys: Sequence[str] = ()) -> str:
+    """Hydra's message in one line: an unknown key named with the closest known one; an unparsable override
+    named; otherwise Hydra's detail lines joined, its search paths and hints left out."""
+    from hydra.errors import OverrideParseException
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, OverrideParseException):
+        bad = next((arg for arg in args if _unparsable(arg)), None)
+        return f"override {bad!r}: {lines[0] if lines else exc}" if bad else (lines[0] if lines else str(exc))
+    unknown = _unknown_key(str(exc))
+    if unknown is not None:
+        hint = did_you_mean(unknown, [*extra_keys, *config_keys(args)])
+        return (f"{unknown}: no such key{hint}" if hint else
+                f"{unknown}: no such key (a new key, e.g. an argument of your own model, is added as +{unknown}=...)")
+    kept, options = [], []
+    section = "message"
+    for line in lines:
+        if line.startswith(("Config search path", "See https://", "Set the environment variable")):
+            break
+        if line.startswith("Available options"):
+            section = "options"
+            continue
+        if line.startswith(("full_key:", "object_type", "reference_type", "provider=")):
+            continue
+        (options if section == "options" else kept).append(line)
+    text = "; ".join(kept) or type(exc).__name__
+    return text + (f" (available: {', '.join(options)})" if options else "")
+
+
+def _unknown_key(message: str) -> str | None:
+    """The key of Hydra's "Could not override 'KEY'" / "Key 'KEY' is not in struct" messages."""
+    import re
+
+    for pattern in (r"Could not override '([^']+)'", r"Key '([^']+)' is not in struct", r"Key '([^']+)' not in "):
+        match = re.search(pattern, message)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _unparsable(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([arg])
+    except Exception:
+        return True
+    return False
+
+
+def remove_unused_output_dir(out_dir: str | Path) -> None:
+    """After a failure before anything was written: remove the run folder Hydra made (its ``.hydra`` copy of
+    the config and an empty log), and the two folders above it (``outputs/<study>/``) when they are empty then."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name == ".hydra" and entry.is_dir():
+            continue
+        if entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0:
+            continue
+        return  # something of value (a policy, a table, a log line): keep the folder
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    for folder in (out.parent, out.parent.parent):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            return

@@ -1,14 +1,17 @@
 """The exceptions initsearch raises, and the few helpers that turn a problem into one safe line.
 
 Each error carries one line that names the bad field or key and the value, so the commands can print it as
-is. This module imports nothing of initsearch (and nothing outside the standard library): every stage, and
+is; the commands share the last few helpers (``did_you_mean``, ``--help`` anywhere, a closed stdout pipe). This module imports nothing of initsearch (and nothing outside the standard library): every stage, and
 the MLflow writer process, uses it.
 """
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -118,3 +121,35 @@ def scrub(text: str) -> str:
     for secret in sorted(_SECRETS, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+HELP_FLAGS = ("--help", "-h")
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean X?)`` for the closest of ``choices`` to ``word`` (dotted keys compared whole and by their
+    last part), or an empty string when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    if not close:
+        last = word.rsplit(".", 1)[-1]
+        by_last = {c.rsplit(".", 1)[-1]: c for c in choices if c.rsplit(".", 1)[0] == word.rpartition(".")[0]}
+        near = difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.75)
+        close = [by_last[near[0]]] if near else []
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def wants_help(args: Sequence[str]) -> bool:
+    """``--help`` or ``-h`` anywhere among the arguments."""
+    return any(arg in HELP_FLAGS for arg in args)
+
+
+def exit_quietly_on_broken_pipe(main: Callable[[], Any]) -> Any:
+    """Run ``main``; when the reader of stdout went away (``initsearch --help | head``), exit with 141 (the
+    status of a process killed by SIGPIPE) and no traceback, as other command-line tools do."""
+    try:
+        return main()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush of stdout at exit would fail again
+        sys.exit(141)

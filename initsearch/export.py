@@ -1,8 +1,9 @@
 """Export a trial's init policy as a policy file (``python -m initsearch.export``).
 
-    python -m initsearch.export study_name=digits_mlp [storage=initsearch.journal] [out=policy.json] [trial=N]
+    python -m initsearch.export study_name=digits_mlp [storage=initsearch.journal] [out=policy.json] [trial=N] [force=true]
 
-Without ``trial`` it exports the best complete trial (a baseline, if one won).
+Without ``trial`` it exports the best complete trial (a baseline, if one won). A chosen trial must be
+complete: a pruned one (its score is partial), a failed or a running one is refused unless ``force=true``.
 """
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from initsearch import __version__
-from initsearch.errors import ConfigError, InitSearchError, first_line
+from initsearch.errors import (
+    ConfigError,
+    InitSearchError,
+    did_you_mean,
+    exit_quietly_on_broken_pipe,
+    first_line,
+    wants_help,
+)
 from initsearch.init.policy import InitPolicy, save_policy
+from initsearch.search.report import format_seconds
 from initsearch.search.settings import DEFAULT_STORAGE, is_rdb
 from initsearch.search.storage import open_storage
 
@@ -46,18 +55,24 @@ def trial_policy(study: optuna.Study, trial: FrozenTrial) -> InitPolicy:
     return InitPolicy.from_dict(stored).with_provenance(**provenance)
 
 
-def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
-    """The chosen trial, or the best complete one; ``ConfigError`` when there is none."""
+def pick_trial(study: optuna.Study, number: int | None = None, force: bool = False) -> FrozenTrial:
+    """The chosen trial, or the best complete one; ``ConfigError`` when there is none, or when the chosen one
+    is not complete (pruned: a partial score; failed; still running) and ``force`` is not set."""
     trials = study.get_trials(deepcopy=False)
     if number is not None:
         match = [t for t in trials if t.number == number]
         if not match:
             raise ConfigError(f"trial: study {study.study_name!r} has no trial {number} (it has {len(trials)})")
-        if match[0].state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        state = match[0].state
+        if state != TrialState.COMPLETE and not (force and match[0].user_attrs.get("policy") is not None):
             reason = match[0].user_attrs.get("reason")
+            what = {TrialState.PRUNED: "was pruned (its score is partial)", TrialState.RUNNING: "is still running",
+                    TrialState.WAITING: "has not run yet"}.get(state, "did not finish")
             raise ConfigError(
-                f"trial: trial {number} of study {study.study_name!r} did not finish (state {match[0].state.name}"
-                + (f": {reason}" if reason else "") + "); export a complete one"
+                f"trial: trial {number} of study {study.study_name!r} {what} (state {state.name}"
+                + (f": {reason}" if reason else "") + ")"
+                + ("; export a complete one, or add force=true" if match[0].user_attrs.get("policy") is not None
+                   else "; it has no policy to export")
             )
         return match[0]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -66,17 +81,39 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
     return study.best_trial
 
 
-def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None) -> Path:
-    return save_policy(trial_policy(study, pick_trial(study, trial)), out)
+def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None, force: bool = False) -> Path:
+    return save_policy(trial_policy(study, pick_trial(study, trial, force)), out)
+
+
+HELP = """\
+initsearch.export: write the init policy of a trial of a study as a policy file (JSON), with its provenance.
+
+Usage: python -m initsearch.export study_name=NAME [key=value ...]
+
+  study_name=NAME   the study (as python -m initsearch named it: its study preset's name by default)
+  storage=URL       where the study is (default ./initsearch.journal; sqlite:///x.db, postgresql://...)
+  out=PATH          the file to write (default best_policy.json)
+  trial=N           that trial instead of the best complete one
+  force=true        export trial=N even when it is not complete (pruned, failed, running)
+
+Examples:
+  python -m initsearch.export study_name=digits_mlp out=policy.json
+  python -m initsearch.export study_name=digits_mlp out=policy.json trial=12
+
+Then apply it in your training code: initsearch.apply_policy(model, "policy.json", example_batch=x).
+"""
+KEYS = ("study_name", "storage", "out", "trial", "force")
 
 
 def _parse_args(argv: list[str]) -> dict[str, str]:
-    known = {"study_name", "storage", "out", "trial"}
     args: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in known:
-            raise ConfigError(f"{arg}: expected key=value with key one of {', '.join(sorted(known))}")
+        if not sep:
+            raise ConfigError(f"{arg}: expected key=value (python -m initsearch.export --help)")
+        if key not in KEYS:
+            hint = did_you_mean(key, KEYS) or f" (one of {', '.join(KEYS)})"
+            raise ConfigError(f"{key}: no such key{hint}")
         args[key] = value
     if "study_name" not in args:
         raise ConfigError("study_name: required (python -m initsearch.export study_name=NAME [storage=...] [out=...] [trial=N])")
@@ -84,11 +121,21 @@ def _parse_args(argv: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        return exit_quietly_on_broken_pipe(lambda: print(HELP, end="") or 0)
+    return exit_quietly_on_broken_pipe(lambda: _export(argv))
+
+
+def _export(argv: list[str]) -> int:
     try:
-        args = _parse_args(sys.argv[1:] if argv is None else argv)
+        args = _parse_args(argv)
         trial = args.get("trial")
         if trial is not None and not trial.isdigit():
             raise ConfigError(f"trial: must be a trial number, got {trial!r}")
+        force = args.get("force", "false").lower()
+        if force not in ("true", "false"):
+            raise ConfigError(f"force: must be true or false, got {args['force']!r}")
         storage = args.get("storage") or DEFAULT_STORAGE
         if not is_rdb(storage) and not Path(storage).exists():
             raise ConfigError(f"storage: no study storage at {storage!r} (run the study first, or pass storage=...)")
@@ -96,15 +143,31 @@ def main(argv: list[str] | None = None) -> int:
             study = optuna.load_study(study_name=args["study_name"], storage=open_storage(storage))
         except KeyError:
             raise ConfigError(f"study_name: no study {args['study_name']!r} in {storage}") from None
-        path = export_policy(study, args.get("out") or "best_policy.json", None if trial is None else int(trial))
+        chosen = pick_trial(study, None if trial is None else int(trial), force == "true")
+        path = save_policy(trial_policy(study, chosen), args.get("out") or "best_policy.json")
     except InitSearchError as exc:
         print(f"initsearch.export: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         print(f"initsearch.export: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return 1
+    print(describe_trial(study, chosen))
     print(f"wrote {path}")
     return 0
+
+
+def describe_trial(study: optuna.Study, trial: FrozenTrial) -> str:
+    """One line: which trial, its kind, state, score (and the metric), per-seed scores, how long it took."""
+    metric = study.user_attrs.get("metric") or "score"
+    kind = trial.user_attrs.get("baseline") or "search"
+    score = "no score" if trial.value is None else f"{metric} {trial.value:.4g}"
+    seeds = trial.user_attrs.get("seed_scores") or []
+    parts = [f"trial {trial.number} ({kind}, {trial.state.name.lower()})", score]
+    if seeds:
+        parts.append("per seed " + " ".join(f"{v:.4g}" for v in seeds))
+    if trial.duration is not None:
+        parts.append(format_seconds(trial.duration.total_seconds()))
+    return " · ".join(parts)
 
 
 if __name__ == "__main__":

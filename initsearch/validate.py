@@ -31,6 +31,7 @@ from initsearch.proxy.data import Dataset
 from initsearch.proxy.losses import resolve_loss
 from initsearch.proxy.scoring import score
 from initsearch.proxy.train import Curve, train_run
+from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
 from initsearch.search.trial import fresh_model, prepare
 
@@ -153,7 +154,9 @@ def run_validation(
     accuracy = resolve_loss(settings.train.loss, data.y_train).has_accuracy
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
     results = []
-    for name, pol in contender_policies(policy, settings.baselines).items():
+    contenders = contender_policies(policy, settings.baselines)
+    progress = Steps(len(contenders) * len(fresh), "training runs", enabled=settings.progress)
+    for name, pol in contenders.items():
         result = ContenderResult(name)
         for seed in fresh:
             model = fresh_model(target_model, data, device, seed)
@@ -168,6 +171,7 @@ def run_validation(
                 result.scores.append(score(curve, settings.score.metric, budget=budget, target_acc=settings.score.target_acc))
             result.steps_to_target.append(_steps_to_target(curve, settings.score.target_acc))
             result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
+            progress.step(f"{name}, seed {seed}")
         results.append(result)
     return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc,
                             results, accuracy)
@@ -265,8 +269,6 @@ def _split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
             own[key] = value
         else:
             overrides.append(arg)
-    if "policy" not in own:
-        raise ConfigError("policy: required (python -m initsearch.validate policy=PATH [study=...] [seeds=N] [steps=N])")
     return own, overrides
 
 
@@ -279,16 +281,50 @@ def _whole(own: dict[str, str], key: str, default: int | None) -> int | None:
     return int(value)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
+HELP = """\
+initsearch.validate: check a policy on the full-size model, on seeds the search never saw, for longer than
+the search looked, against every baseline of the study; says plainly whether the policy beats the best one.
 
-    from initsearch.cli import config_dir, report_error, with_custom_groups
+Usage: python -m initsearch.validate policy=PATH [study=NAME] [key=value ...]
+
+  policy=PATH       the policy file (best_policy.json of a study, or python -m initsearch.export's)
+  study=NAME        the study preset whose model, data and baselines to use (default digits_mlp)
+  seeds=N           fresh seeds per contender (default 5)
+  steps=N           training steps (default 5x the search's train.steps)
+  out=DIR           where validation.csv and validation.png go (default outputs/<study>/validate_<date_time>)
+  subset=N          train on the first N examples only
+  baselines=[...]   the contenders besides the policy (also gradinit, metainit)
+  any other key=value of python -m initsearch (train.lr=..., tracking_uri=..., verbose=true)
+
+Examples:
+  python -m initsearch.validate policy=outputs/digits_mlp/<date_time>/best_policy.json seeds=5
+  python -m initsearch.validate policy=policy.json study=cifar_cnn steps=2000 baselines=[he,lsuv,gradinit]
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from initsearch.errors import exit_quietly_on_broken_pipe, wants_help
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(args):
+        return exit_quietly_on_broken_pipe(lambda: print(HELP, end="") or 0)
+    return exit_quietly_on_broken_pipe(lambda: _validate(args))
+
+
+def _validate(args: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from initsearch.cli import compose_problem, config_dir, report_error, report_unexpected, with_custom_groups
+
     verbose = "verbose=true" in args
     try:
         own, overrides = _split_args(args)
         overrides = with_custom_groups(overrides)
+        problem = compose_problem(overrides, extra_keys=OWN_KEYS)
+        if problem is not None:
+            raise ConfigError(problem)
+        if "policy" not in own:
+            raise ConfigError("policy: required (python -m initsearch.validate policy=PATH [study=...] [seeds=N]; --help)")
         policy = load_policy(own["policy"])
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -305,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fig.savefig(png_path, dpi=110)
         run_id = log_validation(settings, report, csv_path, png_path, str(own["policy"]))
     except InitSearchError as exc:
-        return report_error(exc, verbose)
+        return report_error(exc, verbose, prefix="initsearch.validate")
+    except Exception as exc:
+        return report_unexpected(exc, verbose, prefix="initsearch.validate")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False))
     print(report.verdict())

@@ -148,7 +148,8 @@ def test_verbose_shows_the_traceback(in_tmp, monkeypatch, capsys):
 HOSTILE = {
     "unknown preset": (["study=nope"], "In 'config': Could not find 'study/nope' (available: cifar_cnn, "),
     "override syntax": (["n_trials=[1"], "override 'n_trials=[1': "),
-    "unknown key": (["nokey=1"], "Could not override 'nokey'.; To append to your config use +nokey=1"),
+    "unknown key": (["nokey=1"], "nokey: no such key (a new key, e.g. an argument of your own model, is added as +nokey=...)"),
+    "misspelt key": (["n_trails=1"], "n_trails: no such key (did you mean n_trials?)"),
     "n_trials=abc": (["n_trials=abc"], "n_trials: must be a whole number >= 1, got 'abc'"),
     "train.lr=fast": (["train.lr=fast"], "train.lr: must be a finite number > 0, got 'fast'"),
     "model.depth=[1]": (["model.depth=[1]"], "model.depth: must be an integer >= 1, got [1]"),

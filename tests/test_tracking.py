@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +37,7 @@ from initsearch.tracking import tracker as tracking
 from initsearch.tracking.delivery import writer_running_for
 from initsearch.tracking.payload import config_params, redact_text, trial_metrics
 from initsearch.tracking.plots import plot_importances
-from initsearch.tracking.uri import check_reachable, default_artifact_location, resolve_tracking_uri
+from initsearch.tracking.uri import check_reachable, default_artifact_location, resolve_tracking_uri, runs_page_url
 from initsearch.tracking.writer import (
     MAX_BATCH_BYTES,
     MAX_ENTITIES_PER_BATCH,
@@ -130,7 +132,9 @@ def check_study_structure(client: MlflowClient, study: str, n_children: int) -> 
     assert parent.data.params["model.width"] == "16" and parent.data.params["train.steps"] == str(STEPS)
     assert "best_score" in parent.data.metrics
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "best_policy.json", "trials.csv", "optimization_history.png", "training_curves.png"} <= parent_files
+    assert {"config.yaml", "best_policy.json", "best_policy.png", "trials.csv", "score_by_trial.png",
+            "training_curves.png", "init_signals.png"} <= parent_files
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     best = json.loads(Path(client.download_artifacts(parent.info.run_id, "best_policy.json")).read_text())
     assert best["format"] == "initsearch-policy"
 
@@ -145,7 +149,7 @@ def check_study_structure(client: MlflowClient, study: str, n_children: int) -> 
     for child in children:
         run_id = child.info.run_id
         assert child.data.params["trial"] == child.data.tags["initsearch.trial"]
-        history = client.get_metric_history(run_id, "train_loss")
+        history = client.get_metric_history(run_id, "curves/train_loss")
         if child.data.tags["initsearch.state"] == "complete":
             assert child.info.status == "FINISHED"
             assert math.isfinite(child.data.metrics["score"])
@@ -156,9 +160,13 @@ def check_study_structure(client: MlflowClient, study: str, n_children: int) -> 
                 continue  # the sampler re-proposed a scored policy: the study reused its score, nothing trained
             trained += 1
             assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # one point per step
-            assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == [10, 20]
-            assert {"init_output_std.fc1", "init_grad_norm.fc1"} <= set(child.data.metrics)
-            assert client.get_metric_history(run_id, "init_output_std.fc1")[0].step == 0
+            assert sorted(m.step for m in client.get_metric_history(run_id, "curves/val_loss")) == [10, 20]
+            assert not any(k.startswith("init_") for k in child.data.metrics)  # no metric per layer...
+            assert {"init/loss", "init/grad_ratio"} <= set(child.data.metrics)
+            table = json.loads(Path(client.download_artifacts(run_id, "init_signals.json")).read_text())
+            assert [row[table["columns"].index("name")] for row in table["data"]] == ["fc1", "out"]  # ...one table
+            assert "grad_norm" in table["columns"] and "output_std" in table["columns"]
+            assert json.loads(child.data.tags["mlflow.loggedArtifacts"]) == [{"path": "init_signals.json", "type": "table"}]
         if child.data.tags["initsearch.kind"] == "search":
             assert any(k.startswith("scheme") for k in child.data.params)  # the sampled params
     assert trained >= 3  # both baselines and at least the first searched trial trained
@@ -202,8 +210,32 @@ def test_readme_ui_command_serves_the_page_and_lists_the_runs(local_study):
         parent = next(r for r in runs if any(t["value"] == "parent" for t in r["data"]["tags"]))
         listing = json.loads(http_get(f"{url}/api/2.0/mlflow/artifacts/list?run_id={parent['info']['run_id']}")[2])
         assert "best_policy.json" in {f["path"] for f in listing["files"]}
+        page = rendered_page(runs_page_url(url, exp_id), local_study / "chromium")
+        if page is None:
+            warnings.warn("chromium not found: the MLflow UI page itself was not checked (apt-get install chromium)")
+            return
+        # The runs table, trials ranked by score, not MLflow's GenAI overview (traces, latency, tokens).
+        for name in (">he (trial 0)<", ">xavier (trial 1)<", ">trial 2<", ">trial 3<", "<strong>5</strong> matching runs"):
+            assert name in page, f"{name!r} not on the experiment's page"
+        assert "Sort: score" in page
+        assert "Detect Issues" not in page and "Traces</span>" not in page.split("Runs")[0]
     finally:
         stop_server(proc)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def rendered_page(url: str, profile: Path) -> str | None:
+    """The DOM of ``url`` after headless Chromium ran its scripts (a fresh profile: nothing remembered from
+    earlier visits), or ``None`` without Chromium."""
+    if CHROMIUM is None:
+        return None
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=20000", "--dump-dom", url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
@@ -333,13 +365,15 @@ def test_trial_metrics_keys_steps_and_seed_suffixes():
     by_key: dict[str, list[Metric]] = {}
     for m in metrics:
         by_key.setdefault(m.key, []).append(m)
-    assert [m.step for m in by_key["train_loss"]] == list(range(1, 11))
-    assert [m.step for m in by_key["train_loss_s1"]] == list(range(1, 11))
-    assert [m.step for m in by_key["val_acc_s1"]] == [5, 10]
-    assert {"score", "seed_score_s0", "seed_score_s1", "seconds", "init_output_std.fc1", "init_grad_norm.out"} <= set(by_key)
-    assert by_key["init_output_std.fc1"][0].step == 0
+    assert [m.step for m in by_key["curves/train_loss"]] == list(range(1, 11))
+    assert [m.step for m in by_key["curves/train_loss_s1"]] == list(range(1, 11))
+    assert [m.step for m in by_key["curves/val_acc_s1"]] == [5, 10]
+    assert set(by_key) == {"curves/train_loss", "curves/train_loss_s1", "curves/val_loss", "curves/val_loss_s1", "curves/val_acc", "curves/val_acc_s1",
+                           "init/grad_ratio", "score", "seed_score_s0", "seed_score_s1", "seconds"}
+    assert by_key["init/grad_ratio"][0].value == pytest.approx(2.0) and by_key["init/grad_ratio"][0].step == 0
+    assert [m.key for m in metrics][0] == "curves/train_loss"  # the curves come first
     assert all(1_000 <= m.timestamp <= 2_500 for m in metrics)
-    assert by_key["train_loss"][-1].timestamp <= by_key["train_loss_s1"][0].timestamp  # seeds back to back
+    assert by_key["curves/train_loss"][-1].timestamp <= by_key["curves/train_loss_s1"][0].timestamp  # seeds back to back
 
 
 # ---- off the critical path, and never raising into the study ----------------------------------------------------
@@ -375,7 +409,7 @@ def test_hooks_only_enqueue_and_worker_failures_are_warnings(caplog):
     assert any("MLflow tracking" in r.getMessage() for r in caplog.records)
 
 
-def test_pruned_and_failed_trials_get_their_status_and_reason(tmp_path):
+def test_pruned_trials_end_finished_with_their_state_and_failed_ones_failed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     tracker = tracking.MlflowTracker(client, uri, default_artifact_location(uri))
@@ -391,9 +425,9 @@ def test_pruned_and_failed_trials_get_their_status_and_reason(tmp_path):
     assert tracker.tracking_cpu_s["_log_trial"] > 0 and tracker.writer.trial_cpu_s == tracker.tracking_cpu_s["_log_trial"]
     assert {c.data.tags["initsearch.worker"] for c in children} == {worker_id()}  # ...as this process's trials
     by_trial = {c.data.tags["initsearch.trial"]: c for c in children}
-    assert by_trial["0"].info.status == "KILLED" and by_trial["0"].data.tags["initsearch.state"] == "pruned"
+    assert by_trial["0"].info.status == "FINISHED" and by_trial["0"].data.tags["initsearch.state"] == "pruned"
     assert by_trial["0"].data.tags["initsearch.reason"].startswith("diverged")
-    history = client.get_metric_history(by_trial["0"].info.run_id, "train_loss")
+    history = client.get_metric_history(by_trial["0"].info.run_id, "curves/train_loss")
     assert [m.step for m in history] == [1, 2] and math.isnan(sorted(history, key=lambda m: m.step)[1].value)
     assert by_trial["1"].info.status == "FAILED" and by_trial["1"].data.tags["initsearch.reason"] == "RuntimeError: boom"
     tracker.close()  # the study never finished: the parent is marked KILLED
@@ -537,7 +571,7 @@ def test_the_writer_logs_what_it_was_sent_after_the_study_process_is_killed(tmp_
     assert sorted(c.data.tags["initsearch.trial"] for c in children) == ["0", "1", "2"]
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 30
+        assert len(client.get_metric_history(child.info.run_id, "curves/train_loss")) == 30
     assert "Traceback" not in (tmp_path / "err.txt").read_text()
 
 
@@ -642,7 +676,7 @@ def test_while_the_study_waits_this_process_helps_the_writer_and_logs_each_trial
     _, _, children = runs_of(client, "helping")
     assert sorted(int(c.data.tags["initsearch.trial"]) for c in children) == list(range(12))  # each exactly once
     assert all(c.info.status == "FINISHED" for c in children)
-    assert all(len(client.get_metric_history(c.info.run_id, "train_loss")) == 300 for c in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "curves/train_loss")) == 300 for c in children)
 
 
 def test_passwords_of_the_tracking_uri_never_show_in_messages():

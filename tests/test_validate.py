@@ -46,4 +46,4 @@ def test_validate_refuses_a_bad_policy_file(in_tmp, capsys):
     bad.write_text("{not json")
     assert main([f"policy={bad}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("initsearch: error:") and "json" in err.lower()
+    assert err.startswith("initsearch.validate: error:") and "json" in err.lower()

@@ -55,10 +55,39 @@ class StudySummary:
                 + ", ".join(f"{v:.4g}" for v in seeds)
             )
         t = self.table
-        shown = pd.concat([t[t.kind == "search"].head(top), t[t.kind != "search"]])
+        shown = pd.concat([t[t.kind == "search"].head(top), t[t.kind != "search"]]).drop(columns=["reason", "same_as"])
+        shown[self.metric] = [_round(v) for v in shown[self.metric]]
+        for column in ("seed_mean", "seed_std"):
+            shown[column] = [_round(v) for v in shown[column]]
+        shown["seconds"] = [format_seconds(v) for v in shown["seconds"]]
+        shown["note"] = [f"= trial {int(n)}" if pd.notna(n) else "" for n in t.loc[shown.index, "same_as"]]
+        reused = (shown["note"] != "").any()
+        if not reused:
+            shown = shown.drop(columns="note")
         with pd.option_context("display.width", 160, "display.max_columns", 20, "display.max_colwidth", 48):
-            lines.append(shown.drop(columns=["reason"]).to_string(index=False))
+            lines.append(shown.to_string(index=False))
+        if reused:
+            lines.append("= trial N: the sampler proposed trial N's policy again; its score was reused, nothing trained")
         return "\n".join(lines)
+
+
+def _round(value: float | None) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:.4g}"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration for people: ``0.03 s``, ``4.2 s``, ``1m10s``, ``2h05m``; empty when unknown."""
+    if seconds is None or pd.isna(seconds):
+        return ""
+    if seconds < 10:
+        return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 def _kind(t: FrozenTrial) -> str:
@@ -81,10 +110,13 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
                 "seed_std": statistics.pstdev(seeds) if len(seeds) > 1 else (0.0 if seeds else None),
                 "seed_scores": " ".join(f"{v:.4g}" for v in seeds),
                 "seconds": t.duration.total_seconds() if t.duration else None,
+                "same_as": t.user_attrs.get("duplicate_of"),
                 "reason": t.user_attrs.get("reason"),
             }
         )
-    table = pd.DataFrame(rows, columns=["trial", "kind", "state", metric, "seed_mean", "seed_std", "seed_scores", "seconds", "reason"])
+    columns = ["trial", "kind", "state", metric, "seed_mean", "seed_std", "seed_scores", "seconds", "same_as", "reason"]
+    table = pd.DataFrame(rows, columns=columns)
+    table["same_as"] = table["same_as"].astype("Int64")
     if not table.empty:
         table["_order"] = table["state"].map({"complete": 0, "pruned": 1, "fail": 2}).fillna(3)
         table = table.sort_values(["_order", metric], ascending=[True, direction == "minimize"], na_position="last")

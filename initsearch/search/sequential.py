@@ -5,7 +5,6 @@ total together), marked with its worker, and beats at the training checkpoints. 
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,7 +92,7 @@ def optimize(study: optuna.Study, settings: StudySettings, proxy: Proxy, tracker
                 catch=(Exception,),
                 callbacks=[gate],
                 gc_after_trial=False,
-                show_progress_bar=sys.stderr.isatty(),
+                show_progress_bar=False,  # the study shows its own (search.progress)
             )
     finally:
         gate.close()

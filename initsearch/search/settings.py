@@ -73,6 +73,9 @@ class StudySettings:
     n_workers: int = 1
     heartbeat_interval: int = 60
     grace_period: int = 180
+    # what the user sees and how the CPU is used: a progress bar/lines; torch threads ("auto" = measured)
+    progress: bool = True
+    threads: int | str = "auto"
 
     @property
     def eval_seeds(self) -> list[int]:
@@ -179,7 +182,18 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         n_workers=_int(c.get("n_workers", 1), "n_workers", 1),
         heartbeat_interval=_int(c.get("heartbeat_interval", 60), "heartbeat_interval", 1),
         grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
+        progress=_bool(c.get("progress", True), "progress"),
+        threads=_threads(c.get("threads", "auto")),
     )
+
+
+def _threads(value: Any) -> int | str:
+    """``auto`` (the count that trains the proxy fastest, measured at start) or a whole number >= 1."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"threads: must be auto or a whole number >= 1, got {value!r}")
+    return value
 
 
 def is_rdb(url: str) -> bool:

@@ -27,7 +27,13 @@ from initsearch.tracking.writer import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
 
 log = logging.getLogger("initsearch")
 
-STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+# A pruned trial is a normal end of a search (Optuna stopped it early on purpose): FINISHED, with the state in
+# the tag ``initsearch.state``; only a failure shows as failed in MLflow.
+STATUS_OF_STATE = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}
+# Metric keys: MLflow's UI groups a run's charts by the key's prefix before "/" into sections in alphabetical
+# order, so the curves ("curves/...") lead, then "init/..." and the single-value scalars. ``SIGNALS_TABLE`` is the per-layer init diagnostics as one MLflow table artifact.
+TRAIN_LOSS, VAL_LOSS, VAL_ACC = "curves/train_loss", "curves/val_loss", "curves/val_acc"
+SIGNALS_TABLE = "init_signals.json"
 TRUNCATED = "...[truncated]"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
@@ -164,13 +170,15 @@ def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list
     """Every metric of a trial as plain ``(key, value, timestamp_ms, step)`` rows (logged in batches, never
     one call per step; plain so they can be sent to the writer process as JSON).
 
-    Per seed ``i``: ``train_loss{sfx}`` at steps 1..steps_done and ``val_loss{sfx}``/``val_acc{sfx}`` at the
+    Per seed ``i``: ``curves/train_loss{sfx}`` at steps 1..steps_done and ``curves/val_loss{sfx}``/``curves/val_acc{sfx}`` at the
     checkpoints. Timestamps place each seed's steps evenly over its own training time, the seeds back to
     back and ending at ``end_ms`` (the host only reads the losses at checkpoints, so per-step times are
-    not measured; this keeps MLflow's wall-time axis truthful to within a seed). The init diagnostics at
-    step 0 and ``start_ms``; ``score``, ``seed_score_s{i}``, ``seconds`` at ``end_ms``.
+    not measured; this keeps MLflow's wall-time axis truthful to within a seed). Then the scalars:
+    ``init/loss`` and ``init/grad_ratio`` at step 0 and ``start_ms`` (the per-layer diagnostics are the
+    ``init_signals.json`` table, not one metric per layer); ``score``, ``seed_score_s{i}``, ``seconds`` at
+    ``end_ms``.
     """
-    rows: list[tuple[str, float, int, int]] = [(k, v, start_ms, 0) for k, v in signal_metrics(outcome.signals)]
+    rows: list[tuple[str, float, int, int]] = []
     curves = list(outcome.curves)
     after = [sum(c.seconds for c in curves[i + 1:]) for i in range(len(curves))]
     for i, curve in enumerate(curves):
@@ -182,12 +190,13 @@ def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list
         def at(step: int) -> int:
             return int(t_start + (t_end - t_start) * min(step, n) / n)
 
-        key = f"train_loss{sfx}"
+        key = f"{TRAIN_LOSS}{sfx}"
         rows.extend((key, float(loss), at(j + 1), j + 1) for j, loss in enumerate(curve.train_loss))
         for step, loss, acc in zip(curve.val_steps, curve.val_loss, curve.val_acc):
-            rows.append((f"val_loss{sfx}", float(loss), at(step), int(step)))
+            rows.append((f"{VAL_LOSS}{sfx}", float(loss), at(step), int(step)))
             if math.isfinite(acc):  # NaN where the study's loss has no accuracy (regression)
-                rows.append((f"val_acc{sfx}", float(acc), at(step), int(step)))
+                rows.append((f"{VAL_ACC}{sfx}", float(acc), at(step), int(step)))
+    rows.extend((k, v, start_ms, 0) for k, v in signal_metrics(outcome.signals))
     if outcome.value is not None:
         rows.append(("score", float(outcome.value), end_ms, 0))
     for i, value in enumerate(outcome.seed_scores):
@@ -214,16 +223,19 @@ def trial_payload(outcome: TrialOutcome, end_ms: int, worker: str) -> dict[str, 
     texts: dict[str, str] = {}
     if outcome.policy is not None:
         texts["policy.json"] = _json(outcome.policy)
-    rows = signal_rows(outcome.signals)
-    if rows:
-        texts["init_signals.json"] = _json(rows)
+    tags = {**trial_tags(outcome, ""), "initsearch.worker": worker}
+    table = signal_table(outcome.signals)
+    if table is not None:
+        texts[SIGNALS_TABLE] = _json(table)
+        # What mlflow.log_table records: the UI's artifact view then shows the file as a table.
+        tags["mlflow.loggedArtifacts"] = json.dumps([{"path": SIGNALS_TABLE, "type": "table"}])
     return {
         "number": outcome.number,
         "experiment_id": None,
         "run_name": trial_run_name(outcome),
         "start_ms": start_ms,
         "end_ms": end_ms,
-        "tags": {**trial_tags(outcome, ""), "initsearch.worker": worker},
+        "tags": tags,
         "params": trial_params(outcome),
         "metrics": trial_metric_rows(outcome, start_ms, end_ms),
         "texts": texts,
@@ -254,24 +266,31 @@ def signal_rows(signals: Any) -> list[dict[str, Any]]:
     return out
 
 
+def signal_table(signals: Any) -> dict[str, list[Any]] | None:
+    """The per-layer rows as an MLflow table (``{"columns": [...], "data": [[...], ...]}``, the layout
+    ``mlflow.log_table`` writes), layers in forward order; ``None`` when there are no rows."""
+    rows = signal_rows(signals)
+    if not rows:
+        return None
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    return {"columns": columns, "data": [[row.get(c) for c in columns] for row in rows]}
+
+
 def signal_metrics(signals: Any) -> list[tuple[str, float]]:
-    """``init_<field>.<layer>`` for every numeric field of every layer row (``init_output_std.net.0``,
-    ``init_output_mean.net.0``, ``init_grad_norm.net.0``, ``init_weight_std.net.0``), and ``init_loss`` (the
-    loss on the batch at init); non-numeric fields and unusable keys are left out."""
+    """Two scalars of the init diagnostics: ``init/loss`` (the loss on the batch at init) and
+    ``init/grad_ratio`` (largest over smallest positive per-layer gradient norm: how unevenly the layers
+    would learn). The per-layer values are in the table (``signal_table``), not one metric each."""
     metrics = []
-    for row in signal_rows(signals):
-        layer = row.get("name", row.get("layer"))
-        if layer is None:
-            continue
-        for field, value in row.items():
-            if field in ("name", "layer") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            key = clean_key(f"init_{field}.{layer}")
-            if key is not None:
-                metrics.append((key, float(value)))
+    grads = [row.get("grad_norm") for row in signal_rows(signals)]
+    positive = [float(g) for g in grads if isinstance(g, (int, float)) and not isinstance(g, bool)
+                and math.isfinite(g) and g > 0]
     loss = getattr(signals, "loss", None)
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        metrics.append(("init_loss", float(loss)))
+        metrics.append(("init/loss", float(loss)))
+    if positive:
+        metrics.append(("init/grad_ratio", max(positive) / min(positive)))
     return metrics
 
 

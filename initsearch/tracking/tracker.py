@@ -25,6 +25,7 @@ fails early on a bad one.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import tempfile
@@ -40,6 +41,8 @@ from initsearch.search.settings import StudySettings
 from initsearch.search.workers import worker_alive, worker_id
 from initsearch.tracking.delivery import STALL_TIMEOUT_S, LoggingThread, WriterProcess, writer_running_for
 from initsearch.tracking.payload import (
+    SIGNALS_TABLE,
+    TRAIN_LOSS,
     clip,
     config_params,
     parent_tags,
@@ -48,14 +51,24 @@ from initsearch.tracking.payload import (
     summary_tags,
     trial_payload,
 )
-from initsearch.tracking.plots import plot_history, plot_importances, plot_training_curves, save_figure
+from initsearch.tracking.plots import (
+    plot_importances,
+    plot_init_signals,
+    plot_scores,
+    plot_training_curves,
+    save_figure,
+)
 from initsearch.tracking.uri import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     check_reachable,
     default_artifact_location,
     is_http,
     make_parent_dir,
     open_client,
     resolve_tracking_uri,
+    runs_page_url,
+    ui_base,
 )
 from initsearch.tracking.writer import MAX_FAILURES, MAX_TAG_VALUE, log_in_batches, log_trial
 
@@ -120,6 +133,8 @@ class MlflowTracker:
         self.artifact_location = artifact_location
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
+        self.runs_url: str | None = None  # the experiment's runs table in the MLflow UI, once the study started
+        self.figures: list[Path] = []  # the end-of-study plots written into the run folder
         self.use_writer = bool(writer)
         self.writer: WriterProcess | None = None
         self._thread = LoggingThread()
@@ -313,6 +328,7 @@ class MlflowTracker:
         changed ones are listed in the tag ``initsearch.resumed_with`` (MLflow params cannot change)."""
         client = self.client
         self.experiment_id = self._experiment(name)
+        self.runs_url = runs_page_url(ui_base(self.uri), self.experiment_id, settings.score.direction)
         parent = self._find_parent(name)
         tags = parent_tags(settings)
         yaml_text = redact_text(config_yaml, (settings.storage, settings.tracking_uri or ""))
@@ -323,7 +339,8 @@ class MlflowTracker:
             self.parent_id = run.info.run_id
             log_in_batches(client, self.parent_id, params=params, tags=tags)
             client.log_text(self.parent_id, yaml_text, "config.yaml")
-            log.info("MLflow: study %r -> parent run %s in %s", name, self.parent_id, redact_url(self.uri))
+            log.info("MLflow: study %r -> parent run %s in %s (UI: %s)", name, self.parent_id, redact_url(self.uri),
+                     self.runs_url)
             return
         self.parent_id = parent.info.run_id
         client.update_run(self.parent_id, status="RUNNING")
@@ -336,16 +353,18 @@ class MlflowTracker:
         self._close_dead_children()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         client.log_text(self.parent_id, yaml_text, f"resumes/config-{stamp}.yaml")
-        log.info("MLflow: study %r resumes parent run %s in %s", name, self.parent_id, redact_url(self.uri))
+        log.info("MLflow: study %r resumes parent run %s in %s (UI: %s)", name, self.parent_id, redact_url(self.uri),
+                 self.runs_url)
 
     def _experiment(self, name: str) -> str:
-        """The experiment named after the study: found, restored when it was deleted, or created."""
+        """The experiment named after the study: found, restored when it was deleted, or created; marked as
+        model development (``uri.EXPERIMENT_KIND_TAG``) so MLflow's UI shows its runs, not a GenAI page."""
         client = self.client
         exp = client.get_experiment_by_name(name)
         if exp is None:
             try:
                 return client.create_experiment(name, artifact_location=self.artifact_location,
-                                                tags={"initsearch.study": name})
+                                                tags={"initsearch.study": name, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except Exception:
                 exp = client.get_experiment_by_name(name)
                 if exp is None:
@@ -353,6 +372,8 @@ class MlflowTracker:
         if exp.lifecycle_stage == "deleted":
             log.warning("MLflow: experiment %r was deleted; restoring it to continue the study", name)
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before initsearch set it
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
 
     def _find_parent(self, name: str) -> Any:
@@ -363,7 +384,8 @@ class MlflowTracker:
         return matches[0] if matches else None
 
     def _finish(self, study: Any, summary: Any, policy_path: Path | None) -> None:
-        """Headline metrics, best_policy.json, trials.csv and the plots on the parent; parent FINISHED."""
+        """Headline metrics, best_policy.json, trials.csv and the plots on the parent (the plots also next to
+        the exported policy, in the run folder: ``figures`` lists them); parent FINISHED."""
         if self.parent_id is None:
             raise RuntimeError("no parent run (the study's start was not logged); end of study skipped")
         client = self.client
@@ -372,17 +394,29 @@ class MlflowTracker:
             folder = Path(tmp)
             if policy_path is not None and policy_path.is_file():
                 (folder / "best_policy.json").write_bytes(policy_path.read_bytes())
+                picture = policy_path.with_suffix(".png")  # drawn by the command, next to the policy
+                if picture.is_file():
+                    (folder / picture.name).write_bytes(picture.read_bytes())
             summary.table.to_csv(folder / "trials.csv", index=False)
             self._plots(study, summary, folder)
+            if policy_path is not None and policy_path.parent.is_dir():
+                for png in sorted(folder.glob("*.png")):
+                    target = policy_path.parent / png.name
+                    if target.exists():
+                        continue
+                    target.write_bytes(png.read_bytes())
+                    self.figures.append(target)
             client.log_artifacts(self.parent_id, str(folder))
         client.set_terminated(self.parent_id, status="FINISHED", end_time=_now_ms())
 
     def _plots(self, study: Any, summary: Any, folder: Path) -> None:
         """Each plot on its own: one that cannot be drawn is skipped (debug log), the others still come."""
+        runs = self._shown_runs(summary)
         plots: list[tuple[str, Callable[[], Any]]] = [
-            ("optimization_history.png", lambda: plot_history(study, summary.metric)),
+            ("score_by_trial.png", lambda: plot_scores(summary.table, summary.metric, summary.direction)),
+            ("training_curves.png", lambda: plot_training_curves(self._curve_histories(runs), summary.metric)),
+            ("init_signals.png", lambda: plot_init_signals(self._signal_rows(runs))),
             ("param_importances.png", lambda: plot_importances(study, summary.metric)),
-            ("training_curves.png", lambda: plot_training_curves(self._curve_histories(summary), summary.metric)),
         ]
         for name, draw in plots:
             try:
@@ -393,38 +427,52 @@ class MlflowTracker:
             if fig is not None:
                 save_figure(fig, folder / name)
 
-    def _curve_histories(self, summary: Any) -> dict[str, list[tuple[int, float]]]:
-        """``train_loss`` of the best few complete searched trials that have one (a trial that re-proposed an
-        already scored policy did not train) and of every baseline, read back from MLflow, so trials logged
-        by an earlier, resumed process are drawn too; labelled for the legend."""
+    def _shown_runs(self, summary: Any) -> dict[str, Any]:
+        """The runs the figures compare, by legend label: the best few complete searched trials that
+        trained (one that re-proposed an already scored policy did not) and every baseline, read back from
+        MLflow, so trials logged by an earlier, resumed process are drawn too."""
         table = summary.table
         children = search_all(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
                               order_by=["attributes.start_time ASC"])
-        run_of: dict[int, str] = {}
+        run_of: dict[int, Any] = {}
         for run in children:  # oldest first: a later run of the same trial number wins
             number = run.data.tags.get("initsearch.trial")
-            if number is not None and number.isdigit():
-                run_of[int(number)] = run.info.run_id
-
-        def history(number: int) -> list[tuple[int, float]]:
-            if number not in run_of:
-                return []
-            return sorted((m.step, m.value) for m in self.client.get_metric_history(run_of[number], "train_loss"))
-
-        curves: dict[str, list[tuple[int, float]]] = {}
+            if number is not None and number.isdigit() and TRAIN_LOSS in run.data.metrics:
+                run_of[int(number)] = run
+        shown: dict[str, Any] = {}
         searched = table[(table["kind"] == "search") & (table["state"] == "complete")]["trial"]
         for number in searched:  # best first
-            points = history(int(number))
-            if points:
-                curves[f"trial {int(number)}"] = points
-            if len(curves) == CURVES_TOP:
-                break
+            if int(number) in run_of and len(shown) < CURVES_TOP:
+                shown[f"trial {int(number)}"] = run_of[int(number)]
         for number, kind in zip(table["trial"], table["kind"]):
-            if kind != "search":
-                points = history(int(number))
-                if points:
-                    curves[f"{kind} (baseline)"] = points
+            if kind != "search" and int(number) in run_of:
+                shown[f"{kind} (baseline)"] = run_of[int(number)]
+        return shown
+
+    def _curve_histories(self, runs: dict[str, Any]) -> dict[str, list[list[tuple[int, float]]]]:
+        """``curves/train_loss`` of every evaluation seed of each run (``..._s1``, ``..._s2``, ...)."""
+        curves: dict[str, list[list[tuple[int, float]]]] = {}
+        for label, run in runs.items():
+            keys = sorted((k for k in run.data.metrics if k == TRAIN_LOSS or k.startswith(TRAIN_LOSS + "_s")),
+                          key=lambda k: (len(k), k))
+            curves[label] = [sorted((m.step, m.value) for m in self.client.get_metric_history(run.info.run_id, k))
+                             for k in keys]
         return curves
+
+    def _signal_rows(self, runs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """The per-layer init diagnostics table of each run, as rows (``payload.SIGNALS_TABLE``)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per small download
+        with tempfile.TemporaryDirectory(prefix="initsearch-signals-") as tmp:
+            for label, run in runs.items():
+                try:
+                    path = self.client.download_artifacts(run.info.run_id, SIGNALS_TABLE, tmp)
+                    table = json.loads(Path(path).read_text())
+                except Exception as exc:  # a run logged without diagnostics (a backfilled trial)
+                    log.debug("MLflow: no %s for %s (%s)", SIGNALS_TABLE, label, first_line(exc))
+                    continue
+                out[label] = [dict(zip(table["columns"], row)) for row in table["data"]]
+        return out
 
     # -- on resume: what a killed process left behind --
     def _close_dead_children(self) -> None:

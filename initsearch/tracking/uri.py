@@ -18,6 +18,13 @@ from initsearch.search.settings import DEFAULT_TRACKING_URI
 
 OFF_VALUES = ("none", "off")
 PROBE_TIMEOUT_S = 5.0
+LOCAL_UI = "http://127.0.0.1:5000"  # where ``make ui`` (``mlflow ui --port 5000``) serves a local store
+# MLflow 3.x shows an experiment as GenAI (traces overview) or as model training (the runs table). Older 3.x
+# releases read the experiment tag below (set when a study creates its experiment); 3.17's UI ignores the
+# tag and follows the browser's ``workflowType`` (the URL's query parameter, else the "GenAI / Model training"
+# switch remembered in local storage, GenAI by default), so the link ``runs_page_url`` makes carries it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str | None:
@@ -53,6 +60,19 @@ def default_artifact_location(uri: str) -> str | None:
         if path and path != ":memory:":
             return (Path(path).parent / "mlartifacts").as_uri()
     return None
+
+
+def ui_base(uri: str) -> str:
+    """The address of the MLflow UI that shows ``uri``'s runs: the server itself, else ``make ui``'s."""
+    return redact_url(uri.rstrip("/")) if is_http(uri) else LOCAL_UI
+
+
+def runs_page_url(base: str, experiment_id: str, direction: str = "minimize") -> str:
+    """The experiment's runs table in the MLflow UI, trials ranked by ``score`` (best first), flat (a sort
+    un-nests the trials from their parent run), in the model-training view."""
+    ascending = "true" if direction == "minimize" else "false"
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&orderByKey=metrics.%60score%60&orderByAsc={ascending}")
 
 
 def is_http(uri: str) -> bool:
