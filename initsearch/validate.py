@@ -26,7 +26,7 @@ import torch
 
 from initsearch.contenders.baselines import contender_policy, init_contender
 from initsearch.errors import ConfigError, InitSearchError
-from initsearch.init.policy import InitPolicy, load_policy
+from initsearch.init.policy import CheckpointRef, InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
 from initsearch.proxy.scoring import score
 from initsearch.proxy.train import Curve, train_run
@@ -110,8 +110,9 @@ def _steps_to_target(curve: Curve, target: float) -> int | None:
     return next((s for s, a in zip(curve.val_steps, curve.val_acc) if a >= target), None)
 
 
-def contender_policies(policy: InitPolicy, baselines: Sequence[str]) -> dict[str, InitPolicy]:
-    return {POLICY: policy, **{name: contender_policy(name) for name in baselines}}
+def contender_policies(policy: InitPolicy, baselines: Sequence[str],
+                       pretrained: CheckpointRef | None = None) -> dict[str, InitPolicy]:
+    return {POLICY: policy, **{name: contender_policy(name, pretrained) for name in baselines}}
 
 
 def run_validation(
@@ -137,7 +138,7 @@ def run_validation(
         data, example, device = proxy.data, (proxy.example_x, proxy.example_y), proxy.device
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
     results = []
-    for name, pol in contender_policies(policy, settings.baselines).items():
+    for name, pol in contender_policies(policy, settings.baselines, settings.pretrained).items():
         result = ContenderResult(name)
         for seed in fresh:
             model = fresh_model(target_model, data, device, seed)

@@ -21,7 +21,7 @@ import torch
 
 from initsearch.errors import PolicyError
 
-__all__ = ["file_sha256", "read_state_dict", "save_state_dict"]
+__all__ = ["file_sha256", "layers_that_fit", "read_state_dict", "save_state_dict"]
 
 _CACHE: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 _CACHE_SIZE = 4
@@ -112,3 +112,33 @@ def read_state_dict(path: str | os.PathLike, sha256: str, where: str) -> dict[st
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return state
+
+
+def layers_that_fit(model: torch.nn.Module, names: list[str], state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Which of the layers ``names`` of ``model`` could be copied from ``state`` under their own names.
+
+    A layer fits when the state dict has every tensor the checkpoint scheme would copy into it (its weight,
+    its bias if it has one, a norm layer's running statistics) with the same shape. Returns the layers that
+    fit, and for the others one reason each (``"4: weight (5, 16) vs '4.weight' (3, 16)"``).
+    """
+    modules = dict(model.named_modules())
+    fits, reasons = [], []
+    for name in names:
+        module = modules[name]
+        problem = None
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            target = getattr(module, attr, None)
+            if target is None:
+                continue
+            entry = state.get(f"{name}.{attr}")
+            if entry is None:
+                problem = f"{name}: no {name}.{attr} in the file"
+            elif tuple(entry.shape) != tuple(target.shape):
+                problem = f"{name}: {attr} {tuple(target.shape)} vs '{name}.{attr}' {tuple(entry.shape)}"
+            if problem:
+                break
+        if problem:
+            reasons.append(problem)
+        else:
+            fits.append(name)
+    return fits, reasons

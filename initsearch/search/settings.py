@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.contenders.names import ALL_BASELINES
+from initsearch.contenders.names import ALL_BASELINES, PRETRAINED_BASELINES
 from initsearch.errors import ConfigError, is_finite_number
+from initsearch.init.checkpoints import file_sha256
+from initsearch.init.policy import CheckpointRef
 from initsearch.proxy.scoring import check_aggregate, check_metric, direction
 from initsearch.proxy.train import TrainConfig
 from initsearch.search.space import SearchSpace, space_from_config
@@ -73,6 +76,8 @@ class StudySettings:
     n_workers: int = 1
     heartbeat_interval: int = 60
     grace_period: int = 180
+    # pre-trained weights (a state dict of the model): the absolute path and the file's sha256
+    pretrained: CheckpointRef | None = None
 
     @property
     def eval_seeds(self) -> list[int]:
@@ -116,6 +121,33 @@ def _grace_period(value: Any, interval: Any) -> int:
     return grace
 
 
+def pretrained_from_config(value: Any) -> CheckpointRef | None:
+    """``pretrained``: null, or the path of a state dict file (absolute, or relative to the working
+    directory), returned with its sha256 so every policy of the study pins the file's bytes."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"pretrained: must be the path of a state dict file, got {value!r}")
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"pretrained: no such file: {path}")
+    try:
+        return CheckpointRef(str(path), file_sha256(path))
+    except OSError as exc:
+        raise ConfigError(f"pretrained: cannot read {path}: {exc.strerror}") from None
+
+
+def _with_pretrained_baselines(baselines: list[str], pretrained: CheckpointRef | None) -> tuple[str, ...]:
+    """With pre-trained weights, the two checkpoint baselines join the study's baselines; without, they are
+    refused by name."""
+    if pretrained is None:
+        for i, name in enumerate(baselines):
+            if name in PRETRAINED_BASELINES:
+                raise ConfigError(f"baselines[{i}]: {name!r} needs pre-trained weights: pretrained=PATH")
+        return tuple(baselines)
+    return tuple(baselines) + tuple(name for name in PRETRAINED_BASELINES if name not in baselines)
+
+
 def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
     """Validate the composed config; raise ``ConfigError`` naming the first bad key."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -147,6 +179,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
     data = c.get("data")
     if not isinstance(data, dict):
         raise ConfigError(f"data: must be a mapping, got {data!r}")
+    pretrained = pretrained_from_config(c.get("pretrained"))
     return StudySettings(
         study_name=_str(c.get("study_name"), "study_name"),
         n_trials=_int(c.get("n_trials"), "n_trials", 1),
@@ -156,7 +189,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         tracking_uri=c.get("tracking_uri") or None,
         device=device,
         verbose=_bool(c.get("verbose", False), "verbose"),
-        baselines=tuple(baselines),
+        baselines=_with_pretrained_baselines(baselines, pretrained),
         score=ScoreSettings(
             metric=metric,
             target_acc=_number(score.get("target_acc", 0.9), "score.target_acc", 0, 1, open_low=True),
@@ -179,6 +212,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         n_workers=_int(c.get("n_workers", 1), "n_workers", 1),
         heartbeat_interval=_int(c.get("heartbeat_interval", 60), "heartbeat_interval", 1),
         grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
+        pretrained=pretrained,
     )
 
 

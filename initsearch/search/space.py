@@ -13,6 +13,10 @@ signal-preserving point where a sampler hits it easily: each trial first draws `
 every multiplier is exactly 1 (the variance-preserving scheme as published); when LSUV is on, no multiplier
 is searched at all (LSUV sets the scale). Only when ``rescale`` is on does each unit draw ``log2_scale`` in
 ``scale_log2`` (uniform in the exponent, so x0.5 and x2 are equally likely).
+
+With pre-trained weights (``Pretrained``), every unit whose layers all fit the file may also draw
+``checkpoint``: its layers are copied from the file (bias included; times the unit's scale when ``rescale``
+is on), and norm layers always are, so a fresh layer's neighbours keep their trained statistics.
 """
 from __future__ import annotations
 
@@ -25,11 +29,20 @@ import optuna
 from initsearch.errors import ConfigError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS
 from initsearch.init.layers import LayerInfo
-from initsearch.init.policy import InitPolicy, LsuvSettings
+from initsearch.init.policy import CHECKPOINT, CheckpointRef, InitPolicy, LsuvSettings
 from initsearch.init.schemes import SCHEME_SPECS
 
 SPACES = ("hybrid", "grouped", "free", "scales_only")
 SEARCHED_BIAS = ("zeros", "pytorch_default")  # the bias inits a trial may draw
+PRETRAINED = "pretrained"  # the checkpoint's name in sampled policies (the baselines use the same)
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A study's pre-trained weights: the file, and the proxy's layers that fit it (by name and shape)."""
+
+    weights: CheckpointRef
+    layers: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,9 @@ class SearchSpace:
         return [s for s in listed if _fits(s, layer)]
 
     # ---- sampling ---------------------------------------------------------------------------------------
-    def sample(self, trial: optuna.Trial, layers: Sequence[LayerInfo]) -> InitPolicy:
-        """Draw one policy for ``layers`` (a proxy's discovery) from ``trial``."""
+    def sample(self, trial: optuna.Trial, layers: Sequence[LayerInfo], pretrained: Pretrained | None = None) -> InitPolicy:
+        """Draw one policy for ``layers`` (a proxy's discovery) from ``trial``; with ``pretrained``, a unit
+        whose layers all fit the file may draw ``checkpoint`` beside the fresh schemes."""
         weighted = [layer for layer in layers if layer.family in ("linear", "conv")]
         lsuv = self._categorical(trial, "lsuv", self.lsuv)
         bias = self._categorical(trial, "bias", self.bias)
@@ -63,18 +77,27 @@ class SearchSpace:
         rules = []
         for unit, selectors, members in self._units(weighted):
             options = _common(self.choices(m) for m in members)
+            if pretrained is not None and all(m.name in pretrained.layers for m in members):
+                options.append(CHECKPOINT)
             if not options:
                 raise ConfigError(f"search_space.schemes: no candidate scheme fits {unit} (layers {[m.name for m in members]})")
             scheme = self._categorical(trial, f"scheme:{unit}", tuple(options))
             rule: dict[str, Any] = dict(selectors)
             rule["scheme"] = scheme
-            if "gain" in SCHEME_SPECS[scheme].params:
+            if scheme == CHECKPOINT:
+                rule["checkpoint"] = PRETRAINED
+            elif "gain" in SCHEME_SPECS[scheme].params:
                 rule["gain"] = self.gain
             if rescale and scheme != "zeros":
                 rule["scale"] = round(2.0 ** trial.suggest_float(f"log2_scale:{unit}", lo, hi), 6)
-            rule["bias"] = bias
+            if scheme != CHECKPOINT:
+                rule["bias"] = bias
             rules.append(rule)
         data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": rules, "default": {"scheme": "keep"}}
+        if pretrained is not None:
+            rules[:0] = _pretrained_norm_rules(layers, pretrained)
+            if any(rule["scheme"] == CHECKPOINT for rule in rules):
+                data.update(version=2, checkpoints={PRETRAINED: pretrained.weights.to_dict()})
         if lsuv:
             data["lsuv"] = LsuvSettings().to_dict()
         return InitPolicy.from_dict(data)
@@ -97,6 +120,15 @@ class SearchSpace:
     @staticmethod
     def _categorical(trial: optuna.Trial, name: str, options: Sequence[Any]) -> Any:
         return options[0] if len(options) == 1 else trial.suggest_categorical(name, list(options))
+
+
+def _pretrained_norm_rules(layers: Sequence[LayerInfo], pretrained: Pretrained) -> list[dict[str, Any]]:
+    """Rules copying the norm layers that fit the file: one ``type: norm`` rule when all do, else one per name."""
+    norms = [layer.name for layer in layers if layer.family == "norm"]
+    fitting = [name for name in norms if name in pretrained.layers]
+    if fitting and len(fitting) == len(norms):
+        return [{"type": "norm", "scheme": CHECKPOINT, "checkpoint": PRETRAINED}]
+    return [{"layer": name, "scheme": CHECKPOINT, "checkpoint": PRETRAINED} for name in fitting]
 
 
 def _fits(scheme: str | None, layer: LayerInfo) -> bool:

@@ -27,16 +27,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from initsearch.contenders.baselines import contender_policy, init_contender
 from initsearch.errors import ConfigError, InitSearchError, first_line, interrupt_reason
+from initsearch.init.checkpoints import layers_that_fit, read_state_dict
 from initsearch.init.diagnostics import is_degenerate, signal_report
 from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
 from initsearch.init.policy import InitPolicy
 from initsearch.init.seeding import forked_seed
-from initsearch.proxy.data import Dataset, load_dataset
+from initsearch.proxy.data import Dataset, keep_classes, load_dataset
 from initsearch.proxy.models import build_model
 from initsearch.proxy.scoring import aggregate, partial_score, score
 from initsearch.proxy.train import Curve
 from initsearch.search.outcome import TrialOutcome, safely
 from initsearch.search.settings import StudySettings, resolve_device
+from initsearch.search.space import Pretrained
 from initsearch.search.workers import enqueue_retry
 
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
@@ -53,6 +55,7 @@ class Proxy:
     layers: tuple[LayerInfo, ...]
     device: torch.device
     layer_method: str = "fx"  # how discover_layers found them ("fx" or "hooks")
+    pretrained: Pretrained | None = None  # the study's pre-trained weights and the layers that fit them
 
     @property
     def discovery(self) -> LayerDiscovery:
@@ -78,6 +81,8 @@ def prepare(settings: StudySettings) -> Proxy:
         device=device,
         synthetic=d.get("synthetic"),
     )
+    if d.get("classes") is not None:
+        data = keep_classes(data, d["classes"])
     g = torch.Generator(device="cpu").manual_seed(settings.seed)
     idx = torch.randperm(len(data.x_train), generator=g)[: settings.lsuv_batch].to(device)
     example_x, example_y = data.x_train[idx], data.y_train[idx]
@@ -89,7 +94,24 @@ def prepare(settings: StudySettings) -> Proxy:
     except Exception as exc:  # a user's model that fails on the data: one line, before the study opens
         raise ConfigError(f"model: the proxy failed on a batch of {d.get('name')} data: "
                           f"{type(exc).__name__}: {first_line(exc)}") from None
-    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method)
+    pretrained = None if settings.pretrained is None else check_pretrained(settings, model, discovery)
+    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method, pretrained)
+
+
+def check_pretrained(settings: StudySettings, model: torch.nn.Module, discovery: LayerDiscovery) -> Pretrained:
+    """The proxy's layers that the ``pretrained`` file can initialize; one ``ConfigError`` line when the file
+    is no state dict, cannot be read safely, or fits none of them."""
+    weights = settings.pretrained
+    try:
+        state = read_state_dict(weights.path, weights.sha256, "pretrained")
+    except InitSearchError as exc:
+        raise ConfigError(str(exc).replace("pretrained.path: ", "pretrained: ", 1)) from None
+    fits, reasons = layers_that_fit(model, [layer.name for layer in discovery.layers], state)
+    if not any(layer.name in fits for layer in discovery.layers if layer.family in ("linear", "conv")):
+        shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+        raise ConfigError(f"pretrained: no layer of the proxy fits {weights.path} ({shown}); it must be a state dict "
+                          "of this model (at width_multiplier=1, the target)")
+    return Pretrained(weights, frozenset(fits))
 
 
 def fresh_model(model_cfg: dict, data: Dataset, device: torch.device, seed: int) -> torch.nn.Module:
@@ -132,7 +154,10 @@ class TrialRun:
         """Pick the policy (sampled, or the baseline's) and record it; ``False`` when the trial ended at once
         because a complete searched trial already scored these parameters (same seeds, same score)."""
         trial, baseline = self.trial, self.outcome.baseline
-        policy = contender_policy(baseline) if baseline else self.s.space.sample(trial, self.proxy.layers)
+        if baseline:
+            policy = contender_policy(baseline, self.s.pretrained)
+        else:
+            policy = self.s.space.sample(trial, self.proxy.layers, self.proxy.pretrained)
         self.outcome.params = dict(trial.params)
         self.outcome.policy = policy.to_dict()
         trial.set_user_attr("kind", "baseline" if baseline else "search")
