@@ -1,8 +1,11 @@
 """Export a trial's init policy as a policy file (``python -m initsearch.export``).
 
     python -m initsearch.export study_name=digits_mlp [storage=initsearch.journal] [out=policy.json] [trial=N]
+    python -m initsearch.export list=true [tracking_uri=sqlite:///mlflow.db]
 
-Without ``trial`` it exports the best complete trial (a baseline, if one won).
+Without ``trial`` it exports the best complete trial (a baseline, if one won). ``list=true`` lists the
+winners of earlier studies logged to MLflow, with the network each one searched (depth, activation mix,
+layer types), to pick ``warm_start`` sources.
 """
 from __future__ import annotations
 
@@ -70,14 +73,61 @@ def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None
     return save_policy(trial_policy(study, pick_trial(study, trial)), out)
 
 
+WINNER_COLUMNS = {"study": "initsearch.study", "model": "initsearch.net.model", "depth": "initsearch.net.depth",
+                  "activations": "initsearch.net.activations", "layer_types": "initsearch.net.layer_types",
+                  "best": "initsearch.best_kind"}
+
+
+def earlier_winners(tracking_uri: str | None) -> list[dict[str, Any]]:
+    """Every finished study's parent run in the MLflow store: its network tags, metric, best score, when it
+    ended and where its ``best_policy.json`` is; newest first."""
+    from initsearch.tracking.tracker import search_all
+    from initsearch.tracking.uri import open_client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        raise ConfigError("tracking_uri: list=true reads the MLflow store; tracking is off (none)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].partition("?")[0]).is_file():
+        raise ConfigError(f"tracking_uri: no MLflow store at {uri} (run a study first, or pass tracking_uri=...)")
+    client = open_client(uri)
+    rows = []
+    for experiment in client.search_experiments():
+        for run in search_all(client, experiment.experiment_id, "tags.`initsearch.best_policy` = 'best_policy.json'"):
+            tags = run.data.tags
+            row: dict[str, Any] = {column: tags.get(tag, "") for column, tag in WINNER_COLUMNS.items()}
+            row["metric"] = run.data.params.get("score.metric", "")
+            row["score"] = run.data.metrics.get("best_score")
+            row["ended"] = datetime.fromtimestamp((run.info.end_time or run.info.start_time) / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+            artifacts = run.info.artifact_uri
+            row["policy"] = f"{artifacts.removeprefix('file://')}/best_policy.json"  # a local store: a plain path
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["ended"], reverse=True)
+
+
+def print_winners(rows: list[dict[str, Any]]) -> None:
+    """The winners as a table on stdout, then how to use one as a warm start."""
+    import pandas as pd
+
+    if not rows:
+        print("no finished study in this MLflow store yet")
+        return
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(pd.DataFrame(rows).to_string(index=False))
+    print("warm start from one: python -m initsearch warm_start=[STUDY] (same storage) or warm_start=[POLICY_FILE]")
+
+
 def _parse_args(argv: list[str]) -> dict[str, str]:
-    known = {"study_name", "storage", "out", "trial"}
+    known = {"study_name", "storage", "out", "trial", "list", "tracking_uri"}
     args: dict[str, str] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in known:
             raise ConfigError(f"{arg}: expected key=value with key one of {', '.join(sorted(known))}")
         args[key] = value
+    if args.get("list", "false").lower() not in ("true", "false"):
+        raise ConfigError(f"list: must be true or false, got {args['list']!r}")
+    if args.get("list", "false").lower() == "true":
+        return args
     if "study_name" not in args:
         raise ConfigError("study_name: required (python -m initsearch.export study_name=NAME [storage=...] [out=...] [trial=N])")
     return args
@@ -86,6 +136,9 @@ def _parse_args(argv: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse_args(sys.argv[1:] if argv is None else argv)
+        if args.get("list", "false").lower() == "true":
+            print_winners(earlier_winners(args.get("tracking_uri")))
+            return 0
         trial = args.get("trial")
         if trial is not None and not trial.isdigit():
             raise ConfigError(f"trial: must be a trial number, got {trial!r}")

@@ -78,6 +78,8 @@ class StudySettings:
     grace_period: int = 180
     # pre-trained weights (a state dict of the model): the absolute path and the file's sha256
     pretrained: CheckpointRef | None = None
+    # earlier winners enqueued as the first searched trials: policy files or study names in this storage
+    warm_start: tuple[str, ...] = ()
 
     @property
     def eval_seeds(self) -> list[int]:
@@ -213,7 +215,18 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         heartbeat_interval=_int(c.get("heartbeat_interval", 60), "heartbeat_interval", 1),
         grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
         pretrained=pretrained,
+        warm_start=_warm_start(c.get("warm_start")),
     )
+
+
+def _warm_start(value: Any) -> tuple[str, ...]:
+    """``warm_start``: a list of policy files or study names (one name alone is taken as a list of one)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise ConfigError(f"warm_start: must be a list of policy files or study names, got {value!r}")
+    return tuple(items)
 
 
 def is_rdb(url: str) -> bool:

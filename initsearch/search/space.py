@@ -20,6 +20,7 @@ is on), and norm layers always are, so a fresh layer's neighbours keep their tra
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ import optuna
 from initsearch.errors import ConfigError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS
 from initsearch.init.layers import LayerInfo
-from initsearch.init.policy import CHECKPOINT, CheckpointRef, InitPolicy, LsuvSettings
+from initsearch.init.policy import CHECKPOINT, CheckpointRef, InitPolicy, LsuvSettings, plan
 from initsearch.init.schemes import SCHEME_SPECS
 
 SPACES = ("hybrid", "grouped", "free", "scales_only")
@@ -101,6 +102,53 @@ class SearchSpace:
         if lsuv:
             data["lsuv"] = LsuvSettings().to_dict()
         return InitPolicy.from_dict(data)
+
+    def params_for(self, policy: InitPolicy, layers: Sequence[LayerInfo], pretrained: Pretrained | None = None) -> dict[str, Any]:
+        """The trial parameters under which ``sample`` draws what ``policy`` does to ``layers`` (the inverse of
+        ``sample``, for warm starts). The policy's rules are resolved on these layers, so a policy written with
+        role selectors adapts to this model. Raises ``ValueError`` saying why when the space cannot express it.
+        """
+        weighted = [layer for layer in layers if layer.family in ("linear", "conv")]
+        decided = {layer.name: spec for layer, _, spec in plan(policy, layers, strict=False)}
+        params: dict[str, Any] = {}
+        lsuv = policy.lsuv is not None and policy.lsuv.enabled
+        if lsuv not in self.lsuv:
+            raise ValueError(f"LSUV is {'on' if lsuv else 'off'}; this space searches lsuv in {list(self.lsuv)}")
+        if lsuv and policy.lsuv != LsuvSettings():
+            raise ValueError(f"its LSUV settings {policy.lsuv.to_dict()} are not this space's {LsuvSettings().to_dict()}")
+        if len(self.lsuv) > 1:
+            params["lsuv"] = lsuv
+        biases = {decided[layer.name].bias for layer in weighted if decided[layer.name].scheme != CHECKPOINT}
+        if len(biases) > 1:
+            raise ValueError(f"its layers get different bias inits {sorted(map(str, biases))}; this space draws one for all")
+        if not biases <= set(self.bias):
+            raise ValueError(f"its bias init {biases.pop()!r} is not among this space's {list(self.bias)}")
+        if len(self.bias) > 1:
+            params["bias"] = biases.pop() if biases else self.bias[0]
+        lo, hi = self.scale_log2
+        rescale = any(decided[layer.name].scale != 1.0 for layer in weighted)
+        if rescale and (lsuv or not hi > lo):
+            raise ValueError("it scales layers, and this space searches no scale" + (" with LSUV on" if lsuv else ""))
+        if not lsuv and hi > lo:
+            params["rescale"] = rescale
+        for unit, _, members in self._units(weighted):
+            specs = {decided[m.name] for m in members}
+            if len(specs) > 1:
+                raise ValueError(f"the layers of {unit} get different inits, and this space gives them one")
+            spec = specs.pop()
+            options = _common(self.choices(m) for m in members)
+            if pretrained is not None and all(m.name in pretrained.layers for m in members):
+                options.append(CHECKPOINT)
+            if spec.scheme not in options:
+                raise ValueError(f"{unit} gets {spec.scheme!r}, not among this space's choices ({', '.join(options)})")
+            if len(options) > 1:
+                params[f"scheme:{unit}"] = spec.scheme
+            if rescale and spec.scheme != "zeros":
+                exponent = math.log2(spec.scale)
+                if not lo <= exponent <= hi:
+                    raise ValueError(f"{unit} has scale {spec.scale:g}, outside this space's 2^[{lo:g}, {hi:g}]")
+                params[f"log2_scale:{unit}"] = exponent
+        return params
 
     def _units(self, weighted: Sequence[LayerInfo]) -> list[tuple[str, dict[str, str], list[LayerInfo]]]:
         """(parameter suffix, rule selectors, member layers) per searched unit: a layer, or a role."""
