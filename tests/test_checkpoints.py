@@ -171,7 +171,7 @@ def test_lsuv_leaves_copied_layers_alone_unless_asked(tmp_path, source):
     asked = _net(seed=5)
     apply_policy(asked, _policy(sha, {"position": "first", **ALL_FROM_FILE, "lsuv": True},
                                 {"scheme": "orthogonal"}, path=path, lsuv=lsuv), example_batch=x, seed=0)
-    assert abs(float(asked[0](x).std()) - 1.0) < 0.05 and not torch.equal(asked[0].weight, net[0].weight)
+    assert abs(float(asked[0](x).detach().std()) - 1.0) < 0.05 and not torch.equal(asked[0].weight, net[0].weight)
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -27,7 +27,8 @@ Decisions this module takes where the format document is silent:
   unknown keys, they are usually mistakes); NaN/Infinity literals are refused with the field path where
   they appear. ``save_policy`` creates missing parent folders and refuses to write a file that
   ``load_policy`` would refuse as oversize.
-- **Version 2** adds the ``checkpoints`` map and the ``checkpoint`` scheme (weights copied from a file,
+- **Version 2** adds ``position: "branch_last"`` (layers that end a residual branch), the ``checkpoints`` map
+  and the ``checkpoint`` scheme (weights copied from a file,
   read by ``init.checkpoints``). A policy is written as version 1 unless it uses them, so every version 1
   file round-trips unchanged; a version 1 file that uses them is refused and told to say version 2. The
   ``checkpoint`` scheme has its own defaults: ``bias`` ``"checkpoint"`` (copied from the file) and ``lsuv``
@@ -83,7 +84,7 @@ CHECKPOINT_PARAMS = frozenset({"checkpoint", "key"})
 MAX_BYTES = 10 * 1024 * 1024
 MAX_DEPTH = 64
 
-POSITIONS: tuple[str, ...] = ("first", "hidden", "last")
+POSITIONS: tuple[str, ...] = ("first", "hidden", "last", "branch_last")  # branch_last: version 2
 FAMILIES: tuple[str, ...] = ("linear", "conv", "norm")
 GLOB_CHARS = frozenset("*?[")
 MAX_POSITIVE = 100.0  # upper bound of gain, scale, std, a, lsuv.target_std
@@ -256,7 +257,7 @@ def _check_activation_selector(value: Any, path: str) -> str:
 
 
 def _check_position_selector(value: Any, path: str) -> str:
-    """``first``, ``hidden`` or ``last``."""
+    """``first``, ``hidden``, ``last``, or (version 2) ``branch_last``."""
     return _choice(value, path, POSITIONS)
 
 
@@ -515,7 +516,8 @@ class Rule:
 
     ``layer``: qualified module name, exact or shell glob. ``type``: class name (``Conv2d``) or family
     (``linear``/``conv``/``norm``). ``activation``: the layer's following nonlinearity. ``position``:
-    ``first``/``hidden``/``last``. Norm layers match only rules that name them (see the module docstring).
+    ``first``/``hidden``/``last`` by forward order, or ``branch_last`` (version 2): a layer that ends a
+    residual branch. Norm layers match only rules that name them (see the module docstring).
     """
 
     init: InitSpec
@@ -548,7 +550,10 @@ class Rule:
             return False
         if self.activation is not None and self.activation != layer.activation:
             return False
-        if self.position is not None and self.position != layer.position:
+        if self.position == "branch_last":
+            if not layer.branch_last:
+                return False
+        elif self.position is not None and self.position != layer.position:
             return False
         return layer.family != "norm" or self.names_norm_layer(layer)
 
@@ -714,7 +719,8 @@ class InitPolicy:
     def version(self) -> int:
         """The format version this policy is written as: 2 when it uses checkpoints, else 1."""
         uses_files = bool(self.checkpoints) or any(s.scheme == CHECKPOINT for s in self._specs())
-        return 2 if uses_files else VERSION
+        uses_branches = any(rule.position == "branch_last" for rule in self.rules)
+        return 2 if uses_files or uses_branches else VERSION
 
     def _specs(self) -> list[InitSpec]:
         return [rule.init for rule in self.rules] + [self.default]
@@ -745,6 +751,10 @@ class InitPolicy:
         rules = tuple(_parse_rule(obj, f"rules[{i}]") for i, obj in enumerate(top["rules"]))
         default = _parse_default(top["default"]) if "default" in top else KEEP
         if version < 2:
+            for i, rule in enumerate(rules):
+                if rule.position == "branch_last":
+                    _fail(f"rules[{i}].position", 'branch_last is a version 2 feature; the file says "version": 1, '
+                                                  'write "version": 2')
             for where, spec in [(f"rules[{i}]", r.init) for i, r in enumerate(rules)] + [("default", default)]:
                 if spec.scheme == CHECKPOINT:
                     _fail(f"{where}.scheme", 'checkpoint is a version 2 feature; the file says "version": 1, '
