@@ -8,6 +8,7 @@
    (``python -m initsearch.validate``) and prints the commands and the tables.
 
     python scripts/transfer_digits.py --out /tmp/transfer --trials 16 --subset 400
+    python scripts/transfer_digits.py --out /tmp/transfer --pretrain-only     # step 1 only
 
 Figures go to docs/results.md by hand, with the date and this command.
 """
@@ -62,9 +63,12 @@ def main() -> None:
                                                                  "the split into 0-4 and 5-9 (null: all)")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--pretrain-only", action="store_true", help="stop after writing digits04.pt")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     weights = pretrain(args.out, args.pretrain_steps, seed=0)
+    if args.pretrain_only:
+        return
     common = ["+data.classes=[5,6,7,8,9]", f"data.subset={args.subset}", "search_space=grouped",
               f"n_trials={args.trials}", "tracking_uri=none", f"storage={args.out / 'studies.journal'}"]
     py = [sys.executable, "-m"]
