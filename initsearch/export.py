@@ -70,7 +70,22 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial:
 
 
 def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None) -> Path:
-    return save_policy(trial_policy(study, pick_trial(study, trial)), out)
+    """Write the trial's policy to ``out``; for a joint search's trial also its network, as ``best_model.yaml``
+    in the same folder (a model config: ``validate ... model=<folder>/best_model.yaml``)."""
+    chosen = pick_trial(study, trial)
+    path = save_policy(trial_policy(study, chosen), out)
+    if chosen.user_attrs.get("model"):
+        export_model(chosen.user_attrs["model"], path.parent / "best_model.yaml")
+    return path
+
+
+def export_model(model: dict[str, Any], out: Path) -> Path:
+    """A joint trial's network as a Hydra model config (YAML), written next to its policy."""
+    from omegaconf import OmegaConf
+
+    header = "# the network of a joint architecture + init search's winner: validate ... model=<this file>\n"
+    out.write_text(header + OmegaConf.to_yaml(OmegaConf.create(dict(model))), encoding="utf-8")
+    return out
 
 
 WINNER_COLUMNS = {"study": "initsearch.study", "model": "initsearch.net.model", "depth": "initsearch.net.depth",

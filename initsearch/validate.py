@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf, open_dict
 
 from initsearch.contenders.baselines import contender_policy, init_contender
 from initsearch.errors import ConfigError, InitSearchError
@@ -260,6 +261,21 @@ def _whole(own: dict[str, str], key: str, default: int | None) -> int | None:
     return int(value)
 
 
+def model_file_override(overrides: list[str]) -> tuple[list[str], Path | None]:
+    """``model=PATH.yaml`` names a model config file (a joint search's ``best_model.yaml``), not a preset of
+    ``conf/model``: taken out of the overrides and returned, to replace the composed ``model``."""
+    rest, found = [], None
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key == "model" and value.endswith((".yaml", ".yml")):
+            if not Path(value).is_file():
+                raise ConfigError(f"model: no model config file {value!r}")
+            found = Path(value)
+        else:
+            rest.append(arg)
+    return rest, found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from hydra import compose, initialize_config_dir
 
@@ -270,8 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         own, overrides = _split_args(args)
         policy = load_policy(own["policy"])
+        overrides, model_file = model_file_override(overrides)
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
+        if model_file is not None:
+            with open_dict(cfg):
+                cfg.model = OmegaConf.load(model_file)
         settings = settings_from_config(cfg)
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})

@@ -207,7 +207,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         model=model,
         data=data,
         train=TrainConfig.from_mapping(c.get("train") or {}),
-        space=space_from_config(c.get("search_space") or {}),
+        space=_joint_fits_batches(space_from_config(c.get("search_space") or {}, c.get("arch")), c.get("batch_trials", 1)),
         sampler=sampler,
         pruner=pruner,
         batch_trials=_int(c.get("batch_trials", 1), "batch_trials", 1),
@@ -217,6 +217,14 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         pretrained=pretrained,
         warm_start=_warm_start(c.get("warm_start")),
     )
+
+
+def _joint_fits_batches(space: SearchSpace, batch_trials: Any) -> SearchSpace:
+    """A joint search builds another network per trial: population training (one network, K copies) cannot."""
+    if space.arch is not None and batch_trials not in (1, None):
+        raise ConfigError(f"batch_trials: search_space=joint trains one network per trial, set batch_trials=1, "
+                          f"got {batch_trials!r}")
+    return space
 
 
 def _warm_start(value: Any) -> tuple[str, ...]:

@@ -6,7 +6,9 @@ Spaces (``conf/search_space/``):
 - ``grouped``: one choice per role (first / hidden by type and activation / last), written as role selectors
   so the policy transfers to deeper or wider variants of the model;
 - ``free``: any scheme per layer;
-- ``scales_only``: one base scheme, searched per-layer multipliers (the GradInit idea).
+- ``scales_only``: one base scheme, searched per-layer multipliers (the GradInit idea);
+- ``joint``: the MLP's depth, width, activation, norm and residual skips (``arch``, under ``arch.max_params``)
+  together with a ``grouped`` (role) init policy for the network drawn.
 
 Scale multipliers compound over depth (1.05 on each of 48 layers is x10), so every space puts the
 signal-preserving point where a sampler hits it easily: each trial first draws ``rescale``; when it is off,
@@ -33,7 +35,63 @@ from initsearch.init.layers import LayerInfo
 from initsearch.init.policy import CHECKPOINT, CheckpointRef, InitPolicy, LsuvSettings, plan
 from initsearch.init.schemes import SCHEME_SPECS
 
-SPACES = ("hybrid", "grouped", "free", "scales_only")
+SPACES = ("hybrid", "grouped", "free", "scales_only", "joint")
+JOINT_TARGET = "initsearch.proxy.models.JointMLP"  # what a joint trial builds (and best_model.yaml names)
+ARCH_NORMS = ("none", "batch", "layer")
+
+
+@dataclass(frozen=True)
+class ArchSpace:
+    """The architectures a joint search draws from, and the size budget (``None``: no budget)."""
+
+    depth: tuple[int, ...]
+    width: tuple[int, ...]
+    activation: tuple[str, ...]
+    norm: tuple[str, ...]
+    residual: tuple[bool, ...]
+    max_params: int | None = None
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        """One architecture as a model config (``arch:depth``... are the trial's parameters)."""
+        pick = SearchSpace._categorical
+        norm = pick(trial, "arch:norm", self.norm)
+        return {"_target_": JOINT_TARGET, "depth": pick(trial, "arch:depth", self.depth),
+                "width": pick(trial, "arch:width", self.width), "activation": pick(trial, "arch:activation", self.activation),
+                "norm": None if norm == "none" else norm, "residual": pick(trial, "arch:residual", self.residual)}
+
+    def smallest(self) -> dict[str, Any]:
+        """The architecture with the fewest parameters (shallowest, narrowest, no norm): the budget's floor."""
+        norm = "none" if "none" in self.norm else "layer" if "layer" in self.norm else "batch"
+        return {"_target_": JOINT_TARGET, "depth": min(self.depth), "width": min(self.width),
+                "activation": self.activation[0], "norm": None if norm == "none" else norm, "residual": False}
+
+
+def _choices(cfg: Mapping[str, Any], key: str, check) -> tuple:
+    """``arch.<key>``: a non-empty list whose items pass ``check`` (a predicate)."""
+    values = cfg.get(key)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values or not all(map(check, values)):
+        raise ConfigError(f"arch.{key}: must be a non-empty list of valid values, got {values!r}")
+    return tuple(values)
+
+
+def arch_from_config(cfg: Any) -> ArchSpace:
+    """Validate ``arch`` (the joint space's architectures); ``ConfigError`` names the bad key."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"arch: search_space=joint needs the arch section (depth, width, ...), got {cfg!r}")
+    known = ("max_params", "depth", "width", "activation", "norm", "residual")
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"arch.{key}: unknown key (known: {', '.join(known)})")
+    whole = lambda low: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    max_params = cfg.get("max_params")
+    if max_params is not None and not whole(1)(max_params):
+        raise ConfigError(f"arch.max_params: must be a whole number >= 1 or null, got {max_params!r}")
+    return ArchSpace(
+        depth=_choices(cfg, "depth", whole(2)), width=_choices(cfg, "width", whole(1)),
+        activation=_choices(cfg, "activation", lambda v: v in ACTIVATIONS),
+        norm=_choices(cfg, "norm", lambda v: v in ARCH_NORMS), residual=_choices(cfg, "residual", lambda v: isinstance(v, bool)),
+        max_params=max_params)
+
 SEARCHED_BIAS = ("zeros", "pytorch_default")  # the bias inits a trial may draw
 PRETRAINED = "pretrained"  # the checkpoint's name in sampled policies (the baselines use the same)
 
@@ -57,6 +115,7 @@ class SearchSpace:
     bias: tuple[str, ...]
     lsuv: tuple[bool, ...]
     base: str | None = None
+    arch: ArchSpace | None = None  # the joint space's architectures
 
     # ---- what a layer may get -------------------------------------------------------------------------
     def choices(self, layer: LayerInfo) -> list[str]:
@@ -64,6 +123,10 @@ class SearchSpace:
         if self.name == "scales_only":
             return [self.base] if _fits(self.base, layer) else []
         listed = self.schemes.get("any") or self.schemes.get(layer.activation) or self.schemes.get("linear", ())
+        if self.name == "joint" and layer.position in ("first", "last"):
+            # whether the first/last layer is square depends on the drawn width; each parameter's choices
+            # must stay the same in every trial (Optuna), so identity is left to the hidden layers
+            listed = [s for s in listed if s != "identity"]
         return [s for s in listed if _fits(s, layer)]
 
     # ---- sampling ---------------------------------------------------------------------------------------
@@ -152,17 +215,19 @@ class SearchSpace:
 
     def _units(self, weighted: Sequence[LayerInfo]) -> list[tuple[str, dict[str, str], list[LayerInfo]]]:
         """(parameter suffix, rule selectors, member layers) per searched unit: a layer, or a role."""
-        if self.name != "grouped":
+        if self.name not in ("grouped", "joint"):  # joint: layer names change with depth, roles do not
             return [(layer.name, {"layer": layer.name}, [layer]) for layer in weighted]
         groups: dict[str, tuple[dict[str, str], list[LayerInfo]]] = {}
         for layer in weighted:
             if layer.position in ("first", "last"):
                 key, sel = layer.position, {"position": layer.position}
+                if self.name == "joint":  # its choices depend on the activation, which a joint trial draws
+                    key = f"{layer.position}_{layer.activation}"
             else:
                 key = f"hidden_{layer.family}_{layer.activation}"
                 sel = {"position": "hidden", "type": layer.family, "activation": layer.activation}
             groups.setdefault(key, (sel, []))[1].append(layer)
-        order = sorted(groups, key=lambda k: {"first": 0, "last": 2}.get(k, 1))
+        order = sorted(groups, key=lambda k: {"first": 0, "last": 2}.get(k.split("_")[0], 1))
         return [(k, groups[k][0], groups[k][1]) for k in order]
 
     @staticmethod
@@ -198,8 +263,8 @@ def _common(option_lists) -> list[str]:
 
 
 # ---- building a space from its config --------------------------------------------------------------------
-def space_from_config(cfg: Mapping[str, Any]) -> SearchSpace:
-    """Validate ``search_space`` and build it; ``ConfigError`` names the bad key."""
+def space_from_config(cfg: Mapping[str, Any], arch: Any = None) -> SearchSpace:
+    """Validate ``search_space`` (and, for ``joint``, ``arch``) and build it; ``ConfigError`` names the bad key."""
     name = cfg.get("name")
     if name not in SPACES:
         raise ConfigError(f"search_space.name: unknown space {name!r}; expected one of {', '.join(SPACES)}")
@@ -230,7 +295,8 @@ def space_from_config(cfg: Mapping[str, Any]) -> SearchSpace:
     lsuv = tuple(cfg.get("lsuv", (False,)))
     if not lsuv or any(not isinstance(v, bool) for v in lsuv):
         raise ConfigError(f"search_space.lsuv: must be a non-empty list of true/false, got {list(lsuv)!r}")
-    return SearchSpace(name, schemes, gain, (float(scale[0]), float(scale[1])), bias, lsuv, base)
+    arch_space = arch_from_config(arch) if name == "joint" else None
+    return SearchSpace(name, schemes, gain, (float(scale[0]), float(scale[1])), bias, lsuv, base, arch_space)
 
 
 def _check_scheme(s: Any, key: str) -> None:

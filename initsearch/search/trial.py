@@ -33,7 +33,7 @@ from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
 from initsearch.init.policy import InitPolicy
 from initsearch.init.seeding import forked_seed
 from initsearch.proxy.data import Dataset, keep_classes, load_dataset
-from initsearch.proxy.models import build_model
+from initsearch.proxy.models import build_model, count_parameters
 from initsearch.proxy.scoring import aggregate, partial_score, score
 from initsearch.proxy.train import Curve
 from initsearch.search.outcome import TrialOutcome, safely
@@ -95,7 +95,20 @@ def prepare(settings: StudySettings) -> Proxy:
         raise ConfigError(f"model: the proxy failed on a batch of {d.get('name')} data: "
                           f"{type(exc).__name__}: {first_line(exc)}") from None
     pretrained = None if settings.pretrained is None else check_pretrained(settings, model, discovery)
+    if settings.space.arch is not None:
+        check_budget(settings, data)
     return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method, pretrained)
+
+
+def check_budget(settings: StudySettings, data: Dataset) -> None:
+    """A joint space whose smallest architecture is over ``arch.max_params`` fails before the study opens."""
+    arch = settings.space.arch
+    if arch.max_params is None:
+        return
+    smallest = count_parameters(build_model(arch.smallest(), data.input_shape, data.num_classes))
+    if smallest > arch.max_params:
+        raise ConfigError(f"arch.max_params: no architecture of the joint space fits {arch.max_params} parameters; "
+                          f"the smallest (depth {min(arch.depth)}, width {min(arch.width)}) has {smallest}")
 
 
 def check_pretrained(settings: StudySettings, model: torch.nn.Module, discovery: LayerDiscovery) -> Pretrained:
@@ -137,6 +150,8 @@ class TrialRun:
         self.outcome = TrialOutcome(trial.number, trial.user_attrs.get("baseline"), params={})
         self.started = time.perf_counter()
         self.policy: InitPolicy | None = None
+        self.model_cfg: dict = settings.model  # a joint trial's own network replaces these in ``begin``
+        self.discovery: LayerDiscovery = proxy.discovery
         self.state: TrialState | None = None
         self.value: float | None = None
 
@@ -156,6 +171,8 @@ class TrialRun:
         trial, baseline = self.trial, self.outcome.baseline
         if baseline:
             policy = contender_policy(baseline, self.s.pretrained)
+        elif self.s.space.arch is not None:
+            policy = self.sample_joint()
         else:
             policy = self.s.space.sample(trial, self.proxy.layers, self.proxy.pretrained)
         self.outcome.params = dict(trial.params)
@@ -173,14 +190,29 @@ class TrialRun:
         self.end(TrialState.COMPLETE, f"same policy as trial {twin.number}", twin.value)
         return False
 
+    def sample_joint(self) -> InitPolicy:
+        """A joint trial: draw the network (pruned at once when over ``arch.max_params``), find its layers,
+        and draw a role-based init policy for them; the network goes to the trial's ``model`` attribute."""
+        s, p, trial = self.s, self.proxy, self.trial
+        cfg = s.space.arch.sample(trial)
+        model = build_model(cfg, p.data.input_shape, p.data.num_classes)
+        n_params = count_parameters(model)
+        trial.set_user_attr("model", cfg)
+        trial.set_user_attr("n_params", n_params)
+        if s.space.arch.max_params is not None and n_params > s.space.arch.max_params:
+            raise optuna.TrialPruned(f"{n_params} parameters, over arch.max_params {s.space.arch.max_params}")
+        self.model_cfg = cfg
+        self.discovery = discover_layers(model.to(p.device), p.example_x)
+        return s.space.sample(trial, self.discovery.layers)
+
     def init_model(self, i: int, seed: int) -> torch.nn.Module:
         """A fresh proxy initialized as the trial's contender for evaluation seed number ``i``; raises
         ``TrialPruned`` for non-finite weights or (on the first seed) a pre-screen rejection."""
         s, p, trial, outcome = self.s, self.proxy, self.trial, self.outcome
-        model = fresh_model(s.model, p.data, p.device, seed)
+        model = fresh_model(self.model_cfg, p.data, p.device, seed)
         used, learned = init_contender(model, self.policy, baseline=outcome.baseline, seed=seed,
                                        example_x=p.example_x, train_x=p.data.x_train, train_y=p.data.y_train,
-                                       train=s.train, layers=p.discovery)
+                                       train=s.train, layers=self.discovery)
         if learned is not None:  # GradInit/MetaInit: the policy they learned, and what it cost
             passes = trial.user_attrs.get("learned_passes", [0, 0])
             trial.set_user_attr("learned_passes", [passes[0] + learned.forward_passes,
