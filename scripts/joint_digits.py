@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from initsearch.proxy.models import build_model, count_parameters
 from initsearch.search.storage import open_storage
 
 
@@ -53,14 +54,14 @@ def plot(study: optuna.Study, figure: Path) -> list[tuple[int, float, int]]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, color="0.6", label="trials")
     ax.plot([p[0] for p in pareto], [p[1] for p in pareto], "o-", color="C3", label="front (non-dominated)")
-    for baseline in study.get_trials(states=(TrialState.COMPLETE,)):
-        if baseline.user_attrs.get("baseline"):
-            ax.axhline(baseline.value, ls=":", lw=1, color="C0")
+    base = count_parameters(build_model({"name": "mlp", "depth": 4, "width": 128}, (64,), 10))
+    for i, baseline in enumerate(t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("baseline")):
+        ax.scatter([base], [baseline.value], marker="x", color=f"C{i}", label=f"{baseline.user_attrs['baseline']} (4x128 MLP)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"{study.user_attrs.get('metric')} (lower is better)")
-    ax.set_title("joint search on digits: score vs size (dotted: baselines, 4x128 MLP)")
+    ax.set_title("joint architecture + init search on digits: score vs size")
     ax.legend(fontsize=8)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
@@ -75,10 +76,14 @@ def main() -> None:
     parser.add_argument("--max-params", type=int, default=100_000)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--figure", type=Path, default=Path("joint_pareto.png"))
+    parser.add_argument("--replot", action="store_true", help="only draw the figure of the study in --out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     storage = str(args.out / "studies.journal")
     py = [sys.executable, "-m"]
+    if args.replot:
+        plot(optuna.load_study(study_name="digits_joint", storage=open_storage(storage)), args.figure)
+        return
     stdout = run([*py, "initsearch", "search_space=joint", "study_name=digits_joint", f"n_trials={args.trials}",
                   f"arch.max_params={args.max_params}", "baselines=[pytorch_default,he,orthogonal]",
                   "tracking_uri=none", f"storage={storage}", f"hydra.run.dir={args.out / 'study'}"])

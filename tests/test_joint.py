@@ -34,6 +34,7 @@ def test_joint_mlp_residual_layers_end_branches_and_names_match_the_mlp():
     ("arch.depth=[1,2]", "arch.depth: must be a non-empty list"),
     ("arch.norm=[none,group]", "arch.norm: must be a non-empty list"),
     ("batch_trials=4", "batch_trials: search_space=joint trains one network per trial"),
+    ("warm_start=[earlier]", "warm_start: not available with search_space=joint"),
 ])
 def test_bad_joint_settings_fail_before_the_study(in_tmp, override, message):
     with pytest.raises(ConfigError) as err:

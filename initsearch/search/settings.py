@@ -207,7 +207,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         model=model,
         data=data,
         train=TrainConfig.from_mapping(c.get("train") or {}),
-        space=_joint_fits_batches(space_from_config(c.get("search_space") or {}, c.get("arch")), c.get("batch_trials", 1)),
+        space=_joint_fits(space_from_config(c.get("search_space") or {}, c.get("arch")), c),
         sampler=sampler,
         pruner=pruner,
         batch_trials=_int(c.get("batch_trials", 1), "batch_trials", 1),
@@ -219,11 +219,17 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
     )
 
 
-def _joint_fits_batches(space: SearchSpace, batch_trials: Any) -> SearchSpace:
-    """A joint search builds another network per trial: population training (one network, K copies) cannot."""
-    if space.arch is not None and batch_trials not in (1, None):
+def _joint_fits(space: SearchSpace, c: Mapping[str, Any]) -> SearchSpace:
+    """A joint search builds another network per trial: population training (one network, K copies) cannot
+    train it, a state dict of the configured model does not fit it, and earlier policies name no network."""
+    if space.arch is None:
+        return space
+    if c.get("batch_trials", 1) not in (1, None):
         raise ConfigError(f"batch_trials: search_space=joint trains one network per trial, set batch_trials=1, "
-                          f"got {batch_trials!r}")
+                          f"got {c.get('batch_trials')!r}")
+    for key in ("pretrained", "warm_start"):
+        if c.get(key):
+            raise ConfigError(f"{key}: not available with search_space=joint, whose trials draw their own networks")
     return space
 
 
