@@ -15,7 +15,7 @@ from initsearch.search.storage import open_storage
 from initsearch.validate import model_file_override
 from tests.conftest import TINY, compose_config
 
-JOINT = TINY + ["search_space=joint", "arch.depth=[2,3]", "arch.width=[8,16]", "baselines=[]"]
+JOINT = TINY + ["search_space=joint", "arch.depth=[2,3]", "arch.width=[8,16]", "baselines=[he]"]
 
 
 def test_joint_mlp_residual_layers_end_branches_and_names_match_the_mlp():
@@ -52,7 +52,7 @@ def test_joint_study_draws_networks_under_the_budget_and_exports_best_model_yaml
     trials = study.get_trials()
     assert all({"arch:depth", "arch:width", "arch:activation", "arch:norm", "arch:residual"} <= set(t.params)
                for t in trials if t.params)
-    for t in trials:
+    for t in trials:  # the baseline (he) trains the configured 2-layer MLP, and says so
         assert t.user_attrs["n_params"] == count_parameters(build_model(t.user_attrs["model"], (20,), 4))
         over = t.user_attrs["n_params"] > budget
         assert (t.state == optuna.trial.TrialState.PRUNED) if over else t.state == optuna.trial.TrialState.COMPLETE

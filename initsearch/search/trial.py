@@ -171,6 +171,10 @@ class TrialRun:
         trial, baseline = self.trial, self.outcome.baseline
         if baseline:
             policy = contender_policy(baseline, self.s.pretrained)
+            if self.s.space.arch is not None:  # a joint study's baselines train the configured network
+                trial.set_user_attr("model", self.s.model)
+                trial.set_user_attr("n_params", count_parameters(
+                    build_model(self.s.model, self.proxy.data.input_shape, self.proxy.data.num_classes)))
         elif self.s.space.arch is not None:
             policy = self.sample_joint()
         else:
