@@ -1,9 +1,12 @@
 """Export a trial's init policy as a policy file (``python -m initsearch.export``).
 
     python -m initsearch.export study_name=digits_mlp [storage=initsearch.journal] [out=policy.json] [trial=N] [force=true]
+    python -m initsearch.export list=true [tracking_uri=sqlite:///mlflow.db]
 
 Without ``trial`` it exports the best complete trial (a baseline, if one won). A chosen trial must be
 complete: a pruned one (its score is partial), a failed or a running one is refused unless ``force=true``.
+``list=true`` lists the winners of earlier studies logged to MLflow, with the network each one searched
+(depth, activation mix, layer types), to pick ``warm_start`` sources.
 """
 from __future__ import annotations
 
@@ -82,7 +85,69 @@ def pick_trial(study: optuna.Study, number: int | None = None, force: bool = Fal
 
 
 def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None, force: bool = False) -> Path:
-    return save_policy(trial_policy(study, pick_trial(study, trial, force)), out)
+    """Write the trial's policy to ``out``; for a joint search's trial also its network, as ``best_model.yaml``
+    in the same folder (a model config: ``validate ... model=<folder>/best_model.yaml``)."""
+    return export_trial(study, pick_trial(study, trial, force), out)
+
+
+def export_trial(study: optuna.Study, chosen: FrozenTrial, out: str | Path) -> Path:
+    """``export_policy`` of a trial already picked."""
+    path = save_policy(trial_policy(study, chosen), out)
+    if chosen.user_attrs.get("model"):
+        export_model(chosen.user_attrs["model"], path.parent / "best_model.yaml")
+    return path
+
+
+def export_model(model: dict[str, Any], out: Path) -> Path:
+    """A joint trial's network as a Hydra model config (YAML), written next to its policy."""
+    from omegaconf import OmegaConf
+
+    header = "# the network of a joint architecture + init search's winner: validate ... model=<this file>\n"
+    out.write_text(header + OmegaConf.to_yaml(OmegaConf.create(dict(model))), encoding="utf-8")
+    return out
+
+
+WINNER_COLUMNS = {"study": "initsearch.study", "model": "initsearch.net.model", "depth": "initsearch.net.depth",
+                  "activations": "initsearch.net.activations", "layer_types": "initsearch.net.layer_types",
+                  "best": "initsearch.best_kind"}
+
+
+def earlier_winners(tracking_uri: str | None) -> list[dict[str, Any]]:
+    """Every finished study's parent run in the MLflow store: its network tags, metric, best score, when it
+    ended and where its ``best_policy.json`` is; newest first."""
+    from initsearch.tracking.tracker import search_all
+    from initsearch.tracking.uri import open_client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        raise ConfigError("tracking_uri: list=true reads the MLflow store; tracking is off (none)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].partition("?")[0]).is_file():
+        raise ConfigError(f"tracking_uri: no MLflow store at {uri} (run a study first, or pass tracking_uri=...)")
+    client = open_client(uri)
+    rows = []
+    for experiment in client.search_experiments():
+        for run in search_all(client, experiment.experiment_id, "tags.`initsearch.best_policy` = 'best_policy.json'"):
+            tags = run.data.tags
+            row: dict[str, Any] = {column: tags.get(tag, "") for column, tag in WINNER_COLUMNS.items()}
+            row["metric"] = run.data.params.get("score.metric", "")
+            row["score"] = run.data.metrics.get("best_score")
+            row["ended"] = datetime.fromtimestamp((run.info.end_time or run.info.start_time) / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+            artifacts = run.info.artifact_uri
+            row["policy"] = f"{artifacts.removeprefix('file://')}/best_policy.json"  # a local store: a plain path
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["ended"], reverse=True)
+
+
+def print_winners(rows: list[dict[str, Any]]) -> None:
+    """The winners as a table on stdout, then how to use one as a warm start."""
+    import pandas as pd
+
+    if not rows:
+        print("no finished study in this MLflow store yet")
+        return
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(pd.DataFrame(rows).to_string(index=False))
+    print("warm start from one: python -m initsearch warm_start=[STUDY] (same storage) or warm_start=[POLICY_FILE]")
 
 
 HELP = """\
@@ -95,14 +160,16 @@ Usage: python -m initsearch.export study_name=NAME [key=value ...]
   out=PATH          the file to write (default best_policy.json)
   trial=N           that trial instead of the best complete one
   force=true        export trial=N even when it is not complete (pruned, failed, running)
+  list=true         list the winners of earlier studies in the MLflow store (tracking_uri=...) instead
 
 Examples:
   python -m initsearch.export study_name=digits_mlp out=policy.json
   python -m initsearch.export study_name=digits_mlp out=policy.json trial=12
+  python -m initsearch.export list=true
 
 Then apply it in your training code: initsearch.apply_policy(model, "policy.json", example_batch=x).
 """
-KEYS = ("study_name", "storage", "out", "trial", "force")
+KEYS = ("study_name", "storage", "out", "trial", "force", "list", "tracking_uri")
 
 
 def _parse_args(argv: list[str]) -> dict[str, str]:
@@ -115,6 +182,10 @@ def _parse_args(argv: list[str]) -> dict[str, str]:
             hint = did_you_mean(key, KEYS) or f" (one of {', '.join(KEYS)})"
             raise ConfigError(f"{key}: no such key{hint}")
         args[key] = value
+    if args.get("list", "false").lower() not in ("true", "false"):
+        raise ConfigError(f"list: must be true or false, got {args['list']!r}")
+    if args.get("list", "false").lower() == "true":
+        return args
     if "study_name" not in args:
         raise ConfigError("study_name: required (python -m initsearch.export study_name=NAME [storage=...] [out=...] [trial=N])")
     return args
@@ -130,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 def _export(argv: list[str]) -> int:
     try:
         args = _parse_args(argv)
+        if args.get("list", "false").lower() == "true":
+            print_winners(earlier_winners(args.get("tracking_uri")))
+            return 0
         trial = args.get("trial")
         if trial is not None and not trial.isdigit():
             raise ConfigError(f"trial: must be a trial number, got {trial!r}")
@@ -144,7 +218,7 @@ def _export(argv: list[str]) -> int:
         except KeyError:
             raise ConfigError(f"study_name: no study {args['study_name']!r} in {storage}") from None
         chosen = pick_trial(study, None if trial is None else int(trial), force == "true")
-        path = save_policy(trial_policy(study, chosen), args.get("out") or "best_policy.json")
+        path = export_trial(study, chosen, args.get("out") or "best_policy.json")
     except InitSearchError as exc:
         print(f"initsearch.export: error: {exc}", file=sys.stderr)
         return 2

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf, open_dict
 
 from initsearch.contenders.baselines import contender_policy, init_contender
 from initsearch.errors import ConfigError, InitSearchError
-from initsearch.init.policy import InitPolicy, load_policy
+from initsearch.init.policy import CheckpointRef, InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
 from initsearch.proxy.losses import resolve_loss
 from initsearch.proxy.scoring import score
@@ -126,8 +127,9 @@ def _steps_to_target(curve: Curve, target: float) -> int | None:
     return next((s for s, a in zip(curve.val_steps, curve.val_acc) if a >= target), None)
 
 
-def contender_policies(policy: InitPolicy, baselines: Sequence[str]) -> dict[str, InitPolicy]:
-    return {POLICY: policy, **{name: contender_policy(name) for name in baselines}}
+def contender_policies(policy: InitPolicy, baselines: Sequence[str],
+                       pretrained: CheckpointRef | None = None) -> dict[str, InitPolicy]:
+    return {POLICY: policy, **{name: contender_policy(name, pretrained) for name in baselines}}
 
 
 def run_validation(
@@ -154,7 +156,7 @@ def run_validation(
     accuracy = resolve_loss(settings.train.loss, data.y_train).has_accuracy
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
     results = []
-    contenders = contender_policies(policy, settings.baselines)
+    contenders = contender_policies(policy, settings.baselines, settings.pretrained)
     progress = Steps(len(contenders) * len(fresh), "training runs", enabled=settings.progress)
     for name, pol in contenders.items():
         result = ContenderResult(name)
@@ -281,6 +283,21 @@ def _whole(own: dict[str, str], key: str, default: int | None) -> int | None:
     return int(value)
 
 
+def model_file_override(overrides: list[str]) -> tuple[list[str], Path | None]:
+    """``model=PATH.yaml`` names a model config file (a joint search's ``best_model.yaml``), not a preset of
+    ``conf/model``: taken out of the overrides and returned, to replace the composed ``model``."""
+    rest, found = [], None
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key == "model" and value.endswith((".yaml", ".yml")):
+            if not Path(value).is_file():
+                raise ConfigError(f"model: no model config file {value!r}")
+            found = Path(value)
+        else:
+            rest.append(arg)
+    return rest, found
+
+
 HELP = """\
 initsearch.validate: check a policy on the full-size model, on seeds the search never saw, for longer than
 the search looked, against every baseline of the study; says plainly whether the policy beats the best one.
@@ -319,7 +336,7 @@ def _validate(args: list[str]) -> int:
     verbose = "verbose=true" in args
     try:
         own, overrides = _split_args(args)
-        overrides = with_custom_groups(overrides)
+        overrides, model_file = model_file_override(with_custom_groups(overrides))
         problem = compose_problem(overrides, extra_keys=OWN_KEYS)
         if problem is not None:
             raise ConfigError(problem)
@@ -328,6 +345,9 @@ def _validate(args: list[str]) -> int:
         policy = load_policy(own["policy"])
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
+        if model_file is not None:
+            with open_dict(cfg):
+                cfg.model = OmegaConf.load(model_file)
         settings = settings_from_config(cfg)
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})

@@ -156,11 +156,11 @@ def test_an_interrupt_while_policies_are_drawn_fails_the_round_and_enqueues_it_a
     settings, proxy = study_of(tmp_path, 3, "n_trials=3", "baselines=[]")
     real, calls = type(settings.space).sample, []
 
-    def sample(self, trial, layers):
+    def sample(self, trial, layers, pretrained=None):
         calls.append(trial.number)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, trial, layers)
+        return real(self, trial, layers, pretrained)
 
     monkeypatch.setattr(type(settings.space), "sample", sample)
     rec = Recorder()

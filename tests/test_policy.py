@@ -112,7 +112,7 @@ def test_file_round_trip_is_exact_and_atomic(tmp_path):
     assert sorted(x.name for x in target.parent.iterdir()) == ["policy.json"]  # no temp file left
     # A refused save leaves the existing file as it was.
     with pytest.raises(PolicyError):
-        save_policy({**DOC_EXAMPLE, "version": 2}, target)
+        save_policy({**DOC_EXAMPLE, "version": 3}, target)
     assert target.read_text(encoding="utf-8") == text
     assert sorted(x.name for x in target.parent.iterdir()) == ["policy.json"]
 
@@ -264,9 +264,9 @@ def _with_rule(**fields):
 BAD_DICTS = [
     ("wrong format", {**policy_of(), "format": "torch-init"}, "format: must be 'initsearch-policy'"),
     ("missing format", {"version": 1, "rules": []}, "format: required"),
-    ("version 2", {**policy_of(), "version": 2}, "version: this build reads version 1, got 2"),
-    ("version string", {**policy_of(), "version": "1"}, "version: must be the integer 1, got '1'"),
-    ("version bool", {**policy_of(), "version": True}, "version: must be the integer 1, got True"),
+    ("version 3", {**policy_of(), "version": 3}, "version: this build reads versions 1 and 2, got 3"),
+    ("version string", {**policy_of(), "version": "1"}, "version: must be the integer 1 or 2, got '1'"),
+    ("version bool", {**policy_of(), "version": True}, "version: must be the integer 1 or 2, got True"),
     ("unknown top key", {**policy_of(), "rule": []}, "rule: unknown key (known: format"),
     ("rules missing", {"format": "initsearch-policy", "version": 1}, "rules: required"),
     ("rules not a list", {**policy_of(), "rules": {"scheme": "zeros"}}, "rules: must be a list"),
@@ -431,7 +431,7 @@ def test_file_errors_carry_the_path_and_the_field(tmp_path):
     path = _write(tmp_path, json.dumps(_with_rule(scale=-1)))
     message = _load_error(path)
     assert message.startswith(str(path)) and "rules[0].scale: must be in (0, 100], got -1" in message
-    assert "version: this build reads version 1, got 2" in _load_error(_write(tmp_path, json.dumps({**policy_of(), "version": 2})))
+    assert "version: this build reads versions 1 and 2, got 3" in _load_error(_write(tmp_path, json.dumps({**policy_of(), "version": 3})))
 
 
 def test_file_misc_refusals(tmp_path):

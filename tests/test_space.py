@@ -7,7 +7,7 @@ import torch
 
 from initsearch import apply_policy, discover_layers
 from initsearch.contenders.baselines import BASELINE_NAMES, BASELINES, baseline_policy
-from initsearch.contenders.names import ALL_BASELINES, LEARNED_BASELINES
+from initsearch.contenders.names import ALL_BASELINES, LEARNED_BASELINES, PRETRAINED_BASELINES
 from initsearch.errors import ConfigError
 from initsearch.proxy.models import build_model
 from initsearch.search.space import space_from_config
@@ -122,6 +122,6 @@ def test_bad_space_config_names_the_key(patch, key):
 
 def test_the_names_settings_check_are_the_baselines_that_exist():
     assert set(BASELINE_NAMES) == {*BASELINES, "lsuv"}
-    assert set(ALL_BASELINES) == {*BASELINE_NAMES, *LEARNED_BASELINES}
+    assert set(ALL_BASELINES) == {*BASELINE_NAMES, *LEARNED_BASELINES, *PRETRAINED_BASELINES}
     for name in BASELINE_NAMES:
         assert baseline_policy(name).default is not None

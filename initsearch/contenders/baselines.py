@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from initsearch.contenders.learned import LearnedInitResult, learned_base_policy, run_learned_baseline
-from initsearch.contenders.names import LEARNED_BASELINES, TEXTBOOK_BASELINES
+from initsearch.contenders.names import LEARNED_BASELINES, PRETRAINED_BASELINES, TEXTBOOK_BASELINES
 from initsearch.errors import ConfigError
 from initsearch.init.apply import apply_policy
 from initsearch.init.layers import LayerDiscovery
-from initsearch.init.policy import InitPolicy, LsuvSettings
+from initsearch.init.policy import CheckpointRef, InitPolicy, LsuvSettings
 from initsearch.proxy.losses import resolve_loss
 from initsearch.proxy.train import TrainConfig
 
@@ -52,8 +52,34 @@ def baseline_policy(name: str) -> InitPolicy:
 BASELINE_NAMES: tuple[str, ...] = TEXTBOOK_BASELINES  # BASELINES and "lsuv"
 
 
-def contender_policy(baseline: str) -> InitPolicy:
-    """The policy a baseline starts from (for GradInit/MetaInit: the base init they rescale)."""
+PRETRAINED = "pretrained"  # the name a study's pre-trained weights have in its policies' checkpoints
+
+
+def pretrained_rules() -> list[dict[str, Any]]:
+    """The rules that copy every linear/conv layer and every norm layer (weights, running statistics) from
+    the checkpoint ``pretrained``; norm layers first, since only a rule that names them reaches them."""
+    return [{"type": "norm", "scheme": "checkpoint", "checkpoint": PRETRAINED},
+            {"scheme": "checkpoint", "checkpoint": PRETRAINED}]
+
+
+def pretrained_policy(name: str, weights: CheckpointRef | None) -> InitPolicy:
+    """The two baselines of a study with pre-trained weights: ``checkpoint`` copies every layer from the
+    file; ``checkpoint_fresh_head`` copies every layer but the last, which gets PyTorch's default init (what
+    a fine-tuning recipe gets by building a new head)."""
+    if weights is None:
+        raise ConfigError(f"baselines: {name!r} needs pre-trained weights: pretrained=PATH (a state dict of the model)")
+    rules = pretrained_rules()
+    if name == "checkpoint_fresh_head":
+        rules.insert(0, {"position": "last", **BASELINES["pytorch_default"]})
+    return InitPolicy.from_dict({"format": "initsearch-policy", "version": 2,
+                                 "checkpoints": {PRETRAINED: weights.to_dict()}, "rules": rules})
+
+
+def contender_policy(baseline: str, pretrained: CheckpointRef | None = None) -> InitPolicy:
+    """The policy a baseline starts from (for GradInit/MetaInit: the base init they rescale); the
+    checkpoint baselines need the study's ``pretrained`` weights."""
+    if baseline in PRETRAINED_BASELINES:
+        return pretrained_policy(baseline, pretrained)
     return learned_base_policy(baseline) if baseline in LEARNED_BASELINES else baseline_policy(baseline)
 
 

@@ -6,4 +6,6 @@ from __future__ import annotations
 TEXTBOOK_BASELINES: tuple[str, ...] = ("pytorch_default", "xavier", "he", "lecun", "orthogonal", "lsuv")
 # Procedures that learn per-layer scales on data first (contenders/learned.py).
 LEARNED_BASELINES: tuple[str, ...] = ("gradinit", "metainit")
-ALL_BASELINES: tuple[str, ...] = (*TEXTBOOK_BASELINES, *LEARNED_BASELINES)
+# With pretrained=PATH: every layer from the file, or every layer but the last (a fresh PyTorch-default head).
+PRETRAINED_BASELINES: tuple[str, ...] = ("checkpoint", "checkpoint_fresh_head")
+ALL_BASELINES: tuple[str, ...] = (*TEXTBOOK_BASELINES, *LEARNED_BASELINES, *PRETRAINED_BASELINES)

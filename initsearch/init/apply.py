@@ -2,7 +2,9 @@
 
 ``apply_policy`` never leaves a model half-initialized: the policy is checked against the discovered layers,
 every new weight is computed into a copy, and only when all of them succeeded are they written; if LSUV or a
-write fails, the touched parameters are restored from a snapshot before the error propagates.
+write fails, the touched parameters are restored from a snapshot before the error propagates. Layers of the
+``checkpoint`` scheme (policy version 2) get their tensors from the named files, which are hash-checked,
+read and matched by key and shape in that first step too.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 from torch import nn
 
 from initsearch.errors import PolicyError
+from initsearch.init.checkpoints import read_state_dict
 from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
 from initsearch.init.lsuv import LsuvReport, lsuv
-from initsearch.init.policy import InitPolicy, InitSpec, load_policy, plan
+from initsearch.init.policy import CHECKPOINT, InitPolicy, InitSpec, load_policy, plan
 from initsearch.init.schemes import SCHEME_SPECS, init_bias, init_weight
 from initsearch.init.seeding import seeded
 
@@ -26,7 +29,8 @@ from initsearch.init.seeding import seeded
 @dataclass
 class LayerApplyReport:
     """What happened to one layer: the rule that matched (``None`` = the policy's default), the scheme and
-    its resolved gain, and the weight std before and after (after LSUV, when it ran)."""
+    its resolved gain, and the weight std before and after (after LSUV, when it ran). ``source``: for the
+    checkpoint scheme, ``"<checkpoint name>:<key>"`` the tensors were copied from."""
 
     name: str
     type: str
@@ -39,17 +43,28 @@ class LayerApplyReport:
     std_after: float
     lsuv_iterations: int | None = None
     lsuv_skipped: str | None = None
+    source: str | None = None
 
 
 @dataclass
 class ApplyReport:
-    """The result of ``apply_policy``: one entry per discovered layer, in forward order."""
+    """The result of ``apply_policy``: one entry per discovered layer, in forward order. ``checkpoint_files``:
+    per checkpoint name used, the file its tensors were read from."""
 
     layers: list[LayerApplyReport]
     discovery_method: str
     seed: int | None
     lsuv: LsuvReport | None = None
     notes: list[str] = field(default_factory=list)
+    checkpoint_files: dict[str, str] = field(default_factory=dict)
+
+    def from_checkpoint(self) -> dict[str, list[str]]:
+        """Per checkpoint file, the layers whose tensors came from it (in forward order)."""
+        out: dict[str, list[str]] = {}
+        for r in self.layers:
+            if r.source is not None:
+                out.setdefault(self.checkpoint_files[r.source.split(":", 1)[0]], []).append(r.name)
+        return out
 
     def to_rows(self) -> list[dict[str, Any]]:
         return [asdict(layer) for layer in self.layers]
@@ -66,7 +81,8 @@ class ApplyReport:
             lines.append(
                 f"{r.name:<28} {rule:>5} {r.scheme:<18} {gain:>6} {r.scale:>6.3g} {r.std_before:>11.4g} {r.std_after:>10.4g} {lsuv_note}"
             )
-        return "\n".join(lines + self.notes)
+        sources = [f"from {file}: {', '.join(names)}" for file, names in self.from_checkpoint().items()]
+        return "\n".join(lines + sources + self.notes)
 
 
 def _as_inputs(example_batch: Any) -> tuple | None:
@@ -119,6 +135,58 @@ def _new_bias(module: nn.Module, layer: LayerInfo, spec: InitSpec) -> torch.Tens
     return new
 
 
+def _checkpoint_tensors(module: nn.Module, layer: LayerInfo, spec: InitSpec, where: str, name: str,
+                        state: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter or buffer, new value) pairs for a layer of the checkpoint scheme, every key and shape checked.
+
+    The weight is copied (times ``scale``); the bias too when ``bias`` is ``checkpoint`` (other bias options
+    are left to ``_new_bias``); a norm layer also gets its running statistics. Raises ``PolicyError``
+    naming the rule, the layer and the key.
+    """
+    key = spec.key or layer.name
+    wanted = [("weight", True)]
+    if spec.bias == CHECKPOINT and getattr(module, "bias", None) is not None:
+        wanted.append(("bias", True))
+    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+        if getattr(module, buffer, None) is not None:
+            wanted.append((buffer, buffer != "num_batches_tracked"))
+    writes = []
+    for attr, required in wanted:
+        target = getattr(module, attr)
+        entry = f"{key}.{attr}"
+        if entry not in state:
+            if not required:
+                continue
+            close = [k for k in state if k.endswith(f".{attr}")][:6]
+            hint = f" (it has e.g. {', '.join(close)})" if close else ""
+            field_ = "key" if spec.key is not None else "checkpoint"
+            raise PolicyError(f"{where}.{field_}: layer {layer.name!r} needs {entry!r}, which {name} does not have{hint}")
+        tensor = state[entry]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise PolicyError(f"{where}: layer {layer.name!r} {attr} {tuple(target.shape)} vs {entry!r} "
+                              f"{tuple(tensor.shape)} in {name}")
+        value = tensor.detach().to(device=target.device, dtype=target.dtype).clone()
+        if attr == "weight" and spec.scale != 1.0:
+            value.mul_(spec.scale)
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise PolicyError(f"{where}: {entry!r} in {name} holds non-finite values")
+        writes.append((target, value))
+    return writes
+
+
+def _read_checkpoints(policy: InitPolicy, decisions) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """The state dicts of the checkpoints the planned layers use, and each one's file path."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    files: dict[str, str] = {}
+    for _, _, spec in decisions:
+        if spec.scheme == CHECKPOINT and spec.checkpoint not in states:
+            path = policy.checkpoint_path(spec.checkpoint)
+            states[spec.checkpoint] = read_state_dict(path, policy.checkpoints[spec.checkpoint].sha256,
+                                                      f"checkpoints.{spec.checkpoint}")
+            files[spec.checkpoint] = str(path)
+    return states, files
+
+
 def apply_policy(
     model: nn.Module,
     policy: InitPolicy | Mapping[str, Any] | str | os.PathLike,
@@ -148,6 +216,7 @@ def apply_policy(
     discovery = _discover(model, inputs) if layers is None else _check_layers(model, layers)
     decisions = plan(policy, discovery.layers, strict=strict)
     modules = dict(model.named_modules())
+    states, files = _read_checkpoints(policy, decisions)
 
     # 1. compute everything into copies (any error leaves the model untouched)
     reports: list[LayerApplyReport] = []
@@ -158,17 +227,21 @@ def apply_policy(
             module = modules[layer.name]
             where = "default" if rule is None else f"rules[{rule}]"
             before = _weight_std(module.weight)
-            gain = None
-            if spec.scheme != "keep" or spec.scale != 1.0:
+            gain, source = None, None
+            if spec.scheme == CHECKPOINT:
+                writes.extend(_checkpoint_tensors(module, layer, spec, where, spec.checkpoint, states[spec.checkpoint]))
+                source = f"{spec.checkpoint}:{spec.key or layer.name}"
+            elif spec.scheme != "keep" or spec.scale != 1.0:
                 new_w, gain = _new_weight(module, layer, spec, where)
                 writes.append((module.weight, new_w))
-            new_b = _new_bias(module, layer, spec)
+            new_b = None if spec.bias == CHECKPOINT else _new_bias(module, layer, spec)
             if new_b is not None:
                 writes.append((module.bias, new_b))
             if spec.lsuv and layer.family in ("linear", "conv"):
                 lsuv_layers.append(layer.name)
             reports.append(
-                LayerApplyReport(layer.name, layer.type, layer.activation, rule, spec.scheme, gain, spec.scale, before, math.nan)
+                LayerApplyReport(layer.name, layer.type, layer.activation, rule, spec.scheme, gain, spec.scale, before,
+                                 math.nan, source=source)
             )
 
         # 2. write, then LSUV; restore the snapshot if anything fails
@@ -194,7 +267,7 @@ def apply_policy(
             r.lsuv_iterations = by_name[r.name].iterations
             r.lsuv_skipped = by_name[r.name].skipped
     notes = [f"LSUV left {r.name} alone: {r.lsuv_skipped}" for r in reports if r.lsuv_skipped]
-    return ApplyReport(reports, discovery.method, seed, lsuv_report, notes)
+    return ApplyReport(reports, discovery.method, seed, lsuv_report, notes, files)
 
 
 def _check_layers(model: nn.Module, layers: LayerDiscovery) -> LayerDiscovery:

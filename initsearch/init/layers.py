@@ -46,7 +46,8 @@ class LayerInfo:
     nonlinearity applied to this layer's output on its way to the next linear/conv layer (norm layers,
     dropout, pooling and reshapes are looked through), ``linear`` if none; ``activation_param`` is the
     negative slope of a leaky_relu (or alpha of an elu), else ``None``. Fans follow ``torch.nn.init``
-    (``None`` for norm layers).
+    (``None`` for norm layers). ``branch_last``: the layer ends a residual branch (its output reaches, through
+    element-wise ops and norm layers, an addition whose other operand is a skip path: ``x + f(x)``).
     """
 
     name: str
@@ -59,6 +60,7 @@ class LayerInfo:
     position: str | None
     index: int
     weight_shape: tuple[int, ...]
+    branch_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,53 @@ class _Node:
     family: str | None = None
     act: _Act | None = None
     users: list[int] = field(default_factory=list)
+    add: bool = False  # an addition of two tensors (a residual join candidate)
+    operands: list[int] = field(default_factory=list)  # an addition's tensor operands (-1: not from the graph)
+    const: bool = False  # a parameter or buffer read as a value (fx get_attr): never a skip path
+
+
+# Names of an addition of tensors: ``a + b`` (Tensor.__add__, operator.add), ``a += b``, torch.add, Tensor.add_.
+_ADDITIONS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "iadd"})
+
+
+def _weighted_depths(nodes: Sequence[_Node]) -> list[int]:
+    """Per node, the most linear/conv layers on any path from the graph's inputs to it (nodes come in a
+    topological order: forward order)."""
+    inputs: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for user in node.users:
+            inputs[user].append(i)
+    depth = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        depth[i] = max((depth[j] for j in inputs[i]), default=0) + (1 if node.family in _BLOCKING else 0)
+    return depth
+
+
+def _ends_branch(nodes: Sequence[_Node], start: int, depth: Sequence[int]) -> bool:
+    """Whether layer node ``start`` ends a residual branch: its output reaches, through nodes that are not
+    linear/conv layers nor additions and that read one graph tensor (element-wise ops, norm layers), an
+    addition whose other operand went through fewer linear/conv layers (the skip path: the block's input,
+    or a projection shortcut of one layer against a branch of two)."""
+    readers: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        for user in node.users:
+            readers[user] = readers.get(user, 0) + 1
+    stack = [(user, start) for user in nodes[start].users]
+    seen: set[int] = set()
+    while stack:
+        i, came_from = stack.pop()
+        node = nodes[i]
+        if node.add:
+            others = [o for o in node.operands if o != came_from]
+            if len(others) == len(node.operands) - 1 and any(
+                    o >= 0 and not nodes[o].const and depth[o] < depth[came_from] for o in others):
+                return True
+            continue
+        if i in seen or node.family in _BLOCKING or readers.get(i, 0) != 1:
+            continue
+        seen.add(i)
+        stack.extend((user, i) for user in node.users)
+    return False
 
 
 def _activation_after(nodes: Sequence[_Node], start: int) -> _Act:
@@ -284,6 +333,7 @@ def _layer_infos(model: nn.Module, nodes: Sequence[_Node]) -> tuple[LayerInfo, .
             first_calls.append(i)
     weighted = [i for i in first_calls if nodes[i].family in _BLOCKING]
     position = dict(zip(weighted, _positions(len(weighted))))
+    depth = _weighted_depths(nodes)
     infos = []
     for index, i in enumerate(first_calls):
         node = nodes[i]
@@ -295,7 +345,7 @@ def _layer_infos(model: nn.Module, nodes: Sequence[_Node]) -> tuple[LayerInfo, .
         infos.append(LayerInfo(
             name=names[id(module)], type=type(module).__name__, family=family, fan_in=fan_in, fan_out=fan_out,
             activation=act.name, activation_param=act.param, position=position.get(i), index=index,
-            weight_shape=shape,
+            weight_shape=shape, branch_last=family in _BLOCKING and _ends_branch(nodes, i, depth),
         ))
     return tuple(infos)
 
@@ -341,8 +391,10 @@ def _fx_value(model: nn.Module, arg: Any) -> Any:
     return arg
 
 
-def _fx_node(model: nn.Module, node: fx.Node) -> _Node:
+def _fx_node(model: nn.Module, node: fx.Node, order: Mapping[fx.Node, int]) -> _Node:
     """Classify one fx node."""
+    if node.op == "get_attr":
+        return _Node(const=True)
     if node.op == "call_module":
         module = model.get_submodule(node.target)  # type: ignore[arg-type]
         family = layer_family(module)
@@ -353,6 +405,9 @@ def _fx_node(model: nn.Module, node: fx.Node) -> _Node:
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         args = [_fx_value(model, a) for a in node.args]
         kwargs = {k: _fx_value(model, v) for k, v in node.kwargs.items()}
+        operands = [order[a] for a in node.args[:2] if isinstance(a, fx.Node)]
+        if name in _ADDITIONS and len(operands) == 2:
+            return _Node(add=True, operands=operands)
         return _Node(act=_classify_call(name, args, kwargs))
     return _Node()
 
@@ -365,7 +420,7 @@ def _fx_nodes(model: nn.Module) -> list[_Node]:
     order = {node: i for i, node in enumerate(graph.nodes)}
     nodes = []
     for node in graph.nodes:
-        ours = _fx_node(model, node)
+        ours = _fx_node(model, node, order)
         ours.users = sorted(order[u] for u in node.users)
         nodes.append(ours)
     return nodes
@@ -424,6 +479,11 @@ class _GraphRecorder:
         if not inputs:
             return
         name = getattr(func, "__name__", "")
+        tensors = [t for t in args[:2] if isinstance(t, torch.Tensor)]
+        if name in _ADDITIONS and len(tensors) == 2:
+            operands = [self.producer.get(id(t), -1) for t in tensors]
+            self.add(_Node(add=True, operands=operands), inputs, [result, *(tensors[:1] if name.endswith("_") else [])])
+            return
         outputs = [result]
         if name == "__setitem__" and args:
             outputs.append(args[0])
@@ -475,6 +535,7 @@ def _hook_nodes(model: nn.Module, example_input: Any) -> list[_Node]:
             handles.append(module.register_forward_pre_hook(recorder.enter_layer, with_kwargs=True))
             handles.append(module.register_forward_hook(recorder.leave_layer, with_kwargs=True))
         model.eval()
+        recorder.add(_Node(), [], example_input)  # the inputs: a source node, so ``x + f(x)`` sees its skip
         with torch.no_grad(), _RecordingMode(recorder):
             _call(model, example_input)
     finally:

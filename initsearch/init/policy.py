@@ -1,4 +1,4 @@
-"""The init policy file, format version 1: typed dataclasses, JSON read/write, validation, rule matching.
+"""The init policy file, format versions 1 and 2: typed dataclasses, JSON read/write, validation, matching.
 
 The contract is docs/policy-format.md. A policy is data only: nothing read from a file is
 executed, imported or unpickled; every value is checked against a fixed schema and every problem raises one
@@ -27,6 +27,12 @@ Decisions this module takes where the format document is silent:
   unknown keys, they are usually mistakes); NaN/Infinity literals are refused with the field path where
   they appear. ``save_policy`` creates missing parent folders and refuses to write a file that
   ``load_policy`` would refuse as oversize.
+- **Version 2** adds ``position: "branch_last"`` (layers that end a residual branch), the ``checkpoints`` map
+  and the ``checkpoint`` scheme (weights copied from a file,
+  read by ``init.checkpoints``). A policy is written as version 1 unless it uses them, so every version 1
+  file round-trips unchanged; a version 1 file that uses them is refused and told to say version 2. The
+  ``checkpoint`` scheme has its own defaults: ``bias`` ``"checkpoint"`` (copied from the file) and ``lsuv``
+  false (a copied weight keeps its scale unless its rule asks for LSUV).
 - **Fields a scheme does not read** (``std`` on ``xavier_normal``, ``mode`` on ``normal``) are refused in a
   file even at their default value; a directly constructed ``InitSpec`` is checked the same way for every
   field that differs from its default.
@@ -50,13 +56,16 @@ from typing import Any, NoReturn
 from initsearch.errors import PolicyError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS, activation_gain
 from initsearch.init.layers import LayerInfo
-from initsearch.init.schemes import BIAS_OPTIONS, FAN_MODES, SCHEME_NAMES, SCHEME_SPECS
+from initsearch.init.schemes import ALL_FAMILIES, BIAS_OPTIONS, FAN_MODES, SCHEME_NAMES, SCHEME_SPECS
 
 __all__ = [
     "FORMAT",
     "VERSION",
     "MAX_BYTES",
     "MAX_DEPTH",
+    "VERSIONS",
+    "CHECKPOINT",
+    "CheckpointRef",
     "InitSpec",
     "Rule",
     "LsuvSettings",
@@ -67,11 +76,15 @@ __all__ = [
 ]
 
 FORMAT = "initsearch-policy"
-VERSION = 1
+VERSION = 1  # what a policy that uses no version 2 feature is written as
+VERSIONS: tuple[int, ...] = (1, 2)  # what this build reads
+CHECKPOINT = "checkpoint"  # the version 2 scheme: weights copied from a file of ``checkpoints``
+POLICY_SCHEMES: tuple[str, ...] = (*SCHEME_NAMES, CHECKPOINT)
+CHECKPOINT_PARAMS = frozenset({"checkpoint", "key"})
 MAX_BYTES = 10 * 1024 * 1024
 MAX_DEPTH = 64
 
-POSITIONS: tuple[str, ...] = ("first", "hidden", "last")
+POSITIONS: tuple[str, ...] = ("first", "hidden", "last", "branch_last")  # branch_last: version 2
 FAMILIES: tuple[str, ...] = ("linear", "conv", "norm")
 GLOB_CHARS = frozenset("*?[")
 MAX_POSITIVE = 100.0  # upper bound of gain, scale, std, a, lsuv.target_std
@@ -80,9 +93,11 @@ MAX_TOL = 10.0
 MAX_ITER_BOUND = 1000
 
 SELECTOR_KEYS: tuple[str, ...] = ("layer", "type", "activation", "position")
-INIT_KEYS: tuple[str, ...] = ("scheme", "gain", "scale", "mode", "std", "a", "value", "bias", "lsuv")
+INIT_KEYS: tuple[str, ...] = ("scheme", "gain", "scale", "mode", "std", "a", "value", "bias", "lsuv", "checkpoint", "key")
 COMMON_INIT_KEYS = frozenset({"scale", "bias", "lsuv"})  # accepted by every scheme
-TOP_KEYS: tuple[str, ...] = ("format", "version", "rules", "default", "lsuv", "provenance")
+TOP_KEYS: tuple[str, ...] = ("format", "version", "checkpoints", "rules", "default", "lsuv", "provenance")
+CHECKPOINT_KEYS: tuple[str, ...] = ("path", "sha256")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 LSUV_KEYS: tuple[str, ...] = ("enabled", "target_std", "tol", "max_iter")
 
 
@@ -148,9 +163,29 @@ def _boolean(value: Any, path: str) -> bool:
 
 
 def _check_scheme(value: Any, path: str) -> str:
-    """A known scheme name; the message lists the known ones."""
-    if not isinstance(value, str) or value not in SCHEME_SPECS:
-        _fail(path, f"unknown scheme {_show(value)} (known: {', '.join(SCHEME_NAMES)})")
+    """A known scheme name (``checkpoint`` included); the message lists the known ones."""
+    if not isinstance(value, str) or value not in POLICY_SCHEMES:
+        _fail(path, f"unknown scheme {_show(value)} (known: {', '.join(POLICY_SCHEMES)})")
+    return value
+
+
+def _scheme_params(scheme: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The parameters a scheme reads and those it requires (``checkpoint`` is not in ``SCHEME_SPECS``)."""
+    if scheme == CHECKPOINT:
+        return CHECKPOINT_PARAMS, frozenset({"checkpoint"})
+    spec = SCHEME_SPECS[scheme]
+    return spec.params, spec.required
+
+
+def scheme_families(scheme: str) -> frozenset[str]:
+    """The layer families a scheme of a policy fits (a checkpoint fits any layer whose shape matches)."""
+    return ALL_FAMILIES if scheme == CHECKPOINT else SCHEME_SPECS[scheme].families
+
+
+def _check_name(value: Any, path: str) -> str:
+    """A checkpoint name or key: a non-empty string."""
+    if not isinstance(value, str) or not value or not _utf8_ok(value):
+        _fail(path, f"must be a non-empty string, got {_show(value)}")
     return value
 
 
@@ -197,6 +232,8 @@ _INIT_CHECKS = {
     "value": _check_constant,
     "bias": _check_bias,
     "lsuv": _boolean,
+    "checkpoint": _check_name,
+    "key": _check_name,
 }
 
 
@@ -220,7 +257,7 @@ def _check_activation_selector(value: Any, path: str) -> str:
 
 
 def _check_position_selector(value: Any, path: str) -> str:
-    """``first``, ``hidden`` or ``last``."""
+    """``first``, ``hidden``, ``last``, or (version 2) ``branch_last``."""
     return _choice(value, path, POSITIONS)
 
 
@@ -283,10 +320,10 @@ def _validate_init(given: Mapping[str, Any], path: str) -> dict[str, Any]:
     ``lsuv`` are read by all); a parameter the scheme requires must be set.
     """
     if "scheme" not in given:
-        _fail(_join(path, "scheme"), f"required (known: {', '.join(SCHEME_NAMES)})")
+        _fail(_join(path, "scheme"), f"required (known: {', '.join(POLICY_SCHEMES)})")
     scheme = _check_scheme(given["scheme"], _join(path, "scheme"))
-    spec = SCHEME_SPECS[scheme]
-    accepted = spec.params | COMMON_INIT_KEYS
+    params, required = _scheme_params(scheme)
+    accepted = params | COMMON_INIT_KEYS
     normalized: dict[str, Any] = {"scheme": scheme}
     for key in INIT_KEYS[1:]:
         if key not in given:
@@ -294,8 +331,11 @@ def _validate_init(given: Mapping[str, Any], path: str) -> dict[str, Any]:
         if key not in accepted:
             readable = ", ".join(k for k in INIT_KEYS[1:] if k in accepted)
             _fail(_join(path, key), f"not accepted by scheme {scheme!r} (it accepts: {readable}), got {_show(given[key])}")
+        if key == "bias" and scheme == CHECKPOINT and given[key] == CHECKPOINT:
+            normalized[key] = CHECKPOINT
+            continue
         normalized[key] = _INIT_CHECKS[key](given[key], _join(path, key))
-    for key in sorted(spec.required):
+    for key in sorted(required):
         if key not in normalized:
             _fail(_join(path, key), f"required by scheme {scheme!r}, missing")
     return normalized
@@ -390,7 +430,10 @@ class InitSpec:
     number in (0, 100]. ``scale`` multiplies the result. ``mode`` (kaiming, lecun), ``std``
     (normal, trunc_normal), ``a`` (uniform bound), ``value`` (constant) are the schemes' parameters.
     ``bias``: ``zeros``, ``keep``, ``pytorch_default`` or a number. ``lsuv=False`` excludes the layer from
-    the LSUV pass. Construction validates; integers are stored as floats.
+    the LSUV pass. ``checkpoint``/``key`` (scheme ``checkpoint`` only): the named file of the policy's
+    ``checkpoints`` and the layer's name in it. ``bias`` and ``lsuv`` left at ``None`` take the scheme's
+    default (``zeros``/true; ``checkpoint``/false for the checkpoint scheme). Construction validates;
+    integers are stored as floats.
     """
 
     scheme: str
@@ -400,17 +443,21 @@ class InitSpec:
     std: float | None = None
     a: float | None = None
     value: float | None = None
-    bias: str | float = "zeros"
-    lsuv: bool = True
+    bias: str | float | None = None
+    lsuv: bool | None = None
+    checkpoint: str | None = None
+    key: str | None = None
 
     def __post_init__(self) -> None:
+        defaults = _field_defaults(self.scheme)
         given = {"scheme": self.scheme}
         for f in fields(self)[1:]:
             current = getattr(self, f.name)
-            if not _is_default(current, f.default):
+            if current is not None and not _is_default(current, defaults[f.name]):
                 given[f.name] = current
-        for key, value in _validate_init(given, "InitSpec").items():
-            object.__setattr__(self, key, value)
+        normalized = _validate_init(given, "InitSpec")
+        for f in fields(self)[1:]:
+            object.__setattr__(self, f.name, normalized.get(f.name, defaults[f.name]))
 
     def resolved_gain(self, activation: str, activation_param: float | None = None) -> float:
         """The gain as a number for a layer followed by ``activation``.
@@ -420,6 +467,8 @@ class InitSpec:
         scheme's default gain (which may itself be ``"auto"``, as for kaiming), or 1.0 for schemes
         without a gain.
         """
+        if self.scheme == CHECKPOINT:
+            return 1.0
         gain = self.gain if self.gain is not None else SCHEME_SPECS[self.scheme].default_gain
         if gain is None:
             return 1.0
@@ -428,13 +477,24 @@ class InitSpec:
         return float(gain)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"scheme": ...}`` followed by the fields that differ from their defaults, in field order."""
+        """``{"scheme": ...}`` followed by the fields that differ from the scheme's defaults, in field order."""
+        defaults = _field_defaults(self.scheme)
         out: dict[str, Any] = {"scheme": self.scheme}
         for f in fields(self)[1:]:
             current = getattr(self, f.name)
-            if not _is_default(current, f.default):
+            if not _is_default(current, defaults[f.name]):
                 out[f.name] = current
         return out
+
+
+def _field_defaults(scheme: Any) -> dict[str, Any]:
+    """Each init field's default for ``scheme``: the dataclass defaults, except ``bias`` (``zeros``, or
+    ``checkpoint`` for the checkpoint scheme) and ``lsuv`` (true, or false for the checkpoint scheme)."""
+    from_file = scheme == CHECKPOINT
+    out = {f.name: f.default for f in fields(InitSpec)[1:]}
+    out["bias"] = CHECKPOINT if from_file else "zeros"
+    out["lsuv"] = not from_file
+    return out
 
 
 KEEP = InitSpec("keep")
@@ -456,7 +516,8 @@ class Rule:
 
     ``layer``: qualified module name, exact or shell glob. ``type``: class name (``Conv2d``) or family
     (``linear``/``conv``/``norm``). ``activation``: the layer's following nonlinearity. ``position``:
-    ``first``/``hidden``/``last``. Norm layers match only rules that name them (see the module docstring).
+    ``first``/``hidden``/``last`` by forward order, or ``branch_last`` (version 2): a layer that ends a
+    residual branch. Norm layers match only rules that name them (see the module docstring).
     """
 
     init: InitSpec
@@ -489,7 +550,10 @@ class Rule:
             return False
         if self.activation is not None and self.activation != layer.activation:
             return False
-        if self.position is not None and self.position != layer.position:
+        if self.position == "branch_last":
+            if not layer.branch_last:
+                return False
+        elif self.position is not None and self.position != layer.position:
             return False
         return layer.family != "norm" or self.names_norm_layer(layer)
 
@@ -544,20 +608,70 @@ def _parse_lsuv(obj: Any, path: str = "lsuv") -> LsuvSettings:
     return LsuvSettings(**{key: _LSUV_CHECKS[key](obj[key], _join(path, key)) for key in LSUV_KEYS if key in obj})
 
 
-def _check_format_and_version(top: Mapping) -> None:
-    """``format`` must be ``initsearch-policy``; ``version`` the integer 1 (a newer one is refused by name)."""
+def _check_format_and_version(top: Mapping) -> int:
+    """``format`` must be ``initsearch-policy``; ``version`` 1 or 2 (a newer one is refused by name)."""
     if "format" not in top:
         _fail("format", f"required, must be {FORMAT!r}")
     if not isinstance(top["format"], str) or top["format"] != FORMAT:
         _fail("format", f"must be {FORMAT!r}, got {_show(top['format'])}")
+    readable = " and ".join(str(v) for v in VERSIONS)
     if "version" not in top:
-        _fail("version", f"required (this build reads version {VERSION})")
+        _fail("version", f"required (this build reads versions {readable})")
     version = top["version"]
     if isinstance(version, bool) or not isinstance(version, int):
-        _fail("version", f"must be the integer {VERSION}, got {_show(version)}")
-    if version != VERSION:
-        newer = "; the file was written by a newer initsearch" if version > VERSION else ""
-        _fail("version", f"this build reads version {VERSION}, got {_show(version)}{newer}")
+        _fail("version", f"must be the integer 1 or 2, got {_show(version)}")
+    if version not in VERSIONS:
+        newer = "; the file was written by a newer initsearch" if version > max(VERSIONS) else ""
+        _fail("version", f"this build reads versions {readable}, got {_show(version)}{newer}")
+    return version
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One entry of ``checkpoints``: a weight file (relative to the policy file's folder, or absolute) and
+    the sha256 of its bytes (stored in lower case), checked before the file is read."""
+
+    path: str
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path or not _utf8_ok(self.path):
+            _fail("CheckpointRef.path", f"must be a non-empty path, got {_show(self.path)}")
+        if not isinstance(self.sha256, str) or not _SHA256.fullmatch(self.sha256):
+            _fail("CheckpointRef.sha256", f"must be 64 hexadecimal digits, got {_show(self.sha256)}")
+        object.__setattr__(self, "sha256", self.sha256.lower())
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256}
+
+
+def _parse_checkpoints(obj: Any, path: str = "checkpoints") -> dict[str, CheckpointRef]:
+    """The ``checkpoints`` map: name -> ``{"path", "sha256"}``, both required."""
+    obj = _require_mapping(obj, path)
+    out: dict[str, CheckpointRef] = {}
+    for name, entry in obj.items():
+        where = _join(path, _check_name(name, path + " name"))
+        entry = _require_mapping(entry, where)
+        _check_keys(entry, where, CHECKPOINT_KEYS)
+        for key in CHECKPOINT_KEYS:
+            if key not in entry:
+                _fail(_join(where, key), "required" + (" (the sha256 of the file's bytes)" if key == "sha256" else ""))
+        if not isinstance(entry["path"], str) or not entry["path"] or not _utf8_ok(entry["path"]):
+            _fail(_join(where, "path"), f"must be a non-empty path, got {_show(entry['path'])}")
+        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+            _fail(_join(where, "sha256"), f"must be 64 hexadecimal digits, got {_show(entry['sha256'])}")
+        out[name] = CheckpointRef(entry["path"], entry["sha256"])
+    return out
+
+
+def _check_references(rules: Sequence[Rule], default: InitSpec, checkpoints: Mapping[str, CheckpointRef],
+                      prefix: str = "") -> None:
+    """Every ``checkpoint`` a rule or ``default`` names must be a key of ``checkpoints``."""
+    specs = [(f"{prefix}rules[{i}]", rule.init) for i, rule in enumerate(rules)] + [(f"{prefix}default", default)]
+    for where, spec in specs:
+        if spec.scheme == CHECKPOINT and spec.checkpoint not in checkpoints:
+            known = ", ".join(checkpoints) if checkpoints else "none; add a top-level checkpoints map"
+            _fail(f"{where}.checkpoint", f"unknown checkpoint {spec.checkpoint!r} (declared: {known})")
 
 
 @dataclass(frozen=True)
@@ -567,12 +681,17 @@ class InitPolicy:
     ``lsuv=None`` means the section is absent (LSUV off). ``provenance`` is free-form JSON for humans and
     tools, stored as a read-only mapping of plain copies; compared by ``==`` but left out of the hash.
     Construction validates; ``rules`` may be given as any sequence and is stored as a tuple.
+    ``checkpoints`` (version 2): name -> ``CheckpointRef``, the files ``checkpoint`` rules copy from;
+    ``base_dir``: the folder relative paths are read from (``load_policy`` sets the policy file's folder;
+    ``None`` means the working directory), not part of the file nor of equality.
     """
 
     rules: tuple[Rule, ...]
     default: InitSpec = KEEP
     lsuv: LsuvSettings | None = None
     provenance: Mapping[str, Any] | None = field(default=None, hash=False)
+    checkpoints: Mapping[str, CheckpointRef] = field(default_factory=dict, hash=False)
+    base_dir: str | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not _is_sequence(self.rules):
@@ -588,6 +707,28 @@ class InitPolicy:
             _fail("InitPolicy.lsuv", f"must be LsuvSettings or None, got {type(self.lsuv).__name__}")
         if self.provenance is not None:
             object.__setattr__(self, "provenance", _check_provenance(self.provenance, "InitPolicy.provenance"))
+        checkpoints = _require_mapping(self.checkpoints, "InitPolicy.checkpoints")
+        for name, ref in checkpoints.items():
+            _check_name(name, "InitPolicy.checkpoints name")
+            if not isinstance(ref, CheckpointRef):
+                _fail(f"InitPolicy.checkpoints.{name}", f"must be a CheckpointRef, got {type(ref).__name__}")
+        object.__setattr__(self, "checkpoints", dict(checkpoints))  # a plain dict: policies are pickled
+        _check_references(rules, self.default, self.checkpoints, "InitPolicy.")
+
+    @property
+    def version(self) -> int:
+        """The format version this policy is written as: 2 when it uses checkpoints, else 1."""
+        uses_files = bool(self.checkpoints) or any(s.scheme == CHECKPOINT for s in self._specs())
+        uses_branches = any(rule.position == "branch_last" for rule in self.rules)
+        return 2 if uses_files or uses_branches else VERSION
+
+    def _specs(self) -> list[InitSpec]:
+        return [rule.init for rule in self.rules] + [self.default]
+
+    def checkpoint_path(self, name: str) -> pathlib.Path:
+        """Where the file of checkpoint ``name`` is: its path, relative to ``base_dir`` unless absolute."""
+        path = pathlib.Path(self.checkpoints[name].path)
+        return path if path.is_absolute() or self.base_dir is None else pathlib.Path(self.base_dir) / path
 
     @classmethod
     def from_dict(cls, data: Any) -> InitPolicy:
@@ -598,26 +739,38 @@ class InitPolicy:
         ``provenance``.
         """
         top = _require_mapping(data, "policy")
-        _check_format_and_version(top)
+        version = _check_format_and_version(top)
         _check_keys(top, "", TOP_KEYS)
+        if "checkpoints" in top and version < 2:
+            _fail("checkpoints", 'a version 2 feature; the file says "version": 1, write "version": 2')
+        checkpoints = _parse_checkpoints(top["checkpoints"]) if "checkpoints" in top else {}
         if "rules" not in top:
             _fail("rules", "required (a list of rule objects; it may be empty)")
         if not _is_sequence(top["rules"]):
             _fail("rules", f"must be a list, got {type(top['rules']).__name__} {_show(top['rules'])}")
         rules = tuple(_parse_rule(obj, f"rules[{i}]") for i, obj in enumerate(top["rules"]))
         default = _parse_default(top["default"]) if "default" in top else KEEP
+        if version < 2:
+            for i, rule in enumerate(rules):
+                if rule.position == "branch_last":
+                    _fail(f"rules[{i}].position", 'branch_last is a version 2 feature; the file says "version": 1, '
+                                                  'write "version": 2')
+            for where, spec in [(f"rules[{i}]", r.init) for i, r in enumerate(rules)] + [("default", default)]:
+                if spec.scheme == CHECKPOINT:
+                    _fail(f"{where}.scheme", 'checkpoint is a version 2 feature; the file says "version": 1, '
+                                             'write "version": 2')
+        _check_references(rules, default, checkpoints)
         lsuv = _parse_lsuv(top["lsuv"]) if "lsuv" in top else None
         provenance = _check_provenance(top["provenance"], "provenance") if "provenance" in top else None
-        return cls(rules=rules, default=default, lsuv=lsuv, provenance=provenance)
+        return cls(rules=rules, default=default, lsuv=lsuv, provenance=provenance, checkpoints=checkpoints)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; ``InitPolicy.from_dict(p.to_dict()) == p``."""
-        out: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "rules": [rule.to_dict() for rule in self.rules],
-            "default": self.default.to_dict(),
-        }
+        out: dict[str, Any] = {"format": FORMAT, "version": self.version}
+        if self.checkpoints:
+            out["checkpoints"] = {name: ref.to_dict() for name, ref in self.checkpoints.items()}
+        out["rules"] = [rule.to_dict() for rule in self.rules]
+        out["default"] = self.default.to_dict()
         if self.lsuv is not None:
             out["lsuv"] = self.lsuv.to_dict()
         if self.provenance is not None:
@@ -756,9 +909,10 @@ def load_policy(source: str | os.PathLike | Mapping | InitPolicy) -> InitPolicy:
     if not isinstance(data, dict):
         _fail(str(path), f"top level must be a JSON object, got {type(data).__name__}")
     try:
-        return InitPolicy.from_dict(data)
+        policy = InitPolicy.from_dict(data)
     except PolicyError as err:
         raise PolicyError(f"{path}: {err}") from None
+    return replace(policy, base_dir=str(path.resolve().parent))
 
 
 def save_policy(policy: InitPolicy | Mapping, path: str | os.PathLike) -> pathlib.Path:
@@ -815,7 +969,7 @@ def _check_exact_names(policy: InitPolicy, names: Sequence[str]) -> None:
 
 def _check_fits(layer: LayerInfo, index: int | None, spec: InitSpec) -> None:
     """Refuse a scheme whose families do not include the layer's (delta_orthogonal on a Linear...)."""
-    families = SCHEME_SPECS[spec.scheme].families
+    families = scheme_families(spec.scheme)
     if layer.family in families:
         return
     where = f"rules[{index}].scheme" if index is not None else "default.scheme"

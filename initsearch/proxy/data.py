@@ -214,6 +214,24 @@ def subset_dataset(ds: Dataset, subset: int | None, *, seed: int = 0) -> Dataset
     return dataclasses.replace(ds, x_train=ds.x_train[index], y_train=ds.y_train[index])
 
 
+def keep_classes(ds: Dataset, classes: Any) -> Dataset:
+    """``ds`` with only the examples of ``classes`` (a list of distinct label indices), relabelled
+    0..len(classes)-1 in the given order: e.g. digits 5-9 as a five-class task (``data.classes``)."""
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, (list, tuple)) or len(classes) < 2 \
+            or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < ds.num_classes for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise DataError(f"data.classes: must be a list of at least two distinct labels in [0, {ds.num_classes}), "
+                        f"got {classes!r}")
+    relabel = torch.full((ds.num_classes,), -1, dtype=torch.long, device=ds.y_train.device)
+    relabel[torch.tensor(list(classes), device=relabel.device)] = torch.arange(len(classes), device=relabel.device)
+    splits = {}
+    for split in ("train", "val"):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        keep = relabel[y] >= 0
+        splits[f"x_{split}"], splits[f"y_{split}"] = x[keep], relabel[y[keep]]
+    return dataclasses.replace(ds, num_classes=len(classes), **splits)
+
+
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (population) std of ``x`` over every dim but dim 1, shaped to broadcast.
 

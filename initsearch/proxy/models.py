@@ -439,3 +439,55 @@ def _accepts(obj: Any, name: str) -> bool:
         return False
     return any(p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.kind == p.VAR_KEYWORD
                for p in params)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the network a joint architecture + init search builds
+# --------------------------------------------------------------------------------------------------------
+class JointMLP(nn.Module):
+    """An MLP whose shape a joint search chooses: ``flatten, fc1, [norm1], act1, ..., out``.
+
+    ``depth`` counts the Linear layers including ``out``; ``norm`` is ``None``, ``"batch"`` or ``"layer"``;
+    with ``residual``, every hidden layer after the first adds its input back (``h + act(norm(fc(h)))``,
+    the widths match), so its Linear is a residual branch end. Names as in ``MLP`` (``fc1``, ``norm1``,
+    ``act1``, ``out``), so role policies and ``width_multiplier`` work the same. Built through
+    ``model._target_`` (``best_model.yaml`` of a joint study names it).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, depth: int = 3, width: int = 128,
+                 activation: str = "relu", norm: str | None = None, residual: bool = False,
+                 width_multiplier: float = 1.0) -> None:
+        super().__init__()
+        shape = _shape(input_shape)
+        num_classes = _int_at_least("model.num_classes", num_classes, 1)
+        self.depth = _int_at_least("model.depth", depth, 1)
+        width = _scaled("width", _int_at_least("model.width", width, 1), width_multiplier)
+        acts = _activation_names("model.activation", activation, self.depth - 1)
+        norm = _norm_name("model.norm", norm, MLP_NORMS)
+        if not isinstance(residual, bool):
+            raise ConfigError(f"model.residual: must be true or false, got {residual!r}")
+        self.residual = residual
+        self.flatten = nn.Flatten()
+        fan_in = math.prod(shape)
+        for i, act in enumerate(acts, start=1):
+            self.add_module(f"fc{i}", nn.Linear(fan_in, width))
+            if norm is not None:
+                self.add_module(f"norm{i}", nn.BatchNorm1d(width) if norm == "batch" else nn.LayerNorm(width))
+            self.add_module(f"act{i}", make_activation(act))
+            fan_in = width
+        self.out = nn.Linear(fan_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.flatten(x)
+        for i in range(1, self.depth):
+            y = getattr(self, f"fc{i}")(h)
+            if hasattr(self, f"norm{i}"):
+                y = getattr(self, f"norm{i}")(y)
+            y = getattr(self, f"act{i}")(y)
+            h = h + y if self.residual and i > 1 else y
+        return self.out(h)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of trainable parameters (what ``arch.max_params`` bounds)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.contenders.names import ALL_BASELINES
+from initsearch.contenders.names import ALL_BASELINES, PRETRAINED_BASELINES
 from initsearch.errors import ConfigError, is_finite_number
+from initsearch.init.checkpoints import file_sha256
+from initsearch.init.policy import CheckpointRef
 from initsearch.proxy.scoring import check_aggregate, check_metric, direction
 from initsearch.proxy.train import TrainConfig
 from initsearch.search.space import SearchSpace, space_from_config
@@ -76,6 +79,10 @@ class StudySettings:
     # what the user sees and how the CPU is used: a progress bar/lines; torch threads ("auto" = measured)
     progress: bool = True
     threads: int | str = "auto"
+    # pre-trained weights (a state dict of the model): the absolute path and the file's sha256
+    pretrained: CheckpointRef | None = None
+    # earlier winners enqueued as the first searched trials: policy files or study names in this storage
+    warm_start: tuple[str, ...] = ()
 
     @property
     def eval_seeds(self) -> list[int]:
@@ -119,6 +126,33 @@ def _grace_period(value: Any, interval: Any) -> int:
     return grace
 
 
+def pretrained_from_config(value: Any) -> CheckpointRef | None:
+    """``pretrained``: null, or the path of a state dict file (absolute, or relative to the working
+    directory), returned with its sha256 so every policy of the study pins the file's bytes."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"pretrained: must be the path of a state dict file, got {value!r}")
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"pretrained: no such file: {path}")
+    try:
+        return CheckpointRef(str(path), file_sha256(path))
+    except OSError as exc:
+        raise ConfigError(f"pretrained: cannot read {path}: {exc.strerror}") from None
+
+
+def _with_pretrained_baselines(baselines: list[str], pretrained: CheckpointRef | None) -> tuple[str, ...]:
+    """With pre-trained weights, the two checkpoint baselines join the study's baselines; without, they are
+    refused by name."""
+    if pretrained is None:
+        for i, name in enumerate(baselines):
+            if name in PRETRAINED_BASELINES:
+                raise ConfigError(f"baselines[{i}]: {name!r} needs pre-trained weights: pretrained=PATH")
+        return tuple(baselines)
+    return tuple(baselines) + tuple(name for name in PRETRAINED_BASELINES if name not in baselines)
+
+
 def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
     """Validate the composed config; raise ``ConfigError`` naming the first bad key."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -150,6 +184,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
     data = c.get("data")
     if not isinstance(data, dict):
         raise ConfigError(f"data: must be a mapping, got {data!r}")
+    pretrained = pretrained_from_config(c.get("pretrained"))
     return StudySettings(
         study_name=_str(c.get("study_name"), "study_name"),
         n_trials=_int(c.get("n_trials"), "n_trials", 1),
@@ -159,7 +194,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         tracking_uri=c.get("tracking_uri") or None,
         device=device,
         verbose=_bool(c.get("verbose", False), "verbose"),
-        baselines=tuple(baselines),
+        baselines=_with_pretrained_baselines(baselines, pretrained),
         score=ScoreSettings(
             metric=metric,
             target_acc=_number(score.get("target_acc", 0.9), "score.target_acc", 0, 1, open_low=True),
@@ -175,7 +210,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         model=model,
         data=data,
         train=TrainConfig.from_mapping(c.get("train") or {}),
-        space=space_from_config(c.get("search_space") or {}),
+        space=_joint_fits(space_from_config(c.get("search_space") or {}, c.get("arch")), c),
         sampler=sampler,
         pruner=pruner,
         batch_trials=_int(c.get("batch_trials", 1), "batch_trials", 1),
@@ -184,6 +219,8 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
         progress=_bool(c.get("progress", True), "progress"),
         threads=_threads(c.get("threads", "auto")),
+        pretrained=pretrained,
+        warm_start=_warm_start(c.get("warm_start")),
     )
 
 
@@ -194,6 +231,30 @@ def _threads(value: Any) -> int | str:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"threads: must be auto or a whole number >= 1, got {value!r}")
     return value
+
+
+def _joint_fits(space: SearchSpace, c: Mapping[str, Any]) -> SearchSpace:
+    """A joint search builds another network per trial: population training (one network, K copies) cannot
+    train it, a state dict of the configured model does not fit it, and earlier policies name no network."""
+    if space.arch is None:
+        return space
+    if c.get("batch_trials", 1) not in (1, None):
+        raise ConfigError(f"batch_trials: search_space=joint trains one network per trial, set batch_trials=1, "
+                          f"got {c.get('batch_trials')!r}")
+    for key in ("pretrained", "warm_start"):
+        if c.get(key):
+            raise ConfigError(f"{key}: not available with search_space=joint, whose trials draw their own networks")
+    return space
+
+
+def _warm_start(value: Any) -> tuple[str, ...]:
+    """``warm_start``: a list of policy files or study names (one name alone is taken as a list of one)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise ConfigError(f"warm_start: must be a list of policy files or study names, got {value!r}")
+    return tuple(items)
 
 
 def is_rdb(url: str) -> bool:

@@ -6,16 +6,23 @@ Spaces (``conf/search_space/``):
 - ``grouped``: one choice per role (first / hidden by type and activation / last), written as role selectors
   so the policy transfers to deeper or wider variants of the model;
 - ``free``: any scheme per layer;
-- ``scales_only``: one base scheme, searched per-layer multipliers (the GradInit idea).
+- ``scales_only``: one base scheme, searched per-layer multipliers (the GradInit idea);
+- ``joint``: the MLP's depth, width, activation, norm and residual skips (``arch``, under ``arch.max_params``)
+  together with a ``grouped`` (role) init policy for the network drawn.
 
 Scale multipliers compound over depth (1.05 on each of 48 layers is x10), so every space puts the
 signal-preserving point where a sampler hits it easily: each trial first draws ``rescale``; when it is off,
 every multiplier is exactly 1 (the variance-preserving scheme as published); when LSUV is on, no multiplier
 is searched at all (LSUV sets the scale). Only when ``rescale`` is on does each unit draw ``log2_scale`` in
 ``scale_log2`` (uniform in the exponent, so x0.5 and x2 are equally likely).
+
+With pre-trained weights (``Pretrained``), every unit whose layers all fit the file may also draw
+``checkpoint``: its layers are copied from the file (bias included; times the unit's scale when ``rescale``
+is on), and norm layers always are, so a fresh layer's neighbours keep their trained statistics.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +32,76 @@ import optuna
 from initsearch.errors import ConfigError, is_finite_number
 from initsearch.init.activations import ACTIVATIONS
 from initsearch.init.layers import LayerInfo
-from initsearch.init.policy import InitPolicy, LsuvSettings
+from initsearch.init.policy import CHECKPOINT, CheckpointRef, InitPolicy, LsuvSettings, plan
 from initsearch.init.schemes import SCHEME_SPECS
 
-SPACES = ("hybrid", "grouped", "free", "scales_only")
+SPACES = ("hybrid", "grouped", "free", "scales_only", "joint")
+JOINT_TARGET = "initsearch.proxy.models.JointMLP"  # what a joint trial builds (and best_model.yaml names)
+ARCH_NORMS = ("none", "batch", "layer")
+
+
+@dataclass(frozen=True)
+class ArchSpace:
+    """The architectures a joint search draws from, and the size budget (``None``: no budget)."""
+
+    depth: tuple[int, ...]
+    width: tuple[int, ...]
+    activation: tuple[str, ...]
+    norm: tuple[str, ...]
+    residual: tuple[bool, ...]
+    max_params: int | None = None
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        """One architecture as a model config (``arch:depth``... are the trial's parameters)."""
+        pick = SearchSpace._categorical
+        norm = pick(trial, "arch:norm", self.norm)
+        return {"_target_": JOINT_TARGET, "depth": pick(trial, "arch:depth", self.depth),
+                "width": pick(trial, "arch:width", self.width), "activation": pick(trial, "arch:activation", self.activation),
+                "norm": None if norm == "none" else norm, "residual": pick(trial, "arch:residual", self.residual)}
+
+    def smallest(self) -> dict[str, Any]:
+        """The architecture with the fewest parameters (shallowest, narrowest, no norm): the budget's floor."""
+        norm = "none" if "none" in self.norm else "layer" if "layer" in self.norm else "batch"
+        return {"_target_": JOINT_TARGET, "depth": min(self.depth), "width": min(self.width),
+                "activation": self.activation[0], "norm": None if norm == "none" else norm, "residual": False}
+
+
+def _choices(cfg: Mapping[str, Any], key: str, check) -> tuple:
+    """``arch.<key>``: a non-empty list whose items pass ``check`` (a predicate)."""
+    values = cfg.get(key)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values or not all(map(check, values)):
+        raise ConfigError(f"arch.{key}: must be a non-empty list of valid values, got {values!r}")
+    return tuple(values)
+
+
+def arch_from_config(cfg: Any) -> ArchSpace:
+    """Validate ``arch`` (the joint space's architectures); ``ConfigError`` names the bad key."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"arch: search_space=joint needs the arch section (depth, width, ...), got {cfg!r}")
+    known = ("max_params", "depth", "width", "activation", "norm", "residual")
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"arch.{key}: unknown key (known: {', '.join(known)})")
+    whole = lambda low: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+    max_params = cfg.get("max_params")
+    if max_params is not None and not whole(1)(max_params):
+        raise ConfigError(f"arch.max_params: must be a whole number >= 1 or null, got {max_params!r}")
+    return ArchSpace(
+        depth=_choices(cfg, "depth", whole(2)), width=_choices(cfg, "width", whole(1)),
+        activation=_choices(cfg, "activation", lambda v: v in ACTIVATIONS),
+        norm=_choices(cfg, "norm", lambda v: v in ARCH_NORMS), residual=_choices(cfg, "residual", lambda v: isinstance(v, bool)),
+        max_params=max_params)
+
 SEARCHED_BIAS = ("zeros", "pytorch_default")  # the bias inits a trial may draw
+PRETRAINED = "pretrained"  # the checkpoint's name in sampled policies (the baselines use the same)
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A study's pre-trained weights: the file, and the proxy's layers that fit it (by name and shape)."""
+
+    weights: CheckpointRef
+    layers: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -43,6 +115,7 @@ class SearchSpace:
     bias: tuple[str, ...]
     lsuv: tuple[bool, ...]
     base: str | None = None
+    arch: ArchSpace | None = None  # the joint space's architectures
 
     # ---- what a layer may get -------------------------------------------------------------------------
     def choices(self, layer: LayerInfo) -> list[str]:
@@ -50,11 +123,16 @@ class SearchSpace:
         if self.name == "scales_only":
             return [self.base] if _fits(self.base, layer) else []
         listed = self.schemes.get("any") or self.schemes.get(layer.activation) or self.schemes.get("linear", ())
+        if self.name == "joint" and layer.position in ("first", "last"):
+            # whether the first/last layer is square depends on the drawn width; each parameter's choices
+            # must stay the same in every trial (Optuna), so identity is left to the hidden layers
+            listed = [s for s in listed if s != "identity"]
         return [s for s in listed if _fits(s, layer)]
 
     # ---- sampling ---------------------------------------------------------------------------------------
-    def sample(self, trial: optuna.Trial, layers: Sequence[LayerInfo]) -> InitPolicy:
-        """Draw one policy for ``layers`` (a proxy's discovery) from ``trial``."""
+    def sample(self, trial: optuna.Trial, layers: Sequence[LayerInfo], pretrained: Pretrained | None = None) -> InitPolicy:
+        """Draw one policy for ``layers`` (a proxy's discovery) from ``trial``; with ``pretrained``, a unit
+        whose layers all fit the file may draw ``checkpoint`` beside the fresh schemes."""
         weighted = [layer for layer in layers if layer.family in ("linear", "conv")]
         lsuv = self._categorical(trial, "lsuv", self.lsuv)
         bias = self._categorical(trial, "bias", self.bias)
@@ -63,40 +141,107 @@ class SearchSpace:
         rules = []
         for unit, selectors, members in self._units(weighted):
             options = _common(self.choices(m) for m in members)
+            if pretrained is not None and all(m.name in pretrained.layers for m in members):
+                options.append(CHECKPOINT)
             if not options:
                 raise ConfigError(f"search_space.schemes: no candidate scheme fits {unit} (layers {[m.name for m in members]})")
             scheme = self._categorical(trial, f"scheme:{unit}", tuple(options))
             rule: dict[str, Any] = dict(selectors)
             rule["scheme"] = scheme
-            if "gain" in SCHEME_SPECS[scheme].params:
+            if scheme == CHECKPOINT:
+                rule["checkpoint"] = PRETRAINED
+            elif "gain" in SCHEME_SPECS[scheme].params:
                 rule["gain"] = self.gain
             if rescale and scheme != "zeros":
                 rule["scale"] = round(2.0 ** trial.suggest_float(f"log2_scale:{unit}", lo, hi), 6)
-            rule["bias"] = bias
+            if scheme != CHECKPOINT:
+                rule["bias"] = bias
             rules.append(rule)
         data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": rules, "default": {"scheme": "keep"}}
+        if pretrained is not None:
+            rules[:0] = _pretrained_norm_rules(layers, pretrained)
+            if any(rule["scheme"] == CHECKPOINT for rule in rules):
+                data.update(version=2, checkpoints={PRETRAINED: pretrained.weights.to_dict()})
         if lsuv:
             data["lsuv"] = LsuvSettings().to_dict()
         return InitPolicy.from_dict(data)
 
+    def params_for(self, policy: InitPolicy, layers: Sequence[LayerInfo], pretrained: Pretrained | None = None) -> dict[str, Any]:
+        """The trial parameters under which ``sample`` draws what ``policy`` does to ``layers`` (the inverse of
+        ``sample``, for warm starts). The policy's rules are resolved on these layers, so a policy written with
+        role selectors adapts to this model. Raises ``ValueError`` saying why when the space cannot express it.
+        """
+        weighted = [layer for layer in layers if layer.family in ("linear", "conv")]
+        decided = {layer.name: spec for layer, _, spec in plan(policy, layers, strict=False)}
+        params: dict[str, Any] = {}
+        lsuv = policy.lsuv is not None and policy.lsuv.enabled
+        if lsuv not in self.lsuv:
+            raise ValueError(f"LSUV is {'on' if lsuv else 'off'}; this space searches lsuv in {list(self.lsuv)}")
+        if lsuv and policy.lsuv != LsuvSettings():
+            raise ValueError(f"its LSUV settings {policy.lsuv.to_dict()} are not this space's {LsuvSettings().to_dict()}")
+        if len(self.lsuv) > 1:
+            params["lsuv"] = lsuv
+        biases = {decided[layer.name].bias for layer in weighted if decided[layer.name].scheme != CHECKPOINT}
+        if len(biases) > 1:
+            raise ValueError(f"its layers get different bias inits {sorted(map(str, biases))}; this space draws one for all")
+        if not biases <= set(self.bias):
+            raise ValueError(f"its bias init {biases.pop()!r} is not among this space's {list(self.bias)}")
+        if len(self.bias) > 1:
+            params["bias"] = biases.pop() if biases else self.bias[0]
+        lo, hi = self.scale_log2
+        rescale = any(decided[layer.name].scale != 1.0 for layer in weighted)
+        if rescale and (lsuv or not hi > lo):
+            raise ValueError("it scales layers, and this space searches no scale" + (" with LSUV on" if lsuv else ""))
+        if not lsuv and hi > lo:
+            params["rescale"] = rescale
+        for unit, _, members in self._units(weighted):
+            specs = {decided[m.name] for m in members}
+            if len(specs) > 1:
+                raise ValueError(f"the layers of {unit} get different inits, and this space gives them one")
+            spec = specs.pop()
+            options = _common(self.choices(m) for m in members)
+            if pretrained is not None and all(m.name in pretrained.layers for m in members):
+                options.append(CHECKPOINT)
+            if spec.scheme not in options:
+                raise ValueError(f"{unit} gets {spec.scheme!r}, not among this space's choices ({', '.join(options)})")
+            if len(options) > 1:
+                params[f"scheme:{unit}"] = spec.scheme
+            if rescale and spec.scheme != "zeros":
+                exponent = math.log2(spec.scale)
+                if not lo <= exponent <= hi:
+                    raise ValueError(f"{unit} has scale {spec.scale:g}, outside this space's 2^[{lo:g}, {hi:g}]")
+                params[f"log2_scale:{unit}"] = exponent
+        return params
+
     def _units(self, weighted: Sequence[LayerInfo]) -> list[tuple[str, dict[str, str], list[LayerInfo]]]:
         """(parameter suffix, rule selectors, member layers) per searched unit: a layer, or a role."""
-        if self.name != "grouped":
+        if self.name not in ("grouped", "joint"):  # joint: layer names change with depth, roles do not
             return [(layer.name, {"layer": layer.name}, [layer]) for layer in weighted]
         groups: dict[str, tuple[dict[str, str], list[LayerInfo]]] = {}
         for layer in weighted:
             if layer.position in ("first", "last"):
                 key, sel = layer.position, {"position": layer.position}
+                if self.name == "joint":  # its choices depend on the activation, which a joint trial draws
+                    key = f"{layer.position}_{layer.activation}"
             else:
                 key = f"hidden_{layer.family}_{layer.activation}"
                 sel = {"position": "hidden", "type": layer.family, "activation": layer.activation}
             groups.setdefault(key, (sel, []))[1].append(layer)
-        order = sorted(groups, key=lambda k: {"first": 0, "last": 2}.get(k, 1))
+        order = sorted(groups, key=lambda k: {"first": 0, "last": 2}.get(k.split("_")[0], 1))
         return [(k, groups[k][0], groups[k][1]) for k in order]
 
     @staticmethod
     def _categorical(trial: optuna.Trial, name: str, options: Sequence[Any]) -> Any:
         return options[0] if len(options) == 1 else trial.suggest_categorical(name, list(options))
+
+
+def _pretrained_norm_rules(layers: Sequence[LayerInfo], pretrained: Pretrained) -> list[dict[str, Any]]:
+    """Rules copying the norm layers that fit the file: one ``type: norm`` rule when all do, else one per name."""
+    norms = [layer.name for layer in layers if layer.family == "norm"]
+    fitting = [name for name in norms if name in pretrained.layers]
+    if fitting and len(fitting) == len(norms):
+        return [{"type": "norm", "scheme": CHECKPOINT, "checkpoint": PRETRAINED}]
+    return [{"layer": name, "scheme": CHECKPOINT, "checkpoint": PRETRAINED} for name in fitting]
 
 
 def _fits(scheme: str | None, layer: LayerInfo) -> bool:
@@ -118,8 +263,8 @@ def _common(option_lists) -> list[str]:
 
 
 # ---- building a space from its config --------------------------------------------------------------------
-def space_from_config(cfg: Mapping[str, Any]) -> SearchSpace:
-    """Validate ``search_space`` and build it; ``ConfigError`` names the bad key."""
+def space_from_config(cfg: Mapping[str, Any], arch: Any = None) -> SearchSpace:
+    """Validate ``search_space`` (and, for ``joint``, ``arch``) and build it; ``ConfigError`` names the bad key."""
     name = cfg.get("name")
     if name not in SPACES:
         raise ConfigError(f"search_space.name: unknown space {name!r}; expected one of {', '.join(SPACES)}")
@@ -150,7 +295,8 @@ def space_from_config(cfg: Mapping[str, Any]) -> SearchSpace:
     lsuv = tuple(cfg.get("lsuv", (False,)))
     if not lsuv or any(not isinstance(v, bool) for v in lsuv):
         raise ConfigError(f"search_space.lsuv: must be a non-empty list of true/false, got {list(lsuv)!r}")
-    return SearchSpace(name, schemes, gain, (float(scale[0]), float(scale[1])), bias, lsuv, base)
+    arch_space = arch_from_config(arch) if name == "joint" else None
+    return SearchSpace(name, schemes, gain, (float(scale[0]), float(scale[1])), bias, lsuv, base, arch_space)
 
 
 def _check_scheme(s: Any, key: str) -> None:

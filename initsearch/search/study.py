@@ -24,6 +24,7 @@ from initsearch.search.sequential import optimize
 from initsearch.search.settings import StudySettings, is_rdb
 from initsearch.search.storage import open_storage
 from initsearch.search.trial import Proxy
+from initsearch.search.warm import describe_network, enqueue_warm_starts, warm_starts
 from initsearch.search.workers import StaleTrials, StudyLock, counted
 
 
@@ -155,7 +156,9 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
     """Run (or resume) the study until it holds ``len(baselines) + n_trials`` finished trials that count
     (``workers.counted``: a failure that was retried does not), with any other workers of the same study.
 
-    Under the study lock, first: count this start (its sampler seed), enqueue missing baselines, start the
+    ``warm_start`` sources are read before the study is created (a missing one fails with nothing written).
+    Under the study lock, first: count this start (its sampler seed), enqueue missing baselines and warm
+    starts, note the network's description (depth, activations, layer types), start the
     tracker (its parent run exists before the lock goes: one per study), and fail dead workers' trials
     (enqueued again once). Each next trial is admitted by a ``TrialGate``, so parallel workers stop at the
     total together. SIGINT/SIGTERM: raises ``StudyInterrupted`` carrying the study (``TrialRun.end_by``).
@@ -167,6 +170,8 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
     storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
                            grace_period=settings.grace_period, on_stale=stale.on_rdb_stale)
     study = None
+    # earlier winners, read before this study is created or written (a missing source fails here)
+    warm = warm_starts(settings.warm_start, storage, settings.space, proxy.layers, proxy.pretrained)
     # Tiny gradients and momentum buffers decay into subnormal floats, which the CPU handles far slower
     # (docs/performance.md, "Subnormal floats"). Flushing them to zero changes no result
     # that matters here. The setting is process-wide (torch has no getter): on while the study runs, off after.
@@ -177,6 +182,9 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
         with lock:
             seed_this_start(study, settings)
             enqueue_baselines(study, settings.baselines)
+            enqueue_warm_starts(study, warm)
+            if "network" not in study.user_attrs:  # how later studies find this one's winner (export list=true)
+                study.set_user_attr("network", describe_network(proxy.layers))
             safely(tracker.study_started, settings, config_yaml, study)
             flush = getattr(tracker, "flush", None)
             if flush is not None:

@@ -27,18 +27,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 from initsearch.contenders.baselines import contender_policy, init_contender
 from initsearch.errors import ConfigError, InitSearchError, first_line, interrupt_reason
+from initsearch.init.checkpoints import layers_that_fit, read_state_dict
 from initsearch.init.diagnostics import is_degenerate, signal_report
 from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
 from initsearch.init.policy import InitPolicy
 from initsearch.init.seeding import forked_seed
-from initsearch.proxy.data import Dataset, load_dataset
+from initsearch.proxy.data import Dataset, keep_classes, load_dataset
 from initsearch.proxy.losses import LOSSES, Loss, resolve_loss
-from initsearch.proxy.models import build_model, target_name
+from initsearch.proxy.models import build_model, count_parameters, target_name
 from initsearch.proxy.scoring import ACCURACY_METRICS, aggregate, partial_score, score
 from initsearch.proxy.train import Curve
 from initsearch.proxy.userdata import load_user_data
 from initsearch.search.outcome import TrialOutcome, safely
 from initsearch.search.settings import StudySettings, resolve_device
+from initsearch.search.space import Pretrained
 from initsearch.search.workers import enqueue_retry
 
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
@@ -56,6 +58,7 @@ class Proxy:
     device: torch.device
     layer_method: str = "fx"  # how discover_layers found them ("fx" or "hooks")
     loss: Loss = LOSSES["cross_entropy"]  # the study's training loss (train.loss resolved for these targets)
+    pretrained: Pretrained | None = None  # the study's pre-trained weights and the layers that fit them
 
     @property
     def discovery(self) -> LayerDiscovery:
@@ -68,6 +71,8 @@ def prepare(settings: StudySettings) -> Proxy:
     before the study's storage is touched."""
     device = resolve_device(settings.device)
     data = load_data(settings.data, settings.train.loss, seed=settings.seed, device=device)
+    if settings.data.get("classes") is not None:
+        data = keep_classes(data, settings.data["classes"])
     loss = resolve_loss(settings.train.loss, data.y_train)
     if not loss.has_accuracy and settings.score.metric in ACCURACY_METRICS:
         raise ConfigError(f"score.metric: {settings.score.metric} needs accuracy, which a study trained with "
@@ -87,7 +92,10 @@ def prepare(settings: StudySettings) -> Proxy:
         where = f"model._target_: {target_name(target)}" if target is not None else "model: the proxy"
         raise ConfigError(f"{where} failed on a batch of {data.name} data: "
                           f"{type(exc).__name__}: {first_line(exc)}") from None
-    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method, loss)
+    pretrained = None if settings.pretrained is None else check_pretrained(settings, model, discovery)
+    if settings.space.arch is not None:
+        check_budget(settings, data)
+    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method, loss, pretrained)
 
 
 USER_DATA_SETTINGS = ("name", "_target_", "normalize", "subset", "max_bytes")  # initsearch's keys of data=custom
@@ -120,6 +128,33 @@ def load_data(d: dict, loss: str, *, seed: int, device: torch.device) -> Dataset
     )
 
 
+def check_budget(settings: StudySettings, data: Dataset) -> None:
+    """A joint space whose smallest architecture is over ``arch.max_params`` fails before the study opens."""
+    arch = settings.space.arch
+    if arch.max_params is None:
+        return
+    smallest = count_parameters(build_model(arch.smallest(), data.input_shape, data.num_classes))
+    if smallest > arch.max_params:
+        raise ConfigError(f"arch.max_params: no architecture of the joint space fits {arch.max_params} parameters; "
+                          f"the smallest (depth {min(arch.depth)}, width {min(arch.width)}) has {smallest}")
+
+
+def check_pretrained(settings: StudySettings, model: torch.nn.Module, discovery: LayerDiscovery) -> Pretrained:
+    """The proxy's layers that the ``pretrained`` file can initialize; one ``ConfigError`` line when the file
+    is no state dict, cannot be read safely, or fits none of them."""
+    weights = settings.pretrained
+    try:
+        state = read_state_dict(weights.path, weights.sha256, "pretrained")
+    except InitSearchError as exc:
+        raise ConfigError(str(exc).replace("pretrained.path: ", "pretrained: ", 1)) from None
+    fits, reasons = layers_that_fit(model, [layer.name for layer in discovery.layers], state)
+    if not any(layer.name in fits for layer in discovery.layers if layer.family in ("linear", "conv")):
+        shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+        raise ConfigError(f"pretrained: no layer of the proxy fits {weights.path} ({shown}); it must be a state dict "
+                          "of this model (at width_multiplier=1, the target)")
+    return Pretrained(weights, frozenset(fits))
+
+
 def fresh_model(model_cfg: dict, data: Dataset, device: torch.device, seed: int) -> torch.nn.Module:
     """A new model of ``model_cfg`` for ``data``, built under ``seed`` (the same seed, the same weights), on
     ``device``."""
@@ -143,6 +178,8 @@ class TrialRun:
         self.outcome = TrialOutcome(trial.number, trial.user_attrs.get("baseline"), params={})
         self.started = time.perf_counter()
         self.policy: InitPolicy | None = None
+        self.model_cfg: dict = settings.model  # a joint trial's own network replaces these in ``begin``
+        self.discovery: LayerDiscovery = proxy.discovery
         self.state: TrialState | None = None
         self.value: float | None = None
 
@@ -160,7 +197,16 @@ class TrialRun:
         """Pick the policy (sampled, or the baseline's) and record it; ``False`` when the trial ended at once
         because a complete searched trial already scored these parameters (same seeds, same score)."""
         trial, baseline = self.trial, self.outcome.baseline
-        policy = contender_policy(baseline) if baseline else self.s.space.sample(trial, self.proxy.layers)
+        if baseline:
+            policy = contender_policy(baseline, self.s.pretrained)
+            if self.s.space.arch is not None:  # a joint study's baselines train the configured network
+                trial.set_user_attr("model", self.s.model)
+                trial.set_user_attr("n_params", count_parameters(
+                    build_model(self.s.model, self.proxy.data.input_shape, self.proxy.data.num_classes)))
+        elif self.s.space.arch is not None:
+            policy = self.sample_joint()
+        else:
+            policy = self.s.space.sample(trial, self.proxy.layers, self.proxy.pretrained)
         self.outcome.params = dict(trial.params)
         self.outcome.policy = policy.to_dict()
         trial.set_user_attr("kind", "baseline" if baseline else "search")
@@ -176,14 +222,29 @@ class TrialRun:
         self.end(TrialState.COMPLETE, f"same policy as trial {twin.number}", twin.value)
         return False
 
+    def sample_joint(self) -> InitPolicy:
+        """A joint trial: draw the network (pruned at once when over ``arch.max_params``), find its layers,
+        and draw a role-based init policy for them; the network goes to the trial's ``model`` attribute."""
+        s, p, trial = self.s, self.proxy, self.trial
+        cfg = s.space.arch.sample(trial)
+        model = build_model(cfg, p.data.input_shape, p.data.num_classes)
+        n_params = count_parameters(model)
+        trial.set_user_attr("model", cfg)
+        trial.set_user_attr("n_params", n_params)
+        if s.space.arch.max_params is not None and n_params > s.space.arch.max_params:
+            raise optuna.TrialPruned(f"{n_params} parameters, over arch.max_params {s.space.arch.max_params}")
+        self.model_cfg = cfg
+        self.discovery = discover_layers(model.to(p.device), p.example_x)
+        return s.space.sample(trial, self.discovery.layers)
+
     def init_model(self, i: int, seed: int) -> torch.nn.Module:
         """A fresh proxy initialized as the trial's contender for evaluation seed number ``i``; raises
         ``TrialPruned`` for non-finite weights or (on the first seed) a pre-screen rejection."""
         s, p, trial, outcome = self.s, self.proxy, self.trial, self.outcome
-        model = fresh_model(s.model, p.data, p.device, seed)
+        model = fresh_model(self.model_cfg, p.data, p.device, seed)
         used, learned = init_contender(model, self.policy, baseline=outcome.baseline, seed=seed,
                                        example_x=p.example_x, train_x=p.data.x_train, train_y=p.data.y_train,
-                                       train=s.train, layers=p.discovery)
+                                       train=s.train, layers=self.discovery)
         if learned is not None:  # GradInit/MetaInit: the policy they learned, and what it cost
             passes = trial.user_attrs.get("learned_passes", [0, 0])
             trial.set_user_attr("learned_passes", [passes[0] + learned.forward_passes,

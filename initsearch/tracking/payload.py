@@ -335,3 +335,14 @@ def summary_tags(summary: Any) -> dict[str, str]:
         tags["initsearch.best_kind"] = summary.best.user_attrs.get("baseline") or "search"
     return tags
 
+
+def network_tags(study: Any) -> dict[str, str]:
+    """The network a study searched (``study.user_attrs["network"]``: depth, activation mix, layer types) as
+    tags of its parent run, beside ``initsearch.best_policy``, so ``export list=true`` finds earlier winners."""
+    network = study.user_attrs.get("network") or {}
+    tags = {f"initsearch.net.{key}": clip(str(value), MAX_TAG_VALUE) for key, value in network.items()}
+    model = study.user_attrs.get("model")
+    if isinstance(model, dict):
+        tags["initsearch.net.model"] = clip(str(model.get("_target_") or model.get("name")), MAX_TAG_VALUE)
+    tags["initsearch.best_policy"] = "best_policy.json"
+    return tags

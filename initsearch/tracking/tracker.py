@@ -45,6 +45,7 @@ from initsearch.tracking.payload import (
     TRAIN_LOSS,
     clip,
     config_params,
+    network_tags,
     parent_tags,
     redact_text,
     summary_metrics,
@@ -389,7 +390,8 @@ class MlflowTracker:
         if self.parent_id is None:
             raise RuntimeError("no parent run (the study's start was not logged); end of study skipped")
         client = self.client
-        log_in_batches(client, self.parent_id, metrics=summary_metrics(summary, _now_ms()), tags=summary_tags(summary))
+        tags = {**summary_tags(summary), **network_tags(study)}
+        log_in_batches(client, self.parent_id, metrics=summary_metrics(summary, _now_ms()), tags=tags)
         with tempfile.TemporaryDirectory(prefix="initsearch-mlflow-") as tmp:
             folder = Path(tmp)
             if policy_path is not None and policy_path.is_file():
