@@ -43,15 +43,18 @@ def config_dir() -> str:
     raise FileNotFoundError(f"initsearch: no config folder found next to {here}")
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> Path:
+def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
     """Run the study of ``cfg``; write ``best_policy.json`` and ``trials.csv`` into ``out_dir``; return the policy path.
 
     With ``n_workers=N`` it starts N - 1 helper processes on the same study and waits for them. Raises
     ``StudyFailed`` when no trial finished (nothing is exported), ``StudyInterrupted`` after a SIGINT/SIGTERM
-    (the best so far is exported first).
+    (the best so far is exported first). ``tracking_only=true`` runs no trial and writes nothing
+    (``sync_tracking``).
     """
     settings = settings_from_config(cfg)
     check_storage(settings)
+    if settings.tracking_only:
+        return sync_tracking(settings, OmegaConf.to_yaml(cfg))
     with stop_on_signals(), share_cpus(settings.n_workers):
         proxy = prepare(settings)
         tracker = open_tracker(settings)
@@ -84,6 +87,34 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path:
     print(f"best policy: {path.resolve()}")
     tracker.study_finished(study, summary, path)
     return path
+
+
+def sync_tracking(settings: StudySettings, config_yaml: str) -> None:
+    """``tracking_only=true``: log to MLflow what it misses of an existing study (the trials earlier runs
+    could not log, and the end of a complete study), without running any trial."""
+    import optuna
+
+    from initsearch.search.workers import counted
+
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage))
+    except KeyError:
+        raise ConfigError(f"tracking_only: no study named {settings.study_name!r} in {settings.storage}") from None
+    tracker = open_tracker(settings)
+    if not hasattr(tracker, "flush"):
+        raise ConfigError("tracking_only: tracking is off (tracking_uri=none)")
+    tracker.study_started(settings, config_yaml, study)
+    tracker.flush()
+    summary = summarize(study, settings.score.metric)
+    if summary.best is None or counted(study.get_trials(deepcopy=False)) < len(settings.baselines) + settings.n_trials:
+        tracker.detach(report=True)  # a study still running elsewhere, or stopped: its parent stays as it is
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="initsearch-sync-") as tmp:
+            tracker.study_finished(study, summary, export_policy(study, Path(tmp) / "best_policy.json"))
+    print(f"MLflow: {tracker.backfilled} trials logged; {tracker.not_in_mlflow} not yet in MLflow")
+    return None
 
 
 def check_storage(settings: StudySettings) -> None:

@@ -1,0 +1,168 @@
+"""Nothing lost when a server goes away: a real MLflow server on loopback, down at start or killed in the
+middle of a study and started again; every trial ends up in MLflow once, and the command never hangs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from initsearch.cli import run
+from initsearch.tracking.spool import Spool, spool_folder
+from tests.reliability_helpers import SlowMLP, cli_env, start_cli, target, wait_until
+from tests.test_tracking import MLFLOW_BIN, STEPS, free_port, http_get, runs_of, tiny
+
+FAST = ["tracking.retry_timeout=2", "tracking.flush_timeout=5"]
+
+
+def serve(root: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on ``port`` with its runs in ``root/srv.db`` (the same store after a restart)."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with open(root / "server.log", "ab") as out:
+        proc = subprocess.Popen([MLFLOW_BIN, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                 "--backend-store-uri", f"sqlite:///{root}/srv.db", "--artifacts-destination",
+                                 str(root / "art")], cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+    def up() -> bool:
+        try:
+            return http_get(f"http://127.0.0.1:{port}/health")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(up, 90, "the MLflow server", proc)
+    return proc
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    """SIGKILL the server's whole process group: it goes away mid-request, as a crashed host would."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def child_numbers(url: str, study: str) -> list[int]:
+    if MlflowClient(url).get_experiment_by_name(study) is None:
+        return []
+    _, _, children = runs_of(MlflowClient(url), study)
+    return sorted(int(c.data.tags["initsearch.trial"]) for c in children)
+
+
+def test_server_down_at_start_the_study_runs_and_a_sync_logs_every_trial_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = tiny(tmp_path, f"tracking_uri={url}", "study_name=down", *FAST)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="initsearch"):
+        run(cfg, tmp_path / "out")
+    assert time.monotonic() - started < 60
+    assert (tmp_path / "out" / "best_policy.json").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings[0].startswith(f"MLflow tracking: cannot reach MLflow at {url}: ")
+    assert "the study runs without it" in warnings[0] and "\n" not in warnings[0]
+    assert any("4 trials not yet in MLflow" in w for w in warnings), warnings
+    spool = Spool(spool_folder(SimpleSettings(tmp_path)))
+    assert spool.numbers() == [0, 1, 2, 3]
+    assert len(spool.load(2)[2]["metrics"]) > STEPS  # the curves are kept, not only what Optuna stores
+
+    server = serve(tmp_path, port)
+    try:
+        for _ in range(2):  # the second sync finds nothing left to log
+            run(tiny(tmp_path, f"tracking_uri={url}", "study_name=down", "tracking_only=true", *FAST), tmp_path / "o2")
+            assert child_numbers(url, "down") == [0, 1, 2, 3]
+        client = MlflowClient(url)
+        _, (parent,), children = runs_of(client, "down")
+        assert parent.info.status == "FINISHED" and "best_score" in parent.data.metrics
+        assert all(len(client.get_metric_history(c.info.run_id, "train_loss")) == STEPS for c in children
+                   if c.data.tags["initsearch.state"] == "complete")
+        assert spool.numbers() == []
+    finally:
+        kill_server(server)
+
+
+class SimpleSettings:
+    """What ``spool_folder`` reads, for the tiny study ``down`` on ``tmp/s.journal``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.study_name, self.storage, self.tracking = "down", str(tmp / "s.journal"), None
+
+
+def test_server_killed_mid_study_then_restarted_every_trial_logged_once(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["data=synthetic", "model.depth=2", "model.width=16", f"train.steps={STEPS}", "train.eval_every=10",
+            "n_trials=6", "baselines=[he,xavier]", "score.seeds=1", "pruner=none", "study_name=killed",
+            f"storage={tmp_path}/s.journal", f"tracking_uri={url}", *FAST, *target(SlowMLP, delay=0.04)]
+    server = serve(tmp_path, port)
+    log = tmp_path / "run1.log"
+    proc = start_cli(args, tmp_path, log)
+    try:
+        wait_until(lambda: len(child_numbers(url, "killed")) >= 2, 120, "two logged trials", proc)
+        kill_server(server)
+        killed_at = time.monotonic()
+        assert proc.wait(120) == 0, log.read_text()
+        waited = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_server(server)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    down = [line for line in text.splitlines() if "the study goes on" in line]
+    assert len(down) == 1, text  # one line for the outage, not one per trial
+    assert "trials not yet in MLflow" in text
+    assert waited < 90  # 6 trials of about 1 s, bounded retries, at most flush_timeout at exit
+
+    server = serve(tmp_path, port)
+    try:
+        again = subprocess.run([*start_args(), *args], capture_output=True, text=True, cwd=tmp_path, env=cli_env(),
+                               timeout=240)
+        assert again.returncode == 0, again.stderr
+        assert child_numbers(url, "killed") == list(range(8))  # each trial exactly once
+        client = MlflowClient(url)
+        _, (parent,), children = runs_of(client, "killed")
+        assert parent.info.status == "FINISHED"
+        assert all(c.info.status == "FINISHED" for c in children)
+        assert all(len(client.get_metric_history(c.info.run_id, "train_loss")) == STEPS for c in children)
+        assert "not yet in MLflow" not in again.stderr
+    finally:
+        kill_server(server)
+
+
+def start_args() -> list[str]:
+    from tests.conftest import PYTHON
+
+    return [PYTHON, "-m", "initsearch"]
+
+
+def test_undelivered_trials_in_the_spool_are_json_with_their_worker(tmp_path):
+    spool = Spool(tmp_path / "s")
+    assert spool.numbers() == [] and len(spool) == 0
+    assert spool.keep({"number": 3, "metrics": [["train_loss", 1.0, 0, 1]]}, "host:1:2")
+    (tmp_path / "s" / "trial-x.json").write_text("{}")  # not a trial file: ignored
+    (tmp_path / "s" / "trial-4.json").write_text("{torn")  # a torn file: skipped, never an error
+    assert spool.numbers() == [3, 4] and spool.load(4) is None
+    worker, owner, payload = spool.load(3)
+    assert worker == "host:1:2" and owner == "" and payload["metrics"] == [["train_loss", 1.0, 0, 1]]
+    assert json.loads((tmp_path / "s" / "trial-3.json").read_text())["worker"] == "host:1:2"
+    spool.drop(3)
+    spool.drop(3)  # twice: no error
+    assert spool.numbers() == [4]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_spool_folder_that_cannot_be_written_is_one_warning(tmp_path, caplog):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    spool = Spool(folder / "study")
+    with caplog.at_level("WARNING", logger="initsearch"):
+        assert not spool.keep({"number": 0}, "w")
+        assert not spool.keep({"number": 1}, "w")
+    assert len(caplog.records) == 1 and "cannot keep undelivered trials" in caplog.records[0].getMessage()
