@@ -21,11 +21,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, first_line
+from initsearch.errors import ConfigError, DiskFault, InitSearchError, StudyFailed, StudyInterrupted, first_line
 from initsearch.export import export_policy
 from initsearch.search.report import summarize
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
-from initsearch.search.storage import open_storage
+from initsearch.search.storage import finished_trials, open_storage, write_fault
 from initsearch.search.study import run_study
 from initsearch.search.trial import prepare
 from initsearch.search.workers import StudyLock
@@ -55,6 +55,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
     check_storage(settings)
     if settings.tracking_only:
         return sync_tracking(settings, OmegaConf.to_yaml(cfg))
+    check_output(out_dir)
     with stop_on_signals(), share_cpus(settings.n_workers):
         proxy = prepare(settings)
         tracker = open_tracker(settings)
@@ -70,6 +71,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
             export_so_far(exc, settings, out_dir)
             _close(tracker)
             raise
+        except Exception as exc:
+            fault = write_fault(exc)
+            if fault is None:
+                raise
+            kept = finished_trials(settings.storage, settings.study_name)
+            raise DiskFault(f"storage: cannot write to {fault.filename or settings.storage}: {fault.strerror or fault}; "
+                            f"the {'' if kept is None else f'{kept} '}trials finished before are kept; make room "
+                            "and run the same command again to resume") from None
         finally:
             helpers.stop(signal.SIGTERM)  # only those still running (after an unexpected error)
     summary = summarize(study, settings.score.metric)
@@ -80,9 +89,15 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
             + (f" (e.g. {'; '.join(reasons)})" if reasons else "")
         )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = export_policy(study, out / "best_policy.json")
-    summary.table.to_csv(out / "trials.csv", index=False)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path = export_policy(study, out / "best_policy.json")
+        summary.table.to_csv(out / "trials.csv", index=False)
+    except OSError as exc:
+        print(summary.format())
+        raise DiskFault(f"output folder {out}: cannot write ({exc.strerror or exc}); the study is kept in its "
+                        f"storage: python -m initsearch.export study_name={settings.study_name} "
+                        f"storage={settings.storage} out=<file> exports its best policy") from None
     print(summary.format())
     print(f"best policy: {path.resolve()}")
     tracker.study_finished(study, summary, path)
@@ -115,6 +130,18 @@ def sync_tracking(settings: StudySettings, config_yaml: str) -> None:
             tracker.study_finished(study, summary, export_policy(study, Path(tmp) / "best_policy.json"))
     print(f"MLflow: {tracker.backfilled} trials logged; {tracker.not_in_mlflow} not yet in MLflow")
     return None
+
+
+def check_output(out_dir: str | Path) -> None:
+    """Before any training: the output folder can be created and written (one line when it cannot)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".initsearch-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {out}: cannot write there ({exc.strerror or exc}); set hydra.run.dir=<folder>") from None
 
 
 def check_storage(settings: StudySettings) -> None:

@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from initsearch.cli import run
+from initsearch.search.workers import counted
 from initsearch.tracking.spool import Spool, spool_folder
 from tests.reliability_helpers import SlowMLP, cli_env, start_cli, target, wait_until
 from tests.test_tracking import MLFLOW_BIN, STEPS, free_port, http_get, runs_of, tiny
@@ -87,10 +88,10 @@ def test_server_down_at_start_the_study_runs_and_a_sync_logs_every_trial_once(tm
 
 
 class SimpleSettings:
-    """What ``spool_folder`` reads, for the tiny study ``down`` on ``tmp/s.journal``."""
+    """What ``spool_folder`` reads, for a tiny study on ``tmp/s.journal``."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.study_name, self.storage, self.tracking = "down", str(tmp / "s.journal"), None
+    def __init__(self, tmp: Path, study: str = "down") -> None:
+        self.study_name, self.storage, self.tracking = study, str(tmp / "s.journal"), None
 
 
 def test_server_killed_mid_study_then_restarted_every_trial_logged_once(tmp_path):
@@ -166,3 +167,69 @@ def test_a_spool_folder_that_cannot_be_written_is_one_warning(tmp_path, caplog):
         assert not spool.keep({"number": 0}, "w")
         assert not spool.keep({"number": 1}, "w")
     assert len(caplog.records) == 1 and "cannot keep undelivered trials" in caplog.records[0].getMessage()
+
+
+# ---- disks and folders that cannot be written ---------------------------------------------------------------------
+FILLS_UP = """
+import errno, sys
+from optuna.storages.journal import JournalFileBackend
+append, calls = JournalFileBackend.append_logs, []
+def fills_up(self, logs):  # the disk fills up after 40 journal writes: in the middle of a trial
+    calls.append(1)
+    if len(calls) > 40:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return append(self, logs)
+JournalFileBackend.append_logs = fills_up
+sys.argv = ["initsearch", *sys.argv[1:]]
+from initsearch.__main__ import main
+main()
+"""
+
+
+def test_a_full_disk_under_the_journal_is_one_line_and_the_finished_trials_are_kept(tmp_path):
+    from tests.conftest import PYTHON
+    from tests.reliability_helpers import cli, load_trials
+    from tests.test_tracking import BASE
+
+    args = [*BASE, f"storage={tmp_path}/s.journal", "n_trials=6", "study_name=full", "tracking_uri=none"]
+    (tmp_path / "fills_up.py").write_text(FILLS_UP)
+    full = subprocess.run([PYTHON, str(tmp_path / "fills_up.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=cli_env(), timeout=240)
+    assert full.returncode == 2, full.stderr
+    message = full.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"initsearch: error: storage: cannot write to {tmp_path}/s.journal: No space left on "
+                              "device; the ") and "run the same command again to resume" in message
+    assert "Traceback" not in full.stderr
+    before = {t.number: t.value for t in load_trials(f"{tmp_path}/s.journal", "full") if t.state.is_finished()}
+    assert before and f"the {len(before)} trials finished before are kept" in message
+    again = cli(args, tmp_path)  # room again: the same command resumes
+    assert again.returncode == 0, again.stderr
+    after = load_trials(f"{tmp_path}/s.journal", "full")
+    assert all(after[n].value == v for n, v in before.items())  # intact
+    assert counted(after) == 8 and not any(t.state.name == "RUNNING" for t in after)  # the stopped trial ran again
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_training(tmp_path, monkeypatch):
+    from initsearch.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file where the output folder should be")
+    with pytest.raises(ConfigError, match=r"^output folder .*taken/out: cannot write there \(") as info:
+        run(tiny(tmp_path), tmp_path / "taken" / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "s.journal").exists()  # nothing trained, nothing written
+
+
+def test_an_artifact_folder_that_cannot_be_written_is_one_warning_and_every_run_is_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlartifacts").write_text("a file where MLflow's artifact folder should be")
+    with caplog.at_level("WARNING", logger="initsearch"):
+        run(tiny(tmp_path, "tracking_uri=sqlite:///mlflow.db", "study_name=noart"), tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("MLflow tracking: artifacts not stored ("), warnings
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    _, (parent,), children = runs_of(client, "noart")
+    assert parent.info.status == "FINISHED" and "best_score" in parent.data.metrics
+    assert sorted(int(c.data.tags["initsearch.trial"]) for c in children) == [0, 1, 2, 3]
+    assert all(c.info.status == "FINISHED" and "score" in c.data.metrics for c in children)
+    assert Spool(spool_folder(SimpleSettings(tmp_path, "noart"))).numbers() == []  # nothing left to deliver

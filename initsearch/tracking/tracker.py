@@ -339,6 +339,13 @@ class MlflowTracker:
         self.outage.next_try = time.monotonic() + self.outage.retry_every  # one try per interval
         return True
 
+    def _store_artifact(self, fn: Callable[..., Any], run_id: str, *args: Any) -> None:
+        """Store an artifact of the parent run; an artifact store that refuses it is a warning (once)."""
+        try:
+            fn(run_id, *args)
+        except Exception as exc:
+            self._artifacts_missing(f"artifacts not stored (the study's run: {short_error(exc)})")
+
     def _artifacts_missing(self, error: str) -> None:
         if not self._artifacts_warned:
             self._artifacts_warned = True
@@ -506,7 +513,7 @@ class MlflowTracker:
                                     "initsearch.role": "parent"}, run_name=name)
             self.parent_id = run.info.run_id
             log_in_batches(client, self.parent_id, params=params, tags=tags)
-            client.log_text(self.parent_id, yaml_text, "config.yaml")
+            self._store_artifact(client.log_text, self.parent_id, yaml_text, "config.yaml")
             log.info("MLflow: study %r -> parent run %s in %s", name, self.parent_id, redact_url(self.uri))
             return
         self.parent_id = parent.info.run_id
@@ -518,7 +525,7 @@ class MlflowTracker:
         log_in_batches(client, self.parent_id, params=new, tags=tags)
         self._close_dead_children()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        client.log_text(self.parent_id, yaml_text, f"resumes/config-{stamp}.yaml")
+        self._store_artifact(client.log_text, self.parent_id, yaml_text, f"resumes/config-{stamp}.yaml")
         log.info("MLflow: study %r resumes parent run %s in %s", name, self.parent_id, redact_url(self.uri))
 
     def _experiment(self, name: str) -> str:
@@ -557,7 +564,7 @@ class MlflowTracker:
                 (folder / "best_policy.json").write_bytes(policy_path.read_bytes())
             summary.table.to_csv(folder / "trials.csv", index=False)
             self._plots(study, summary, folder)
-            client.log_artifacts(self.parent_id, str(folder))
+            self._store_artifact(client.log_artifacts, self.parent_id, str(folder))
         client.set_terminated(self.parent_id, status="FINISHED", end_time=_now_ms())
 
     def _plots(self, study: Any, summary: Any, folder: Path) -> None:
