@@ -61,7 +61,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[dict[str, Any]]:
     """A running PostgreSQL server with the README's user and databases; yields its host, port, and
-    ``restart`` (stop it, fast shutdown, and start it again on the same port and data)."""
+    ``restart(down_s)`` (stop it, fast shutdown, and start it again on the same port and data ``down_s``
+    seconds later)."""
     bins = _binaries()
     if bins is None:
         pytest.skip(LOUD + "no initdb/postgres/psql found; install the Debian package postgresql (.ci/run does)")
@@ -95,10 +96,11 @@ def postgres() -> Iterator[dict[str, Any]]:
     def up() -> bool:
         return subprocess.run(psql + ["-c", "SELECT 1"], capture_output=True).returncode == 0
 
-    def restart() -> None:
+    def restart(down_s: float = 0.0) -> None:
         nonlocal server
         os.killpg(server.pid, signal.SIGINT)  # "fast shutdown": open transactions are rolled back
         server.wait(30)
+        time.sleep(down_s)
         server = start()
         deadline = time.monotonic() + 30
         while not up():
@@ -205,7 +207,7 @@ def test_a_database_restart_mid_study_two_workers_wait_and_every_trial_runs_once
     try:
         wait_until(lambda: sum(t.state == TrialState.COMPLETE for t in trials_now()) >= 2, 120, "two trials", a)
         opened.engine.dispose()  # this test's own connections go with the server
-        postgres["restart"]()
+        postgres["restart"](3.0)  # down for 3 s: the workers' next storage calls find no server
         assert a.wait(180) == 0, (tmp_path / "a.log").read_text()
         assert b.wait(60) == 0, (tmp_path / "b.log").read_text()
     finally:

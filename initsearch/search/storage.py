@@ -123,7 +123,7 @@ def lost_connection(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (sa.OperationalError, sa.InterfaceError)):
+        if isinstance(current, (sa.OperationalError, sa.InterfaceError, sa.PendingRollbackError)):
             return True
         if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
             return True
@@ -131,9 +131,11 @@ def lost_connection(exc: BaseException) -> bool:
     return False
 
 
-def reconnecting(call: Callable[..., T], what: str, url: str, *args: Any, **kwargs: Any) -> T:
+def reconnecting(call: Callable[..., T], what: str, url: str, *args: Any, on_retry: Callable[[], None] | None = None,
+                 **kwargs: Any) -> T:
     """``call(*args, **kwargs)``, tried again while the database server does not answer (restarting), for
-    up to ``RECONNECT_S`` seconds: one warning when it went away, one line when it is back."""
+    up to ``RECONNECT_S`` seconds: one warning when it went away, one line when it is back. ``on_retry``
+    runs before each new try (drop a session the lost connection left unusable)."""
     deadline, pause, warned = time.monotonic() + RECONNECT_S, 0.5, False
     while True:
         try:
@@ -144,10 +146,19 @@ def reconnecting(call: Callable[..., T], what: str, url: str, *args: Any, **kwar
             if not warned:
                 warned = True
                 hide_password_of(url)
+                root = exc
+                while root.__cause__ is not None:  # Optuna's wrapper says less than the driver's error
+                    root = root.__cause__
+                root = getattr(root, "orig", None) or root  # SQLAlchemy's wrapper: the driver's own error
                 log.warning("storage: lost the connection to %s (%s: %s); trying again for up to %.0f s",
-                            redact_url(url), type(exc).__name__, first_line(exc, limit=200), RECONNECT_S)
+                            redact_url(url), type(root).__name__, first_line(root, limit=200), RECONNECT_S)
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+            if on_retry is not None:
+                try:
+                    on_retry()
+                except Exception:
+                    pass
             continue
         if warned:
             log.warning("storage: %s answers again (%s)", redact_url(url), what)
@@ -180,14 +191,16 @@ def _reconnecting_method(name: str) -> Callable[..., Any]:
             return method(self, *args, **kwargs)  # during __init__, or nested: the outer call retries
         calls.inside = True
         try:
-            return reconnecting(method, name, self._url, self, *args, **kwargs)
+            return reconnecting(method, name, self._url, self, *args, on_retry=self.remove_session, **kwargs)
         finally:
             calls.inside = False
 
     return call
 
 
-for _name in [n for n in dir(RDBStorage) if (not n.startswith("_") or n == "_get_stale_trial_ids")
+# The public methods, and the private ones Optuna's cache in front of an RDBStorage calls directly.
+_CALLED_BY_OPTUNA = ("_get_trials", "_get_best_trial_id", "_set_trial_param", "_create_new_trial", "_get_stale_trial_ids")
+for _name in [n for n in dir(RDBStorage) if (not n.startswith("_") or n in _CALLED_BY_OPTUNA)
               and inspect.isfunction(getattr(RDBStorage, n))]:
     if _name not in ("remove_session", "get_heartbeat_interval", "get_failed_trial_callback"):
         setattr(ReconnectingRDBStorage, _name, _reconnecting_method(_name))
