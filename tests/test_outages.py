@@ -233,3 +233,14 @@ def test_an_artifact_folder_that_cannot_be_written_is_one_warning_and_every_run_
     assert sorted(int(c.data.tags["initsearch.trial"]) for c in children) == [0, 1, 2, 3]
     assert all(c.info.status == "FINISHED" and "score" in c.data.metrics for c in children)
     assert Spool(spool_folder(SimpleSettings(tmp_path, "noart"))).numbers() == []  # nothing left to deliver
+
+
+# ---- load -----------------------------------------------------------------------------------------------------------
+def test_load_script_at_ci_size_every_trial_once_and_one_child_run_each():
+    """scripts/load.py with 3 local workers and 6 trials (docs/performance.md has the 200-trial figures)."""
+    from tests.conftest import PYTHON, REPO
+
+    proc = subprocess.run([PYTHON, str(REPO / "scripts" / "load.py"), "--workers", "3", "--trials", "6"],
+                          capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every trial once, the baselines once, one MLflow child run per trial" in proc.stdout
