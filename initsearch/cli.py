@@ -109,7 +109,7 @@ def sync_tracking(settings: StudySettings, config_yaml: str) -> None:
     could not log, and the end of a complete study), without running any trial."""
     import optuna
 
-    from initsearch.search.workers import counted
+    from initsearch.search.workers import counted, running
 
     try:
         study = optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage))
@@ -121,8 +121,11 @@ def sync_tracking(settings: StudySettings, config_yaml: str) -> None:
     tracker.study_started(settings, config_yaml, study)
     tracker.flush()
     summary = summarize(study, settings.score.metric)
-    if summary.best is None or counted(study.get_trials(deepcopy=False)) < len(settings.baselines) + settings.n_trials:
-        tracker.detach(report=True)  # a study still running elsewhere, or stopped: its parent stays as it is
+    trials = study.get_trials(deepcopy=False)
+    if running(trials):
+        tracker.detach(report=True)  # other workers run the study: its parent run stays as it is
+    elif summary.best is None or counted(trials) < len(settings.baselines) + settings.n_trials:
+        tracker.close()  # a stopped study: its parent run is KILLED until the study runs again
     else:
         import tempfile
 

@@ -90,6 +90,13 @@ class LoggingThread:
             return not self._thread.is_alive()
         return True
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s more for a stopped thread to end; ``True`` when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
     def _loop(self) -> None:
         while True:
             item = self._queue.get()

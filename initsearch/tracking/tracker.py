@@ -234,7 +234,7 @@ class MlflowTracker:
         self._thread.submit(self._redeliver)
         self._thread.submit(self._eof_writer)  # nothing left to send: it exits while the plots are drawn
         self._thread.submit(self._finish, study, summary, None if policy_path is None else Path(policy_path))
-        self._close(FINISH_TIMEOUT_S)
+        self._close(FINISH_TIMEOUT_S, patient=True)
 
     def flush(self) -> bool:
         """Block until everything enqueued so far is logged (the writer's acknowledgements included), at most
@@ -275,17 +275,23 @@ class MlflowTracker:
         RUNNING and continues it."""
         self._close(CLOSE_TIMEOUT_S)
 
-    def _close(self, timeout: float) -> None:
+    def _close(self, timeout: float, patient: bool = False) -> None:
+        """Stop the thread and the writer, waiting at most ``tracking.flush_timeout`` (else ``timeout``);
+        ``patient`` (the end of a study): as long as the store answers, up to ``timeout`` for the results."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
-        if self.flush_timeout is not None:
-            timeout = min(timeout, self.flush_timeout)
+        limit = timeout if self.flush_timeout is None else min(timeout, self.flush_timeout)
         self._thread.submit(self._close_writer)
         if not self._finished:
             self._thread.submit(self._abandon)
-        if not self._thread.stop(timeout):
+        started = time.monotonic()
+        stopped = self._thread.stop(limit)
+        while not stopped and patient and not self.outage.down and time.monotonic() - started < timeout:
+            stopped = self._thread.join(1.0)
+        timeout = time.monotonic() - started
+        if not stopped:
             # The thread may be blocked writing to a stuck writer's pipe (holding its lock), or on a store
             # that does not answer: leave both; the pipe closes when this process exits, and the writer then
             # logs what it got and exits too. The spool keeps what MLflow did not get.
@@ -399,7 +405,7 @@ class MlflowTracker:
         self._log_orphans()
         helping = self._draining and self.writer is not None and self.writer.unacknowledged >= STEAL_BACKLOG
         if probe:
-            payload["retry"] = payload["force"] = True  # tried before the outage was seen? then it may be there
+            payload["retry"] = True  # tried before the outage was seen? then it may be there
         if self.writer is None or helping or probe or not self.writer.send_trial(payload):
             self._log_here(payload)
 
@@ -485,12 +491,13 @@ class MlflowTracker:
     def _redeliver(self) -> None:
         """At the end of the study: this process's trials still in the spool (the store was down), logged
         now when it answers again."""
-        if self.spool is None or not self.outage.down or not self._connected() or not self._store_answers():
+        if self.spool is None:
             return
-        for number in self.spool.numbers():
-            entry = self.spool.load(number)
-            if entry is None or entry[1] != self._owner:
-                continue
+        entries = [(n, e) for n, e in ((n, self.spool.load(n)) for n in self.spool.numbers())
+                   if e is not None and e[1] == self._owner]
+        if not entries or not self._connected() or not self._store_answers():
+            return
+        for number, entry in entries:
             payload = entry[2]
             payload["experiment_id"] = self.experiment_id
             payload["tags"]["mlflow.parentRunId"] = self.parent_id

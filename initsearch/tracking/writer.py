@@ -229,7 +229,7 @@ class Writer:
         self.uri = uri
         self.client: Any = None
         self.acks: IO[str] | None = acks
-        self.outage = Outage()
+        self.outage = Outage(RETRY_EVERY_S / 3)  # over before the study process tries again: it finds this one ready
         self.trial_cpu = 0.0
 
     def handle(self, message: Mapping[str, Any]) -> None:
