@@ -244,3 +244,28 @@ def test_load_script_at_ci_size_every_trial_once_and_one_child_run_each():
                           capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every trial once, the baselines once, one MLflow child run per trial" in proc.stdout
+
+
+# ---- settings ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("tracking.flush_timeout=-1", "tracking.flush_timeout: must be a number in [0, inf], got -1"),
+    ("tracking.retry_timeout=fast", "tracking.retry_timeout: must be a number in [1, inf], got 'fast'"),
+    ("tracking_only=maybe", "tracking_only: must be true or false, got 'maybe'"),
+])
+def test_bad_tracking_settings_are_one_line_naming_the_key(tmp_path, override, message):
+    from initsearch.errors import ConfigError
+    from initsearch.search.settings import settings_from_config
+
+    with pytest.raises(ConfigError) as info:
+        settings_from_config(tiny(tmp_path, override))
+    assert str(info.value) == message
+
+
+def test_tracking_only_on_a_study_that_does_not_exist_is_one_line_and_creates_nothing(tmp_path, monkeypatch):
+    from initsearch.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.journal").touch()
+    with pytest.raises(ConfigError, match=r"^tracking_only: no study named 'nothing' in "):
+        run(tiny(tmp_path, "study_name=nothing", "tracking_only=true", "tracking_uri=sqlite:///mlflow.db"), tmp_path / "o")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "o").exists()
