@@ -46,9 +46,9 @@ class PrescreenSettings:
 @dataclass(frozen=True)
 class TrackingSettings:
     """How tracking rides out an MLflow outage: each call gives up after about ``retry_timeout`` seconds,
-    the command waits at most ``flush_timeout`` seconds at exit for logs the store does not take, and the trials MLflow did
-    not take wait in ``spool_dir`` (``None``: ``mlflow-spool/`` beside the journal file, or in the
-    working directory for a database storage) until a later run logs them."""
+    the command waits at most ``flush_timeout`` seconds at exit for logs the store does not take, and the
+    trials MLflow did not take wait in ``spool_dir`` (``None``: ``mlflow-spool/`` beside the journal file,
+    or in the working directory for a database storage) until a later run logs them."""
 
     flush_timeout: float = 20.0
     retry_timeout: float = 10.0

@@ -19,7 +19,7 @@ logged, then the process exits, so the trials a SIGKILLed study process had sent
 MLflow call is reported in the acknowledgement (the study process logs it as a warning), or as one line on
 stderr when the study process is gone. After a failure the store counts as down (``Outage``): the next
 trials are acknowledged at once as not delivered (the study process keeps them in its spool for a later
-run) until, ``RETRY_EVERY_S`` later, one is tried again. MLflow's own HTTP retries are bounded by the
+run) until, a third of ``RETRY_EVERY_S`` later, one is tried again. MLflow's own HTTP retries are bounded by the
 study process (``retry_env``, in the environment this process inherits).
 
 The study process imports this module too: ``log_trial`` for logging trials itself (no writer, or one
