@@ -3,7 +3,9 @@
 Public API::
 
     import initsearch
+    result = initsearch.search(MyNet, ((x_train, y_train), (x_val, y_val)), n_trials=20)
     report = initsearch.apply_policy(model, "policy.json", example_batch=x, seed=0)
+    table = initsearch.validate_policy(result.policy, MyNet, ((x_train, y_train), (x_val, y_val)))
 
 The names below load on first use (PEP 562), so ``import initsearch.errors`` alone, as the MLflow writer
 process does, imports no torch.
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _HOMES = {
+    "initsearch.api": ("SearchResult", "validate_policy"),
     "initsearch.init.apply": ("ApplyReport", "LayerApplyReport", "apply_policy"),
     "initsearch.init.diagnostics": ("SignalReport", "gradient_quotient", "signal_report"),
     "initsearch.errors": ("ConfigError", "DataError", "InitSearchError", "PolicyError"),
@@ -24,9 +27,10 @@ _HOMES = {
     "initsearch.init.policy": ("InitPolicy", "InitSpec", "LsuvSettings", "Rule", "load_policy", "save_policy"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
-_SUBMODULES = ("errors", "init", "proxy", "contenders", "search", "tracking", "cli", "export", "validate")
+# ``search`` is also the Python entry point: the package is callable (``initsearch.search(model, data)``).
+_SUBMODULES = ("errors", "init", "proxy", "contenders", "search", "tracking", "cli", "export", "validate", "api")
 
-__all__ = sorted(_HOME_OF)
+__all__ = sorted([*_HOME_OF, "search"])
 
 
 def __getattr__(name: str) -> Any:
@@ -45,6 +49,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see
+    from initsearch.api import SearchResult, search, validate_policy
     from initsearch.errors import ConfigError, DataError, InitSearchError, PolicyError
     from initsearch.init.apply import ApplyReport, LayerApplyReport, apply_policy
     from initsearch.init.diagnostics import SignalReport, gradient_quotient, signal_report

@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from initsearch.cli import config_dir, report_error, report_unexpected, run
+from initsearch.cli import config_dir, report_error, report_unexpected, run, with_custom_groups
 from initsearch.errors import InitSearchError, StudyInterrupted
 
 
@@ -86,6 +86,7 @@ def _unparsable(arg: str) -> bool:
 
 
 def main() -> None:
+    sys.argv[1:] = with_custom_groups(sys.argv[1:])  # Hydra reads sys.argv itself
     problem = compose_problem(sys.argv[1:])
     if problem is not None:
         print(f"initsearch: error: {problem}", file=sys.stderr)

@@ -10,20 +10,23 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from initsearch.errors import ConfigError, DiskFault, InitSearchError, StudyFailed, StudyInterrupted, first_line
 from initsearch.export import export_policy
-from initsearch.search.report import summarize
+from initsearch.search.report import StudySummary, summarize
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
 from initsearch.search.storage import finished_trials, open_storage, write_fault
 from initsearch.search.study import run_study
@@ -43,6 +46,48 @@ def config_dir() -> str:
     raise FileNotFoundError(f"initsearch: no config folder found next to {here}")
 
 
+CUSTOM_GROUPS = ("model", "data")  # groups whose ``_target_`` on the command line selects their ``custom`` option
+
+
+def with_custom_groups(args: Sequence[str]) -> list[str]:
+    """The command line with ``model=custom`` (``data=custom``) added in front where ``model._target_=...``
+    (``data._target_=...``) is given without a ``model=``/``data=`` choice, and a leading ``+`` dropped from
+    such a ``_target_`` (the custom groups have the key). So ``model._target_=pkg.Net`` works exactly as
+    typed, on any preset, and the built-in proxy's keys (``depth``, ``channels``...) never reach the class.
+    Without ``study_name=``, the study is named after the class and/or function (``custom_study_name``)."""
+    out = list(args)
+    names = []
+    for group in CUSTOM_GROUPS:
+        targets = [i for i, a in enumerate(out) if a.lstrip("+").startswith(f"{group}._target_=")]
+        chosen = any(a.lstrip("+~").startswith(f"{group}=") for a in out)
+        if targets:
+            names.append(out[targets[-1]].partition("=")[2].rsplit(".", 1)[-1])
+        if not targets or chosen:
+            continue
+        for i in targets:
+            out[i] = out[i].lstrip("+")
+        out.insert(targets[0], f"{group}=custom")  # among the overrides (after any --flag of Hydra's)
+    if names and not any(a.lstrip("+").startswith("study_name=") for a in out):
+        out.append(f"study_name={custom_study_name(names)}")  # not the preset's study, which holds another network
+    return out
+
+
+def custom_study_name(names: Sequence[str]) -> str:
+    """The study name of a user's network and/or data: their names joined (``TinyResNet``,
+    ``Regressor_diabetes``), so a study of your own never resumes a preset's study of another network."""
+    joined = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("_") for name in names if name)
+    return joined.strip("_") or "custom"
+
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    """What a finished study command leaves: the exported policy's path, the study, its summary."""
+
+    policy_path: Path
+    study: optuna.Study
+    summary: StudySummary
+
+
 def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
     """Run the study of ``cfg``; write ``best_policy.json`` and ``trials.csv`` into ``out_dir``; return the policy path.
 
@@ -52,9 +97,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
     (``sync_tracking``).
     """
     settings = settings_from_config(cfg)
-    check_storage(settings)
     if settings.tracking_only:
+        check_storage(settings)
         return sync_tracking(settings, OmegaConf.to_yaml(cfg))
+    return run_settings(settings, cfg, out_dir).policy_path
+
+
+def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) -> FinishedStudy:
+    """``run`` with settings already made from ``cfg`` (``initsearch.search`` puts the user's objects into
+    them); ``cfg`` is what MLflow records and what helper workers start from."""
+    check_storage(settings)
     check_output(out_dir)
     with stop_on_signals(), share_cpus(settings.n_workers):
         proxy = prepare(settings)
@@ -101,7 +153,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
     print(summary.format())
     print(f"best policy: {path.resolve()}")
     tracker.study_finished(study, summary, path)
-    return path
+    return FinishedStudy(path, study, summary)
 
 
 def sync_tracking(settings: StudySettings, config_yaml: str) -> None:

@@ -28,6 +28,7 @@ from initsearch.contenders.baselines import contender_policy, init_contender
 from initsearch.errors import ConfigError, InitSearchError
 from initsearch.init.policy import InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
+from initsearch.proxy.losses import resolve_loss
 from initsearch.proxy.scoring import score
 from initsearch.proxy.train import Curve, train_run
 from initsearch.search.settings import StudySettings, settings_from_config
@@ -56,19 +57,32 @@ class ContenderResult:
         ok = [s for s in self.scores if math.isfinite(s)]
         return statistics.fmean(ok) if ok else math.nan
 
-    def row(self, metric: str) -> dict[str, Any]:
+    def row(self, metric: str, accuracy: bool = True) -> dict[str, Any]:
+        """The table's row; without ``accuracy`` (regression) the final validation loss replaces the
+        accuracy columns."""
         ok = [s for s in self.scores if math.isfinite(s)]
         reached = [s for s in self.steps_to_target if s is not None]
-        return {
+        row: dict[str, Any] = {
             "contender": self.name,
             f"{metric}_mean": self.mean_score(),
             f"{metric}_std": statistics.pstdev(ok) if len(ok) > 1 else 0.0,
-            "steps_to_target_mean": statistics.fmean(reached) if reached else math.nan,
-            "reached_target": f"{len(reached)}/{len(self.seeds)}",
-            "final_val_acc_mean": statistics.fmean(self.final_acc) if self.final_acc else math.nan,
-            "final_val_acc_std": statistics.pstdev(self.final_acc) if len(self.final_acc) > 1 else 0.0,
-            "diverged": f"{self.diverged}/{len(self.seeds)}",
         }
+        if accuracy:
+            accs = [a for a in self.final_acc if math.isfinite(a)]
+            row.update({
+                "steps_to_target_mean": statistics.fmean(reached) if reached else math.nan,
+                "reached_target": f"{len(reached)}/{len(self.seeds)}",
+                "final_val_acc_mean": statistics.fmean(accs) if accs else math.nan,
+                "final_val_acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            })
+        else:
+            finals = [c.val_loss[-1] for c in self.curves if c.val_loss and math.isfinite(c.val_loss[-1])]
+            row.update({
+                "final_val_loss_mean": statistics.fmean(finals) if finals else math.nan,
+                "final_val_loss_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            })
+        row["diverged"] = f"{self.diverged}/{len(self.seeds)}"
+        return row
 
 
 @dataclass
@@ -79,9 +93,10 @@ class ValidationReport:
     seeds: list[int]
     target_acc: float
     results: list[ContenderResult]
+    accuracy: bool = True  # whether the study's loss has an accuracy (classification)
 
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame([r.row(self.metric) for r in self.results])
+        return pd.DataFrame([r.row(self.metric, self.accuracy) for r in self.results])
 
     def verdict(self) -> str:
         """One plain sentence: does the policy beat the best baseline, on these fresh seeds?"""
@@ -97,7 +112,7 @@ class ValidationReport:
             return f"the policy does NOT beat the best baseline ({best.name}): it diverged on every one of {n} fresh seeds"
         gain = (b - p) if self.direction == "minimize" else (p - b)
         pct = 100.0 * gain / abs(b) if b else math.nan
-        spread = f"policy std {policy.row(self.metric)[f'{self.metric}_std']:.3g}, {best.name} std {best.row(self.metric)[f'{self.metric}_std']:.3g}"
+        spread = f"policy std {policy.row(self.metric, self.accuracy)[f'{self.metric}_std']:.3g}, {best.name} std {best.row(self.metric, self.accuracy)[f'{self.metric}_std']:.3g}"
         if gain > 0 and policy.diverged == 0:
             return (f"the policy beats the best baseline ({best.name}) by {pct:.1f}% on {self.metric} "
                     f"(mean over {n} fresh seeds, {self.steps} steps; {spread})")
@@ -135,6 +150,7 @@ def run_validation(
     if data is None or example is None or device is None:
         proxy = prepare(replace(settings, model=target_model))
         data, example, device = proxy.data, (proxy.example_x, proxy.example_y), proxy.device
+    accuracy = resolve_loss(settings.train.loss, data.y_train).has_accuracy
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
     results = []
     for name, pol in contender_policies(policy, settings.baselines).items():
@@ -153,7 +169,8 @@ def run_validation(
             result.steps_to_target.append(_steps_to_target(curve, settings.score.target_acc))
             result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
         results.append(result)
-    return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc, results)
+    return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc,
+                            results, accuracy)
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
@@ -172,12 +189,15 @@ def plot_validation(report: ValidationReport) -> Any:
             (line,) = ax_loss.plot(x, losses.mean(0), label=r.name, lw=width)
             ax_loss.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.15)
             steps = full[0].val_steps
-            accs = np.array([c.val_acc for c in full if c.val_steps == steps])
+            accs = np.array([c.val_acc if report.accuracy else c.val_loss for c in full if c.val_steps == steps])
             ax_acc.plot(steps, accs.mean(0), marker="o", label=r.name, lw=width, color=line.get_color())
             ax_acc.fill_between(steps, accs.min(0), accs.max(0), color=line.get_color(), alpha=0.15)
     ax_loss.set(xlabel="step", ylabel="training loss (mean over seeds, smoothed)", yscale="log", title="training loss")
-    ax_acc.set(xlabel="step", ylabel="validation accuracy", title=f"validation accuracy (target {report.target_acc})")
-    ax_acc.axhline(report.target_acc, color="grey", ls=":", lw=1)
+    if report.accuracy:
+        ax_acc.set(xlabel="step", ylabel="validation accuracy", title=f"validation accuracy (target {report.target_acc})")
+        ax_acc.axhline(report.target_acc, color="grey", ls=":", lw=1)
+    else:
+        ax_acc.set(xlabel="step", ylabel="validation loss", yscale="log", title="validation loss")
     ax_loss.legend(fontsize=8)
     fig.suptitle(f"{len(report.seeds)} fresh seeds, {report.steps} steps; bands = min..max over seeds")
     fig.tight_layout()
@@ -219,7 +239,7 @@ def log_validation(settings: StudySettings, report: ValidationReport, csv_path: 
     for r in report.results:
         child = client.create_run(exp_id, run_name=f"validate {r.name}", tags={
             "mlflow.parentRunId": pid, "initsearch.role": "validation", "initsearch.contender": r.name})
-        metrics = [Metric(k, float(v), now, 0) for k, v in r.row(report.metric).items()
+        metrics = [Metric(k, float(v), now, 0) for k, v in r.row(report.metric, report.accuracy).items()
                    if isinstance(v, float) and math.isfinite(v)]
         metrics += [Metric(f"seed_score_s{i}", s, now, 0) for i, s in enumerate(r.scores) if math.isfinite(s)]
         full = [c for c in r.curves if len(c.train_loss) == report.steps]
@@ -262,12 +282,13 @@ def _whole(own: dict[str, str], key: str, default: int | None) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     from hydra import compose, initialize_config_dir
 
-    from initsearch.cli import config_dir, report_error
+    from initsearch.cli import config_dir, report_error, with_custom_groups
 
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "verbose=true" in args
     try:
         own, overrides = _split_args(args)
+        overrides = with_custom_groups(overrides)
         policy = load_policy(own["policy"])
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)

@@ -87,8 +87,11 @@ class AlwaysBroken(_TwoLayer):
 
 
 def target(cls: type, **kwargs: Any) -> list[str]:
-    """Overrides that make the study's proxy ``cls`` (with extra constructor arguments)."""
-    return [f"+model._target_=tests.reliability_helpers.{cls.__name__}"] + [f"+model.{k}={v}" for k, v in kwargs.items()]
+    """Overrides that make the study's proxy ``cls`` (with extra constructor arguments). ``model=mlp`` keeps the
+    built-in group, so the tiny study's ``model.depth``/``model.width`` overrides still compose (they never
+    reach ``cls``: a built-in proxy's keys are dropped for a ``_target_``)."""
+    return ["model=mlp", f"+model._target_=tests.reliability_helpers.{cls.__name__}"] + [
+        f"+model.{k}={v}" for k, v in kwargs.items()]
 
 
 def load_trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:

@@ -11,6 +11,7 @@ from torch import nn
 
 import initsearch.proxy.population as population
 from initsearch.proxy import kernels as kernels
+from initsearch.proxy.losses import LOSSES
 from initsearch.proxy.models import MLP
 from initsearch.proxy.population import train_population
 from initsearch.proxy.train import TrainConfig, train_run
@@ -189,7 +190,7 @@ def test_the_probe_step_does_not_depend_on_the_members_weights(monkeypatch):
     probes = []
     monkeypatch.setattr(population, "choose_route", lambda step, key, **_: probes.append(step) or False)
     models = [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
-    stack = population._build_stack(models, [0, 1, 2], cfg, torch.device("cpu"), population._StackedSequential(models[0]))
+    stack = population._build_stack(models, [0, 1, 2], cfg, torch.device("cpu"), population._StackedSequential(models[0], LOSSES["cross_entropy"]))
     population._onednn_route(stack, data, cfg)
     first = [t.clone() for t in probes[0]()]
     with torch.no_grad():

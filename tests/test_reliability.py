@@ -138,7 +138,8 @@ def test_verbose_shows_the_traceback(in_tmp, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert info.value.code == 2
-    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("initsearch: error: model: the proxy failed")
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith(
+        "initsearch: error: model._target_: tests.reliability_helpers.AlwaysBroken failed")
     assert report_error(ConfigError("x: bad"), verbose=False) == 2
     assert capsys.readouterr().err == "initsearch: error: x: bad\n"
 
@@ -154,7 +155,7 @@ HOSTILE = {
     "n_workers=two": (["n_workers=two"], "n_workers: must be a whole number >= 1, got 'two'"),
     "grace under interval": (["heartbeat_interval=30", "grace_period=20"], "grace_period: must be longer than"),
     "missing data files": (["data=cifar10", "data.root=empty", "data.download=false"], "CIFAR-10 not found"),
-    "model that cannot run": (target(AlwaysBroken), "model: the proxy failed on a batch of synthetic data: "
+    "model that cannot run": (target(AlwaysBroken), "model._target_: tests.reliability_helpers.AlwaysBroken failed on a batch of synthetic data: "
                                                     "ValueError: this model cannot run"),
     "unreachable storage": (["storage=postgresql://user:s3cret@127.0.0.1:{port}/db"],
                             "storage: cannot open postgresql://user:***@127.0.0.1:{port}/db: OperationalError: "),

@@ -17,6 +17,7 @@ from initsearch.errors import ConfigError
 from initsearch.init.apply import apply_policy
 from initsearch.init.layers import LayerDiscovery
 from initsearch.init.policy import InitPolicy, LsuvSettings
+from initsearch.proxy.losses import resolve_loss
 from initsearch.proxy.train import TrainConfig
 
 BASELINES: dict[str, dict[str, Any]] = {
@@ -72,9 +73,14 @@ def init_contender(
     MetaInit, whose extra forward/backward passes the result counts) and the learned result, if any.
     ``layers``: the proxy's discovered layers, passed to ``apply_policy`` so it does not trace every copy."""
     if baseline in LEARNED_BASELINES:
-        options: dict[str, Any] | None = None
+        options: dict[str, Any] = {}
         if baseline == "gradinit":  # GradInit's virtual step mimics the training optimizer (SGD: g, Adam: sign g)
-            options = {"optimizer": "adam" if train.optimizer in ("adam", "adamw") else "sgd"}
+            options["optimizer"] = "adam" if train.optimizer in ("adam", "adamw") else "sgd"
+        loss = resolve_loss(train.loss, train_y)
+        if loss.name != "cross_entropy":  # both methods minimize the study's own loss
+            options["loss_fn"] = loss.mean
+        if baseline == "metainit" and (loss.name != "cross_entropy" or not train_x.is_floating_point()):
+            options["random_batch"] = False  # random N(0, 1) inputs and class labels fit classification only
         return run_learned_baseline(baseline, model, train_x, train_y, seed=seed, batch_size=train.batch_size, options=options)
     apply_policy(model, policy, example_batch=example_x, seed=seed, layers=layers)
     return policy, None

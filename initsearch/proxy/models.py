@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from initsearch.errors import ConfigError, is_finite_number
+from initsearch.errors import ConfigError, first_line, is_finite_number
 from initsearch.init.activations import ACTIVATIONS, make_activation
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "rescnn")
@@ -276,12 +276,11 @@ def build_model(cfg: Mapping[str, Any], input_shape: Sequence[int], num_classes:
     Either ``cfg["name"]`` is ``mlp``, ``cnn`` or ``rescnn`` and the other keys are that constructor's
     arguments plus ``width_multiplier`` (default 1.0, applied to ``width``/``channels``/``fc_width``
     through ``scale_width``); unknown keys are refused (they are usually typos). Or ``cfg["_target_"]``
-    names a user's class (``package.module.Class``) built by ``hydra.utils.instantiate``; ``input_shape``
-    and ``num_classes`` are passed to it only where the config does not set them and the class accepts
-    them (a named parameter or ``**kwargs``). ``_target_`` wins over ``name``.
+    names a user's class (``package.module.Class``, or the class itself) built by ``hydra.utils.instantiate``
+    with ``target_arguments``. ``_target_`` wins over ``name``.
     """
     plain = _to_plain_dict(cfg)
-    if "_target_" in plain:
+    if plain.get("_target_") is not None:
         return _build_target(plain, input_shape, num_classes)
     name = plain.pop("name", None)
     if name not in _BUILTIN:
@@ -329,29 +328,107 @@ def _scaled(key: str, value: Any, multiplier: Any) -> int | list[int]:
         raise ConfigError(f"model.width_multiplier: {err}") from err
 
 
+# Keys of the model config that are initsearch's, never an argument of the user's class.
+TARGET_SETTINGS: tuple[str, ...] = ("name", "width_multiplier", "width_arg")
+_HYDRA_KEYS: tuple[str, ...] = ("_target_", "_convert_", "_partial_", "_recursive_", "_args_")
+
+
+def target_name(target: Any) -> str:
+    """A model's ``_target_`` as text: the dotted path as given, or a callable's module and qualified name."""
+    if isinstance(target, str):
+        return target
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+
+
+def target_arguments(cfg: Mapping[str, Any], obj: Any, input_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
+    """The keyword arguments a user's class receives: its own (every key of the config that is not one of
+    ``TARGET_SETTINGS`` or Hydra's, and, where ``name`` is a built-in proxy's, none of that proxy's keys),
+    plus ``input_shape``, ``num_classes`` and ``width_multiplier`` where its signature names them and the
+    config does not set them. ``model.width_arg`` names an argument that is a width (an int or a list of
+    ints): it is scaled by ``width_multiplier`` as the built-in proxies' widths are."""
+    plain = dict(cfg)
+    target = target_name(plain.get("_target_"))
+    multiplier = plain.get("width_multiplier", 1.0)
+    if not is_finite_number(multiplier) or multiplier <= 0:
+        raise ConfigError(f"model.width_multiplier: must be a number > 0, got {multiplier!r}")
+    width_arg = plain.get("width_arg")
+    builtin = plain.get("name") in _BUILTIN
+    dropped = set(TARGET_SETTINGS) | set(_HYDRA_KEYS)
+    if builtin:  # ``+model._target_`` on a built-in group: that proxy's keys are not the user's
+        dropped |= set(inspect.signature(_BUILTIN[plain["name"]].__init__).parameters)
+    own = {key: value for key, value in plain.items() if key not in dropped}
+    for key in own:
+        if not _accepts(obj, key):
+            raise ConfigError(f"model.{key}: {target} takes no argument {key!r}")
+    implied = {"input_shape": tuple(input_shape), "num_classes": num_classes, "width_multiplier": float(multiplier)}
+    own.update({key: value for key, value in implied.items() if key not in own and _names(obj, key)})
+    if width_arg is not None:
+        if not isinstance(width_arg, str) or not _accepts(obj, width_arg):
+            raise ConfigError(f"model.width_arg: {target} takes no argument {width_arg!r}")
+        value = own.get(width_arg, _default_of(obj, width_arg))
+        if value is None:
+            raise ConfigError(f"model.width_arg: give {width_arg} a value (+model.{width_arg}=...): "
+                              f"{target} has no default for it")
+        own[width_arg] = _scaled(width_arg, value, multiplier)
+    elif multiplier != 1.0 and not _names(obj, "width_multiplier"):
+        raise ConfigError(f"model.width_multiplier: {multiplier} asks for a narrower proxy, but {target} takes no "
+                          "width_multiplier argument; set model.width_arg to the argument that is its width, or "
+                          "model.width_multiplier=1")
+    return own
+
+
 def _build_target(cfg: dict[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Instantiate a user's ``_target_``, adding ``input_shape``/``num_classes`` where it takes them."""
+    """Instantiate a user's ``_target_`` (a dotted path, or a class or factory given from Python) with
+    ``target_arguments``."""
     from hydra.errors import InstantiationException
     from hydra.utils import get_object, instantiate
 
     target = cfg["_target_"]
+    name = target_name(target)
+    if isinstance(target, str):
+        try:
+            obj = get_object(target)
+        except Exception as err:
+            raise ConfigError(f"model._target_: cannot import {target!r}: {first_line(err)}") from err
+    elif callable(target):
+        obj = target
+    else:
+        raise ConfigError(f"model._target_: must name a class (package.module.Class), got {target!r}")
+    if not callable(obj):
+        raise ConfigError(f"model._target_: {name!r} is a {type(obj).__name__}, not a class")
+    arguments = target_arguments(cfg, obj, input_shape, num_classes)
+    hydra_keys = {key: cfg[key] for key in ("_convert_", "_recursive_") if key in cfg}
     try:
-        obj = get_object(target)
-    except Exception as err:
-        raise ConfigError(f"model._target_: cannot import {target!r}: {err}") from err
-    extra = {key: value for key, value in (("input_shape", tuple(input_shape)), ("num_classes", num_classes))
-             if key not in cfg and _accepts(obj, key)}
-    cfg.setdefault("_convert_", "all")
-    cfg["_partial_"] = True  # call it ourselves, so input_shape reaches it as a tuple, not an OmegaConf list
-    try:
-        model = instantiate(cfg)(**extra)
+        if isinstance(target, str):  # Hydra's instantiate: nested ``_target_`` arguments are built too
+            model = instantiate({"_target_": target, "_convert_": "all", **hydra_keys, "_partial_": True})(**arguments)
+        else:  # a class or factory given from Python (instantiate would look it up by name again)
+            model = obj(**arguments)
     except InstantiationException as err:
-        raise ConfigError(f"model._target_: building {target!r} failed: {err}") from err
+        raise ConfigError(f"model._target_: building {name!r} failed: {first_line(err.__cause__ or err)}") from err
     except Exception as err:
-        raise ConfigError(f"model._target_: {target!r} raised {type(err).__name__}: {err}") from err
+        raise ConfigError(f"model._target_: {name!r} raised {type(err).__name__}: {first_line(err)}") from err
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model._target_: {target!r} built a {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(f"model._target_: {name!r} built a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _names(obj: Any, name: str) -> bool:
+    """Whether ``obj``'s signature has a parameter called ``name`` (``**kwargs`` alone does not count: a
+    class is handed ``input_shape``/``num_classes``/``width_multiplier`` only where it asks for them)."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get(name)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _default_of(obj: Any, name: str) -> Any:
+    try:
+        p = inspect.signature(obj).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
 
 
 def _accepts(obj: Any, name: str) -> bool:

@@ -88,6 +88,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from initsearch.errors import first_line
 from initsearch.proxy.kernels import Route, choose_route
 from initsearch.proxy.kernels import known as known_route
+from initsearch.proxy.losses import Loss, resolve_loss
 from initsearch.proxy.train import (
     Curve,
     TrainConfig,
@@ -179,7 +180,8 @@ class _StackedSequential:
     viewed as ``(K * out, in)``; its weight gradient is one ``mm`` as well.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: Loss) -> None:
+        self.loss_fn = loss
         self.layers = list(model.named_children())
         self.plan = _fuse_relus(self.layers)
         self.training = True
@@ -273,11 +275,15 @@ class _StackedSequential:
 
     def loss(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], xb: torch.Tensor,
              yb: torch.Tensor, shared: bool = False) -> torch.Tensor:
-        """Every member's mean cross-entropy, ``(K,)``: ``F.cross_entropy`` on ``(K, C, B)`` logits."""
+        """Every member's mean loss, ``(K,)``: ``F.cross_entropy`` on ``(K, C, B)`` logits, or the study's
+        other loss per example on the ``(K * B, C)`` outputs."""
         logits = self.forward(p, b, xb, shared)
         k, _, batch = logits.shape
-        target = yb.expand(k, batch) if shared else yb
-        return F.cross_entropy(logits, target, reduction="none").mean(1)
+        target = yb.expand(k, *yb.shape) if shared else yb
+        if self.loss_fn.name == "cross_entropy":
+            return F.cross_entropy(logits, target, reduction="none").mean(1)
+        out = logits.transpose(1, 2).flatten(0, 1)
+        return self.loss_fn.per_example(out, target.flatten(0, 1)).view(k, batch).mean(1)
 
     def logits(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(n, ...)`` (the same for every member) -> ``(K, n, C)``."""
@@ -315,7 +321,8 @@ def _fuse_relus(layers: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.M
 class _Vmapped:
     """Runs K stacked members of any model with ``torch.func.vmap`` over ``functional_call``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: Loss) -> None:
+        self.loss_fn = loss
         self.skeleton = copy.deepcopy(model).to("meta")
         self.skeleton.train()
         self._loss = vmap(self._member_loss)
@@ -338,14 +345,15 @@ class _Vmapped:
 
     def _member_loss(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], xb: torch.Tensor,
                      yb: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(self.skeleton, (p, b), (xb,)), yb)
+        out = functional_call(self.skeleton, (p, b), (xb,))
+        return F.cross_entropy(out, yb) if self.loss_fn.name == "cross_entropy" else self.loss_fn.mean(out, yb)
 
     def _member_logits(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.skeleton, (p, b), (x,))
 
     def loss(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], xb: torch.Tensor,
              yb: torch.Tensor, shared: bool = False) -> torch.Tensor:
-        """Every member's mean cross-entropy, ``(K,)``; a ``shared`` batch is expanded to every member (a view)."""
+        """Every member's mean loss, ``(K,)``; a ``shared`` batch is expanded to every member (a view)."""
         if shared:
             k = next(iter(p.values())).shape[0]
             xb, yb = xb.expand(k, *xb.shape), yb.expand(k, *yb.shape)
@@ -434,7 +442,7 @@ def _probe(stack: _Stack, data: TrainData) -> str | None:
     rows = len(stack.members)
     xb, yb = data.x_train[:n], data.y_train[:n]
     if not stack.shared:
-        xb, yb = xb.unsqueeze(0).expand(rows, *xb.shape), yb.unsqueeze(0).expand(rows, n)
+        xb, yb = xb.unsqueeze(0).expand(rows, *xb.shape), yb.unsqueeze(0).expand(rows, *yb.shape)
     try:
         with torch.no_grad():
             buffers = {k: v.clone() for k, v in stack.buffers.items()}
@@ -475,7 +483,8 @@ def draw_indices(generators: Sequence[torch.Generator], n: int, steps: int, batc
 @torch.no_grad()
 def evaluate_members(stack: _Stack, x: torch.Tensor, y: torch.Tensor, batch_size: int, bf16: bool = False
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean cross-entropy and accuracy of every row on ``(x, y)``, in eval mode, with one host sync.
+    """Mean loss and accuracy of every row on ``(x, y)``, in eval mode, with one host sync (accuracy NaN
+    where the study's loss has none).
 
     Chunks hold ``max(1, batch_size // rows)`` examples, so the activations of a chunk stay about the size
     ``train.evaluate`` uses for one model; sums accumulate in float64 as there.
@@ -483,20 +492,26 @@ def evaluate_members(stack: _Stack, x: torch.Tensor, y: torch.Tensor, batch_size
     rows = len(stack.members)
     chunk = max(1, batch_size // max(rows, 1))
     total = torch.zeros(rows, dtype=torch.float64, device=x.device)
-    correct = torch.zeros(rows, dtype=torch.int64, device=x.device)
+    correct = torch.zeros(rows, dtype=torch.float64, device=x.device)
+    loss = stack.engine.loss_fn
     stack.engine.eval()
     try:
         with bf16_autocast(x.device, bf16):
             for start in range(0, len(x), chunk):
                 logits = stack.engine.logits(stack.params, stack.buffers, x[start:start + chunk]).float()  # (rows, n, C)
                 target = y[start:start + chunk]
-                per_example = F.cross_entropy(logits.flatten(0, 1), target.repeat(rows), reduction="none")
+                targets = target.repeat(rows, *[1] * (target.dim() - 1))
+                if loss.name == "cross_entropy":
+                    per_example = F.cross_entropy(logits.flatten(0, 1), targets, reduction="none")
+                else:
+                    per_example = loss.per_example(logits.flatten(0, 1), targets)
                 total += per_example.view(rows, -1).double().sum(dim=1)
-                correct += (logits.argmax(dim=-1) == target).sum(dim=1)
+                if loss.hits is not None:
+                    correct += loss.hits(logits.flatten(0, 1), targets).view(rows, -1).sum(dim=1)
     finally:
         stack.engine.train()
-    both = torch.stack([total, correct.double()]).cpu().numpy()  # one sync
-    return both[0] / len(x), both[1] / len(x)
+    both = torch.stack([total, correct]).cpu().numpy()  # one sync
+    return both[0] / len(x), (both[1] / len(x) if loss.has_accuracy else np.full(rows, math.nan))
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -548,7 +563,8 @@ def train_population(models: Sequence[nn.Module], data: TrainData, cfg: TrainCon
     device = data.x_train.device
     how, reason = choose_mode(models, mode, device)
     if how != "loop":
-        engine = _StackedSequential(models[0]) if how == "stacked" else _Vmapped(models[0])
+        loss = resolve_loss(cfg.loss, data.y_train)
+        engine = _StackedSequential(models[0], loss) if how == "stacked" else _Vmapped(models[0], loss)
         stack = _build_stack(models, seeds, cfg, device, engine)
         reason = _probe(stack, data)
         if reason is None:

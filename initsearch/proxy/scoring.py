@@ -31,6 +31,7 @@ METRICS: tuple[str, ...] = ("auc_loss", "final_val_loss", "val_acc_at_budget", "
 AGGREGATES: tuple[str, ...] = ("mean", "worst", "median", "mean_plus_std")
 DIRECTIONS: tuple[str, ...] = ("minimize", "maximize")
 _MAXIMIZED = frozenset({"val_acc_at_budget"})
+ACCURACY_METRICS: tuple[str, ...] = ("val_acc_at_budget", "steps_to_target")  # classification studies only
 
 
 def check_metric(metric: object) -> str:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from initsearch.errors import ConfigError, DataError, is_finite_number
+from initsearch.proxy.losses import Loss, check_loss_name, resolve_loss
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
@@ -50,6 +51,7 @@ class TrainConfig:
     wasting a step at exactly 0. Validation checkpoints at ``eval_every``, ``2 * eval_every``, ... and at
     the last step. A run has diverged when a loss is NaN/inf or the mean loss since the last checkpoint
     exceeds ``divergence_factor`` times the first step's loss. ``bf16`` turns on bf16 autocast on CUDA.
+    ``loss``: one of ``losses.LOSS_NAMES`` (``auto``: cross-entropy for integer labels, MSE for float targets).
     """
 
     steps: int = 200
@@ -63,6 +65,7 @@ class TrainConfig:
     eval_batch_size: int = 2048
     divergence_factor: float = 10.0
     bf16: bool = False
+    loss: str = "auto"
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> TrainConfig:
@@ -95,6 +98,7 @@ class TrainConfig:
                               f"got {self.divergence_factor!r}")
         if not isinstance(self.bf16, bool):
             raise ConfigError(f"train.bf16: must be true or false, got {self.bf16!r}")
+        check_loss_name(self.loss)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of (1-based) step ``step``: linear warmup, then constant."""
@@ -119,7 +123,8 @@ class Curve:
     """What one run produced: the training loss of every step done and the validation checkpoints.
 
     ``train_loss[i]`` is the loss of step ``i + 1`` (on that step's batch, before the update).
-    ``val_steps`` are the steps after which validation ran. ``reason`` says why a run ended early.
+    ``val_steps`` are the steps after which validation ran; ``val_acc`` is NaN at each of them where the
+    loss has no accuracy (regression). ``reason`` says why a run ended early.
     """
 
     train_loss: np.ndarray
@@ -198,21 +203,29 @@ def bf16_autocast(device: torch.device, bf16: bool) -> AbstractContextManager[An
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, bf16: bool = False
-             ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on ``(x, y)`` in chunks, in eval mode; the model is left in train mode."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, bf16: bool = False,
+             loss: Loss | None = None) -> tuple[float, float]:
+    """Mean loss and accuracy on ``(x, y)`` in chunks, in eval mode; the model is left in train mode.
+
+    ``loss`` defaults to the one ``train.loss=auto`` picks for ``y``; accuracy is NaN where it has none.
+    """
+    loss = loss or resolve_loss("auto", y)
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    correct = torch.zeros((), dtype=torch.float64, device=x.device)
     with bf16_autocast(x.device, bf16):
         for start in range(0, len(x), batch_size):
-            logits = model(x[start:start + batch_size]).float()
+            out = model(x[start:start + batch_size]).float()
             target = y[start:start + batch_size]
-            total_loss += F.cross_entropy(logits, target, reduction="sum")
-            correct += (logits.argmax(dim=1) == target).sum()
+            if loss.name == "cross_entropy":  # the fused sum: the classification path stays as it was
+                total_loss += F.cross_entropy(out, target, reduction="sum")
+            else:
+                total_loss += loss.per_example(out, target).double().sum()
+            if loss.hits is not None:
+                correct += loss.hits(out, target).sum()
     model.train()
-    loss_sum, n_correct = torch.stack([total_loss, correct.double()]).tolist()  # one sync
-    return loss_sum / len(x), n_correct / len(x)
+    loss_sum, n_correct = torch.stack([total_loss, correct]).tolist()  # one sync
+    return loss_sum / len(x), (n_correct / len(x) if loss.has_accuracy else math.nan)
 
 
 def divergence_reason(losses: np.ndarray, first_step: int, initial: float, factor: float) -> str | None:
@@ -297,6 +310,8 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
     cfg.validate()
     check_data(data)
     x, y, device = data.x_train, data.y_train, data.x_train.device
+    loss_fn = resolve_loss(cfg.loss, y)
+    criterion = F.cross_entropy if loss_fn.name == "cross_entropy" else loss_fn.mean
     curve = Curve(train_loss=np.zeros(0, dtype=np.float64))
     losses = torch.empty(cfg.steps, dtype=torch.float32, device=device)
     started = time.perf_counter()
@@ -318,20 +333,21 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
             offset += 1
             xb = x[idx].contiguous(memory_format=torch.channels_last) if channels_last else x[idx]
             with bf16_autocast(device, cfg.bf16):
-                loss = F.cross_entropy(model(xb), y[idx])
+                loss = criterion(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses[step - 1] = loss.detach()
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                if _checkpoint(curve, losses, step, model, data, cfg, on_checkpoint, started):
+                if _checkpoint(curve, losses, step, model, data, cfg, on_checkpoint, started, loss_fn):
                     break
     curve.seconds = time.perf_counter() - started
     return curve
 
 
 def _checkpoint(curve: Curve, losses: torch.Tensor, step: int, model: nn.Module, data: TrainData,
-                cfg: TrainConfig, on_checkpoint: Callable[[int, Curve], bool] | None, started: float) -> bool:
+                cfg: TrainConfig, on_checkpoint: Callable[[int, Curve], bool] | None, started: float,
+                loss_fn: Loss) -> bool:
     """Record the losses since the last checkpoint (the one host sync), then check, evaluate, ask.
 
     Returns True when the run must end: it diverged (no evaluation then, and no callback), or
@@ -346,7 +362,7 @@ def _checkpoint(curve: Curve, losses: torch.Tensor, step: int, model: nn.Module,
     if curve.reason is not None:
         curve.diverged = True
         return True
-    val_loss, val_acc = evaluate(model, data.x_val, data.y_val, cfg.eval_batch_size, cfg.bf16)
+    val_loss, val_acc = evaluate(model, data.x_val, data.y_val, cfg.eval_batch_size, cfg.bf16, loss_fn)
     curve.val_steps.append(step)
     curve.val_loss.append(val_loss)
     curve.val_acc.append(val_acc)

@@ -17,6 +17,7 @@ import optuna
 import torch
 
 from initsearch.errors import ConfigError, StudyInterrupted
+from initsearch.proxy.models import target_name
 from initsearch.search.batched import run_batched
 from initsearch.search.outcome import NullTracker, Tracker, safely
 from initsearch.search.sequential import optimize
@@ -67,16 +68,44 @@ def open_study(settings: StudySettings, storage: optuna.storages.BaseStorage | N
         load_if_exists=True,
     )
     attrs = study.user_attrs
+    model = recorded_model(settings.model)
     if not attrs:
         study.set_user_attr("metric", settings.score.metric)
-        study.set_user_attr("model", settings.model)
-        study.set_user_attr("data", settings.data.get("name"))
+        study.set_user_attr("model", model)
+        study.set_user_attr("data", data_name(settings.data))
     elif attrs.get("metric") not in (None, settings.score.metric):
         raise ConfigError(
             f"score.metric: study {settings.study_name!r} was run with {attrs['metric']!r}, got {settings.score.metric!r}; "
             "use another study_name"
         )
+    elif isinstance(attrs.get("data"), str) and attrs["data"] != data_name(settings.data):
+        raise ConfigError(
+            f"study_name: study {settings.study_name!r} holds trials on the data {attrs['data']}, and this "
+            f"command's data is {data_name(settings.data)}; give the new study a name of its own (study_name=...)"
+        )
+    elif isinstance(attrs.get("model"), dict) and network(attrs["model"]) != network(model):
+        raise ConfigError(
+            f"study_name: study {settings.study_name!r} holds trials of the model {network(attrs['model'])}, and this "
+            f"command's model is {network(model)}; give the new study a name of its own (study_name=...)"
+        )
     return study
+
+
+def recorded_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The model config as the study records it (JSON): a class given from Python as its dotted name."""
+    return {key: target_name(value) if key == "_target_" and value is not None else value for key, value in model.items()}
+
+
+def network(model: dict[str, Any]) -> str:
+    """Which network a model config builds: the user's class, or the built-in proxy's name."""
+    target = model.get("_target_")
+    return str(target) if target is not None else str(model.get("name"))
+
+
+def data_name(data: dict[str, Any]) -> str:
+    """The dataset's name as the study records it: the built-in name, or the user's function."""
+    target = data.get("_target_")
+    return str(data.get("name")) if target is None else target_name(target) if not isinstance(target, tuple) else "custom"
 
 
 def enqueue_baselines(study: optuna.Study, baselines: Sequence[str]) -> list[str]:

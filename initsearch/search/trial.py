@@ -32,9 +32,11 @@ from initsearch.init.layers import LayerDiscovery, LayerInfo, discover_layers
 from initsearch.init.policy import InitPolicy
 from initsearch.init.seeding import forked_seed
 from initsearch.proxy.data import Dataset, load_dataset
-from initsearch.proxy.models import build_model
-from initsearch.proxy.scoring import aggregate, partial_score, score
+from initsearch.proxy.losses import LOSSES, Loss, resolve_loss
+from initsearch.proxy.models import build_model, target_name
+from initsearch.proxy.scoring import ACCURACY_METRICS, aggregate, partial_score, score
 from initsearch.proxy.train import Curve
+from initsearch.proxy.userdata import load_user_data
 from initsearch.search.outcome import TrialOutcome, safely
 from initsearch.search.settings import StudySettings, resolve_device
 from initsearch.search.workers import enqueue_retry
@@ -53,6 +55,7 @@ class Proxy:
     layers: tuple[LayerInfo, ...]
     device: torch.device
     layer_method: str = "fx"  # how discover_layers found them ("fx" or "hooks")
+    loss: Loss = LOSSES["cross_entropy"]  # the study's training loss (train.loss resolved for these targets)
 
     @property
     def discovery(self) -> LayerDiscovery:
@@ -64,8 +67,45 @@ def prepare(settings: StudySettings) -> Proxy:
     """Load the data and discover the proxy's layers: everything that can fail on a bad config fails here,
     before the study's storage is touched."""
     device = resolve_device(settings.device)
-    d = settings.data
-    data = load_dataset(
+    data = load_data(settings.data, settings.train.loss, seed=settings.seed, device=device)
+    loss = resolve_loss(settings.train.loss, data.y_train)
+    if not loss.has_accuracy and settings.score.metric in ACCURACY_METRICS:
+        raise ConfigError(f"score.metric: {settings.score.metric} needs accuracy, which a study trained with "
+                          f"{loss.name} (float targets) does not have; use auc_loss or final_val_loss")
+    g = torch.Generator(device="cpu").manual_seed(settings.seed)
+    idx = torch.randperm(len(data.x_train), generator=g)[: settings.lsuv_batch].to(device)
+    example_x, example_y = data.x_train[idx], data.y_train[idx]
+    model = build_model(settings.model, data.input_shape, data.num_classes).to(device)
+    target = settings.model.get("_target_")
+    try:
+        discovery = discover_layers(model, example_x)
+        with torch.no_grad():
+            loss.mean(model(example_x[:2]).float(), example_y[:2])
+    except InitSearchError:
+        raise
+    except Exception as exc:  # a user's model that fails on the data: one line, before the study opens
+        where = f"model._target_: {target_name(target)}" if target is not None else "model: the proxy"
+        raise ConfigError(f"{where} failed on a batch of {data.name} data: "
+                          f"{type(exc).__name__}: {first_line(exc)}") from None
+    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method, loss)
+
+
+USER_DATA_SETTINGS = ("name", "_target_", "normalize", "subset", "max_bytes")  # initsearch's keys of data=custom
+BUILTIN_DATA_SETTINGS = ("root", "url", "md5", "download", "val_fraction", "synthetic")
+
+
+def load_data(d: dict, loss: str, *, seed: int, device: torch.device) -> Dataset:
+    """The study's data on ``device``: the user's function (``data._target_``, called with the other keys of
+    ``data`` as its arguments) or a built-in dataset (``data.name``)."""
+    if d.get("_target_") is not None:
+        max_bytes = d.get("max_bytes")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ConfigError(f"data.max_bytes: must be a whole number of bytes >= 1 or null, got {max_bytes!r}")
+        ignored = USER_DATA_SETTINGS + (BUILTIN_DATA_SETTINGS if d.get("name") != "custom" else ())
+        arguments = {key: value for key, value in d.items() if key not in ignored}
+        return load_user_data(d["_target_"], arguments=arguments, loss=loss, normalize=bool(d.get("normalize", True)),
+                              max_bytes=max_bytes, subset=d.get("subset"), seed=seed, device=device)
+    return load_dataset(
         d.get("name"),
         root=d.get("root"),
         url=d.get("url"),
@@ -74,22 +114,10 @@ def prepare(settings: StudySettings) -> Proxy:
         val_fraction=float(d.get("val_fraction", 0.2)),
         subset=d.get("subset"),
         normalize=bool(d.get("normalize", True)),
-        seed=settings.seed,
+        seed=seed,
         device=device,
         synthetic=d.get("synthetic"),
     )
-    g = torch.Generator(device="cpu").manual_seed(settings.seed)
-    idx = torch.randperm(len(data.x_train), generator=g)[: settings.lsuv_batch].to(device)
-    example_x, example_y = data.x_train[idx], data.y_train[idx]
-    model = build_model(settings.model, data.input_shape, data.num_classes).to(device)
-    try:
-        discovery = discover_layers(model, example_x)
-    except InitSearchError:
-        raise
-    except Exception as exc:  # a user's model that fails on the data: one line, before the study opens
-        raise ConfigError(f"model: the proxy failed on a batch of {d.get('name')} data: "
-                          f"{type(exc).__name__}: {first_line(exc)}") from None
-    return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method)
 
 
 def fresh_model(model_cfg: dict, data: Dataset, device: torch.device, seed: int) -> torch.nn.Module:
@@ -165,7 +193,7 @@ class TrialRun:
                 trial.set_user_attr("policy", outcome.policy)
         require_finite(model, f"after init (seed {seed})")
         if i == 0:
-            outcome.signals = signal_report(model, p.example_x, p.example_y)
+            outcome.signals = signal_report(model, p.example_x, p.example_y, loss_fn=p.loss.mean)
             reason = is_degenerate(outcome.signals, low=s.prescreen.low, high=s.prescreen.high)
             if s.prescreen.enabled and reason:
                 raise optuna.TrialPruned(f"pre-screen: {reason}")

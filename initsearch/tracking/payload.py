@@ -186,7 +186,8 @@ def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list
         rows.extend((key, float(loss), at(j + 1), j + 1) for j, loss in enumerate(curve.train_loss))
         for step, loss, acc in zip(curve.val_steps, curve.val_loss, curve.val_acc):
             rows.append((f"val_loss{sfx}", float(loss), at(step), int(step)))
-            rows.append((f"val_acc{sfx}", float(acc), at(step), int(step)))
+            if math.isfinite(acc):  # NaN where the study's loss has no accuracy (regression)
+                rows.append((f"val_acc{sfx}", float(acc), at(step), int(step)))
     if outcome.value is not None:
         rows.append(("score", float(outcome.value), end_ms, 0))
     for i, value in enumerate(outcome.seed_scores):
