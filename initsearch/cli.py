@@ -24,12 +24,20 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.errors import ConfigError, InitSearchError, StudyFailed, StudyInterrupted, did_you_mean, first_line
+from initsearch.errors import (
+    ConfigError,
+    DiskFault,
+    InitSearchError,
+    StudyFailed,
+    StudyInterrupted,
+    did_you_mean,
+    first_line,
+)
 from initsearch.export import export_policy
 from initsearch.search.progress import Progress
 from initsearch.search.report import StudySummary, summarize
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
-from initsearch.search.storage import open_storage
+from initsearch.search.storage import finished_trials, open_storage, write_fault
 from initsearch.search.study import run_study
 from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import prepare
@@ -90,20 +98,26 @@ class FinishedStudy:
     summary: StudySummary
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> Path:
+def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
     """Run the study of ``cfg``; write ``best_policy.json`` and ``trials.csv`` into ``out_dir``; return the policy path.
 
     With ``n_workers=N`` it starts N - 1 helper processes on the same study and waits for them. Raises
     ``StudyFailed`` when no trial finished (nothing is exported), ``StudyInterrupted`` after a SIGINT/SIGTERM
-    (the best so far is exported first).
+    (the best so far is exported first). ``tracking_only=true`` runs no trial and writes nothing
+    (``sync_tracking``).
     """
-    return run_settings(settings_from_config(cfg), cfg, out_dir).policy_path
+    settings = settings_from_config(cfg)
+    if settings.tracking_only:
+        check_storage(settings)
+        return sync_tracking(settings, OmegaConf.to_yaml(cfg))
+    return run_settings(settings, cfg, out_dir).policy_path
 
 
 def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) -> FinishedStudy:
     """``run`` with settings already made from ``cfg`` (``initsearch.search`` puts the user's objects into
     them); ``cfg`` is what MLflow records and what helper workers start from."""
     check_storage(settings)
+    check_output(out_dir)
     with stop_on_signals():
         proxy = prepare(settings)
         threads = choose_threads(settings, proxy)
@@ -122,6 +136,14 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
             export_so_far(exc, settings, out_dir)
             _close(tracker)
             raise
+        except Exception as exc:
+            fault = write_fault(exc)
+            if fault is None:
+                raise
+            kept = finished_trials(settings.storage, settings.study_name)
+            raise DiskFault(f"storage: cannot write to {fault.filename or settings.storage}: {fault.strerror or fault}; "
+                            f"the {'' if kept is None else f'{kept} '}trials finished before are kept; make room "
+                            "and run the same command again to resume") from None
         finally:
             helpers.stop(signal.SIGTERM)  # only those still running (after an unexpected error)
     summary = summarize(study, settings.score.metric)
@@ -132,9 +154,15 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
             + (f" (e.g. {'; '.join(reasons)})" if reasons else "")
         )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = export_policy(study, out / "best_policy.json")
-    summary.table.to_csv(out / "trials.csv", index=False)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        path = export_policy(study, out / "best_policy.json")
+        summary.table.to_csv(out / "trials.csv", index=False)
+    except OSError as exc:
+        print(summary.format())
+        raise DiskFault(f"output folder {out}: cannot write ({exc.strerror or exc}); the study is kept in its "
+                        f"storage: python -m initsearch.export study_name={settings.study_name} "
+                        f"storage={settings.storage} out=<file> exports its best policy") from None
     picture = draw_policy(path, proxy, out / "best_policy.png")
     if tracker.ran == 0:
         searched = int((summary.table["kind"] == "search").sum())
@@ -188,6 +216,49 @@ def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
         local = "127.0.0.1:5000" in runs_url
         lines.append(f"MLflow runs: {runs_url}" + ("  (after: make ui)" if local else ""))
     return "\n".join(lines)
+
+
+def sync_tracking(settings: StudySettings, config_yaml: str) -> None:
+    """``tracking_only=true``: log to MLflow what it misses of an existing study (the trials earlier runs
+    could not log, and the end of a complete study), without running any trial."""
+    import optuna
+
+    from initsearch.search.workers import counted, running
+
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage))
+    except KeyError:
+        raise ConfigError(f"tracking_only: no study named {settings.study_name!r} in {settings.storage}") from None
+    tracker = open_tracker(settings)
+    if not hasattr(tracker, "flush"):
+        raise ConfigError("tracking_only: tracking is off (tracking_uri=none)")
+    tracker.study_started(settings, config_yaml, study)
+    tracker.flush()
+    summary = summarize(study, settings.score.metric)
+    trials = study.get_trials(deepcopy=False)
+    if running(trials):
+        tracker.detach(report=True)  # other workers run the study: its parent run stays as it is
+    elif summary.best is None or counted(trials) < len(settings.baselines) + settings.n_trials:
+        tracker.close()  # a stopped study: its parent run is KILLED until the study runs again
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="initsearch-sync-") as tmp:
+            tracker.study_finished(study, summary, export_policy(study, Path(tmp) / "best_policy.json"))
+    print(f"MLflow: {tracker.backfilled} trials logged; {tracker.not_in_mlflow} not yet in MLflow")
+    return None
+
+
+def check_output(out_dir: str | Path) -> None:
+    """Before any training: the output folder can be created and written (one line when it cannot)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".initsearch-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {out}: cannot write there ({exc.strerror or exc}); set hydra.run.dir=<folder>") from None
 
 
 def check_storage(settings: StudySettings) -> None:

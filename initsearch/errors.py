@@ -35,6 +35,11 @@ class DataError(InitSearchError):
     """A dataset is missing, corrupt, or refused (bad checksum, unsafe archive, bad batch file)."""
 
 
+class DiskFault(InitSearchError):
+    """A folder or file the study writes to cannot be written (full disk, read-only, no permission); the
+    message says what is kept and how to go on."""
+
+
 class StudyFailed(InitSearchError):
     """No trial of the study finished, so there is nothing to export."""
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -58,8 +59,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[dict[str, str]]:
-    """A running PostgreSQL server with the README's user and databases; yields its host, port and psql."""
+def postgres() -> Iterator[dict[str, Any]]:
+    """A running PostgreSQL server with the README's user and databases; yields its host, port, and
+    ``restart(down_s)`` (stop it, fast shutdown, and start it again on the same port and data ``down_s``
+    seconds later)."""
     bins = _binaries()
     if bins is None:
         pytest.skip(LOUD + "no initdb/postgres/psql found; install the Debian package postgresql (.ci/run does)")
@@ -83,18 +86,36 @@ def postgres() -> Iterator[dict[str, str]]:
         return as_user + cmd
 
     server = None
+
+    def start() -> subprocess.Popen:
+        with open(log, "a") as handle:
+            return subprocess.Popen(as_server_user([bins["postgres"], "-D", str(data), "-p", str(port), "-k", str(folder),
+                                                    "-h", "127.0.0.1", "-F", "-c", "fsync=off"]),
+                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        return subprocess.run(psql + ["-c", "SELECT 1"], capture_output=True).returncode == 0
+
+    def restart(down_s: float = 0.0) -> None:
+        nonlocal server
+        os.killpg(server.pid, signal.SIGINT)  # "fast shutdown": open transactions are rolled back
+        server.wait(30)
+        time.sleep(down_s)
+        server = start()
+        deadline = time.monotonic() + 30
+        while not up():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-500:]
+            time.sleep(0.2)
+
+    psql = [bins["psql"], "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
     try:
         init = subprocess.run(as_server_user([bins["initdb"], "-D", str(data), "-U", "postgres", "-A", "trust",
                                               "-E", "UTF8", "--no-sync"]), capture_output=True, text=True, timeout=120)
         if init.returncode != 0:
             pytest.skip(LOUD + f"initdb failed: {(init.stderr or init.stdout).strip().splitlines()[-1:]}")
-        with open(log, "w") as handle:
-            server = subprocess.Popen(as_server_user([bins["postgres"], "-D", str(data), "-p", str(port), "-k", str(folder),
-                                                      "-h", "127.0.0.1", "-F", "-c", "fsync=off"]),
-                                      stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        psql = [bins["psql"], "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]
+        server = start()
         deadline = time.monotonic() + 30
-        while subprocess.run(psql + ["-c", "SELECT 1"], capture_output=True).returncode != 0:
+        while not up():
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.skip(LOUD + f"the server did not start: {log.read_text()[-300:]!r}")
             time.sleep(0.2)
@@ -102,7 +123,7 @@ def postgres() -> Iterator[dict[str, str]]:
         subprocess.run(psql + ["-c", f"CREATE USER initsearch PASSWORD '{PASSWORD}'",
                                "-c", "CREATE DATABASE initsearch OWNER initsearch",
                                "-c", "CREATE DATABASE mlflow OWNER initsearch"], check=True, capture_output=True)
-        yield {"host": "127.0.0.1", "port": str(port)}
+        yield {"host": "127.0.0.1", "port": str(port), "restart": restart}
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGINT)  # "fast shutdown"
@@ -166,3 +187,41 @@ def test_two_machines_on_one_study_one_killed_mid_trial(postgres, tmp_path):
                                if t.user_attrs.get("baseline") and t.state != TrialState.FAIL)
     assert counted_baselines == ["he", "xavier"]
 
+
+
+def test_a_database_restart_mid_study_two_workers_wait_and_every_trial_runs_once(postgres, tmp_path):
+    storage = f"postgresql://initsearch:{PASSWORD}@{postgres['host']}:{postgres['port']}/initsearch"
+    args = [o for o in TINY if not o.startswith("n_trials=")] + target(SlowMLP, delay=0.03) + [
+        f"storage={storage}", "study_name=restart", "n_trials=6", "pruner=none",
+        "heartbeat_interval=2", "grace_period=60"]
+    a = start_cli(args, tmp_path, tmp_path / "a.log", INITSEARCH_WORKER_HOST="machine-a")
+    b = start_cli(args, tmp_path, tmp_path / "b.log", INITSEARCH_WORKER_HOST="machine-b")
+    opened = open_storage(storage)
+
+    def trials_now() -> list:
+        try:
+            return optuna.load_study(study_name="restart", storage=opened).get_trials(deepcopy=False)
+        except KeyError:
+            return []
+
+    try:
+        wait_until(lambda: sum(t.state == TrialState.COMPLETE for t in trials_now()) >= 2, 120, "two trials", a)
+        opened.engine.dispose()  # this test's own connections go with the server
+        postgres["restart"](3.0)  # down for 3 s: the workers' next storage calls find no server
+        assert a.wait(180) == 0, (tmp_path / "a.log").read_text()
+        assert b.wait(60) == 0, (tmp_path / "b.log").read_text()
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert "storage: lost the connection to postgresql://initsearch:***@" in logs and "Traceback" not in logs
+    trials = trials_now()
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]  # none left RUNNING
+    assert counted(trials) == 8  # every trial, once
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(sum(r.user_attrs.get("retry_of") == f.number for r in trials) == 1 for f in failed)
+    baselines = sorted(t.user_attrs["baseline"] for t in trials if t.user_attrs.get("baseline") and t.state != TrialState.FAIL)
+    assert baselines == ["he", "xavier"]

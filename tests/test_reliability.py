@@ -160,7 +160,6 @@ HOSTILE = {
                                                     "ValueError: this model cannot run"),
     "unreachable storage": (["storage=postgresql://user:s3cret@127.0.0.1:{port}/db"],
                             "storage: cannot open postgresql://user:***@127.0.0.1:{port}/db: OperationalError: "),
-    "unreachable MLflow": (["tracking_uri=http://127.0.0.1:{port}"], "tracking_uri: cannot reach MLflow at "),
     "journal in a missing folder": (["storage=no/such/s.journal"], "storage: the folder of the journal file "),
 }
 

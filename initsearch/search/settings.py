@@ -47,6 +47,18 @@ class PrescreenSettings:
 
 
 @dataclass(frozen=True)
+class TrackingSettings:
+    """How tracking rides out an MLflow outage: each call gives up after about ``retry_timeout`` seconds,
+    the command waits at most ``flush_timeout`` seconds at exit for logs the store does not take, and the
+    trials MLflow did not take wait in ``spool_dir`` (``None``: ``mlflow-spool/`` beside the journal file,
+    or in the working directory for a database storage) until a later run logs them."""
+
+    flush_timeout: float = 20.0
+    retry_timeout: float = 10.0
+    spool_dir: str | None = None
+
+
+@dataclass(frozen=True)
 class StudySettings:
     """Everything a study needs, validated. ``model`` and ``data`` stay plain dicts: they are checked where
     they are used (``build_model``, ``load_dataset``), which happens before any trial runs."""
@@ -83,6 +95,8 @@ class StudySettings:
     pretrained: CheckpointRef | None = None
     # earlier winners enqueued as the first searched trials: policy files or study names in this storage
     warm_start: tuple[str, ...] = ()
+    tracking: TrackingSettings = TrackingSettings()
+    tracking_only: bool = False  # log to MLflow what it misses, run no trial
 
     @property
     def eval_seeds(self) -> list[int]:
@@ -221,6 +235,19 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         threads=_threads(c.get("threads", "auto")),
         pretrained=pretrained,
         warm_start=_warm_start(c.get("warm_start")),
+        tracking=_tracking(c.get("tracking") or {}),
+        tracking_only=_bool(c.get("tracking_only", False), "tracking_only"),
+    )
+
+
+def _tracking(t: Mapping[str, Any]) -> TrackingSettings:
+    if not isinstance(t, Mapping):
+        raise ConfigError(f"tracking: must be a mapping, got {t!r}")
+    spool = t.get("spool_dir")
+    return TrackingSettings(
+        flush_timeout=_number(t.get("flush_timeout", 20.0), "tracking.flush_timeout", 0),
+        retry_timeout=_number(t.get("retry_timeout", 10.0), "tracking.retry_timeout", 1),
+        spool_dir=None if spool is None else _str(spool, "tracking.spool_dir"),
     )
 
 

@@ -6,9 +6,15 @@ into a single ``ConfigError`` line with the password hidden.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import inspect
+import logging
+import threading
+import time
 import warnings
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
@@ -19,9 +25,13 @@ from initsearch.errors import ConfigError, first_line, hide_password_of, redact_
 from initsearch.search.settings import is_rdb
 from initsearch.search.workers import enqueue_retry
 
+log = logging.getLogger("initsearch")
+T = TypeVar("T")
+
 # The URL schemes of PostgreSQL: an unroutable host then fails after a connect timeout, not minutes of TCP retries.
 POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg2://", "postgresql+psycopg://")
 CONNECT_TIMEOUT_S = 10
+RECONNECT_S = 120.0  # how long a database that went away (restarted) is waited for before the worker gives up
 
 
 def open_storage(
@@ -43,15 +53,15 @@ def open_storage(
         except OSError as exc:
             raise ConfigError(f"storage: cannot open the journal file {url!r}: {exc.strerror or exc}") from None
     engine_kwargs = None
-    if url.startswith(POSTGRES_SCHEMES):
-        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    if url.startswith(POSTGRES_SCHEMES):  # pre-ping: a connection a server restart broke is replaced, not used
+        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
     # Optuna 4.9 renamed the stale-trial callback argument; older releases know only the first name.
     callback_arg = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(
         RDBStorage.__init__).parameters else "failed_trial_callback"
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and what several machines need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
+            return ReconnectingRDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
@@ -75,3 +85,122 @@ def storage_problem(exc: Exception, url: str) -> str:
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's heartbeat failed ``trial`` (its worker went silent): run its parameters again, once."""
     enqueue_retry(study, trial.number, trial.params, trial.user_attrs, "worker lost: no heartbeat")
+
+
+# ---- a disk that cannot be written -----------------------------------------------------------------------------
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def write_fault(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a write that failed for lack of room or permission, found in ``exc`` or what
+    caused it (Optuna raises its own error while handling a storage write that failed), or ``None``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in WRITE_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def finished_trials(url: str, study_name: str) -> int | None:
+    """How many finished trials the study holds, read again from its storage (``None`` when it cannot)."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+        return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    except Exception:
+        return None
+
+
+# ---- a database server that restarts ---------------------------------------------------------------------------
+def lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it: Optuna wraps SQLAlchemy's errors) is a lost or refused
+    connection to the database server, rather than a problem with what was asked."""
+    import sqlalchemy.exc as sa
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (sa.OperationalError, sa.InterfaceError, sa.PendingRollbackError)):
+            return True
+        if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def reconnecting(call: Callable[..., T], what: str, url: str, *args: Any, on_retry: Callable[[], None] | None = None,
+                 **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, tried again while the database server does not answer (restarting), for
+    up to ``RECONNECT_S`` seconds: one warning when it went away, one line when it is back. ``on_retry``
+    runs before each new try (drop a session the lost connection left unusable)."""
+    deadline, pause, warned = time.monotonic() + RECONNECT_S, 0.5, False
+    while True:
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:
+            if not lost_connection(exc) or time.monotonic() >= deadline:
+                raise
+            if not warned:
+                warned = True
+                hide_password_of(url)
+                root = exc
+                while root.__cause__ is not None:  # Optuna's wrapper says less than the driver's error
+                    root = root.__cause__
+                root = getattr(root, "orig", None) or root  # SQLAlchemy's wrapper: the driver's own error
+                log.warning("storage: lost the connection to %s (%s: %s); trying again for up to %.0f s",
+                            redact_url(url), type(root).__name__, first_line(root, limit=200), RECONNECT_S)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+            if on_retry is not None:
+                try:
+                    on_retry()
+                except Exception:
+                    pass
+            continue
+        if warned:
+            log.warning("storage: %s answers again (%s)", redact_url(url), what)
+        return result
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """Optuna's ``RDBStorage`` whose calls ride out a database server restart (``reconnecting``): every
+    worker waits for the server and goes on, instead of dying with its trial RUNNING. A call is retried
+    only when its connection failed; the server aborts what it had not committed, so nothing is written
+    twice."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self._url = url
+        self._calls = threading.local()  # per thread (the heartbeat has its own): inside a retried call
+        super().__init__(url, **kwargs)
+
+    def reconnecting(self, call: Callable[..., T], what: str, *args: Any) -> T:
+        """``call(*args)`` (another use of this database, e.g. the study lock), retried the same way."""
+        return reconnecting(call, what, self._url, *args)
+
+
+def _reconnecting_method(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        calls = getattr(self, "_calls", None)
+        if calls is None or getattr(calls, "inside", False):
+            return method(self, *args, **kwargs)  # during __init__, or nested: the outer call retries
+        calls.inside = True
+        try:
+            return reconnecting(method, name, self._url, self, *args, on_retry=self.remove_session, **kwargs)
+        finally:
+            calls.inside = False
+
+    return call
+
+
+# The public methods, and the private ones Optuna's cache in front of an RDBStorage calls directly.
+_CALLED_BY_OPTUNA = ("_get_trials", "_get_best_trial_id", "_set_trial_param", "_create_new_trial", "_get_stale_trial_ids")
+for _name in [n for n in dir(RDBStorage) if (not n.startswith("_") or n in _CALLED_BY_OPTUNA)
+              and inspect.isfunction(getattr(RDBStorage, n))]:
+    if _name not in ("remove_session", "get_heartbeat_interval", "get_failed_trial_callback"):
+        setattr(ReconnectingRDBStorage, _name, _reconnecting_method(_name))

@@ -374,13 +374,19 @@ class StudyLock:
         conn.commit()
 
     def _acquire_db(self) -> None:
+        """Take the lock on a connection of its own (through a database restart: ``storage.reconnecting``)."""
+        retry = getattr(self.storage, "reconnecting", None)
+        self._conn = retry(self._connect_locked, "study lock") if retry is not None else self._connect_locked()
+
+    def _connect_locked(self) -> Any:
         conn = self.storage.engine.connect()
         try:
             self._db_lock(conn, release=False)
         except BaseException:
+            conn.invalidate()
             conn.close()
             raise
-        self._conn = conn
+        return conn
 
     def _release_db(self) -> None:
         conn, self._conn = self._conn, None

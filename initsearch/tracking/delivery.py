@@ -12,8 +12,8 @@ trials to it).
 
 ``LoggingThread`` is the tracker's background thread: it runs the tracker's calls in order (the study-level
 runs, sending the trials to the writer, or logging them itself without one), so no MLflow call runs on
-the study's thread; after ``MAX_FAILURES`` failures in a row it drops the rest rather than queue minutes
-of retries.
+the study's thread; a failing call is handed to the tracker, which keeps the trials in its spool while
+the store is down.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Any
 
 from initsearch.errors import first_line
 from initsearch.search.workers import running_with_env, worker_id
-from initsearch.tracking.writer import MAX_FAILURES, URI_ENV
+from initsearch.tracking.writer import URI_ENV
 
 log = logging.getLogger("initsearch")
 
@@ -50,20 +50,17 @@ def writer_running_for(worker: str) -> bool:
 
 # ---- the logging thread ------------------------------------------------------------------------------------
 class LoggingThread:
-    """One daemon thread running submitted calls in order. A failing call is logged as a warning; after
-    ``MAX_FAILURES`` in a row the remaining and later calls are dropped (one warning says so)."""
+    """One daemon thread running submitted calls in order. A failing call goes to ``on_failure(name,
+    exc)`` (the tracker: one warning per outage), or is a warning of its own when there is none."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_failure: Callable[[str, Exception], None] | None = None) -> None:
         self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._failures = 0
-        self.disabled = False
+        self.on_failure = on_failure
         self.cpu_s: dict[str, float] = {}  # CPU seconds spent per kind of call (scripts/tracking_overhead.py)
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        if self.disabled:
-            return
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="initsearch-mlflow", daemon=True)
@@ -93,11 +90,12 @@ class LoggingThread:
             return not self._thread.is_alive()
         return True
 
-    def disable(self, failures: int) -> None:
-        """Drop this and every later call (one warning)."""
-        if not self.disabled:
-            self.disabled = True
-            log.warning("MLflow tracking: %d failures in a row; tracking is off for the rest of this run", failures)
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s more for a stopped thread to end; ``True`` when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def _loop(self) -> None:
         while True:
@@ -105,8 +103,7 @@ class LoggingThread:
             try:
                 if item is None:
                     return
-                if not self.disabled:
-                    self._run(*item)
+                self._run(*item)
             finally:
                 self._queue.task_done()
 
@@ -114,13 +111,12 @@ class LoggingThread:
         started = time.thread_time()
         try:
             fn(*args)
-            self._failures = 0
         except Exception as exc:
-            self._failures += 1
-            log.warning("MLflow tracking: %s failed (%s)", fn.__name__.strip("_"),
-                        first_line(exc, with_type=True, limit=300))
-            if self._failures >= MAX_FAILURES:
-                self.disable(self._failures)
+            name = fn.__name__.strip("_")
+            if self.on_failure is not None:
+                self.on_failure(name, exc)
+            else:
+                log.warning("MLflow tracking: %s failed (%s)", name, first_line(exc, with_type=True, limit=300))
         finally:
             name = fn.__name__
             self.cpu_s[name] = self.cpu_s.get(name, 0.0) + time.thread_time() - started
@@ -159,7 +155,7 @@ class WriterProcess:
 
     ``send_trial`` (from the tracker's thread) writes one JSON line per trial and keeps the payload until
     the writer acknowledges it; a reader thread reads the acknowledgements (``{"seq", "cpu", "trial_cpu",
-    "error", "disabled"}``; seq 0 = ready) and hands each to ``on_ack``. When the writer ends without
+    "error", "delivered", "number"}``; seq 0 = ready) and hands each to ``on_ack``. When the writer ends without
     being asked (killed, crashed, could not import MLflow), the payloads it did not acknowledge are handed
     to ``on_death`` once, so the tracker logs them itself: at least once, never lost (a writer killed
     between creating a run and acknowledging it leaves that run twice, the first one RUNNING).

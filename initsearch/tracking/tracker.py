@@ -17,9 +17,10 @@ of the study, once the writer has acknowledged every trial (the training-curves 
 the results and plots. While the study waits for the logs (``flush``, ``study_finished``) the thread logs a
 queued trial itself whenever the writer already has ``STEAL_BACKLOG`` trials in hand, so the last round of
 a batched study is logged on both cores. ``close`` (also registered with ``atexit``) waits a bounded time.
-Nothing here raises into the study: a failing MLflow call is a warning (passwords of the tracking URI
-shown as ``***``: MLflow quotes failing URLs), and after ``MAX_FAILURES`` failures in a row tracking turns
-itself off for the rest of the process. ``make_tracker`` chooses the tracker of a ``tracking_uri`` and
+Nothing here raises into the study: a failing MLflow call is one warning per outage (passwords of the
+tracking URI shown as ``***``: MLflow quotes failing URLs); each MLflow call gives up after about
+``tracking.retry_timeout`` seconds, and the trials MLflow misses wait in the spool (``spool``) for a later
+try or a later run of the command, which logs each of them once (``_backfill``). ``make_tracker`` chooses the tracker of a ``tracking_uri`` and
 fails early on a bad one.
 """
 from __future__ import annotations
@@ -31,13 +32,14 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from initsearch.errors import first_line, hide_password_of, redact_url
+from initsearch.errors import ConfigError, first_line, hide_password_of, redact_url
 from initsearch.search.outcome import NullTracker, Tracker, TrialOutcome
-from initsearch.search.settings import StudySettings
+from initsearch.search.settings import StudySettings, TrackingSettings
 from initsearch.search.workers import worker_alive, worker_id
 from initsearch.tracking.delivery import STALL_TIMEOUT_S, LoggingThread, WriterProcess, writer_running_for
 from initsearch.tracking.payload import (
@@ -59,6 +61,7 @@ from initsearch.tracking.plots import (
     plot_training_curves,
     save_figure,
 )
+from initsearch.tracking.spool import Spool, spool_folder
 from initsearch.tracking.uri import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -71,7 +74,16 @@ from initsearch.tracking.uri import (
     runs_page_url,
     ui_base,
 )
-from initsearch.tracking.writer import MAX_FAILURES, MAX_TAG_VALUE, log_in_batches, log_trial
+from initsearch.tracking.writer import (
+    MAX_TAG_VALUE,
+    RETRY_EVERY_S,
+    ArtifactsNotLogged,
+    Outage,
+    log_in_batches,
+    log_trial,
+    retry_env,
+    short_error,
+)
 
 log = logging.getLogger("initsearch")
 
@@ -81,34 +93,65 @@ FINISH_TIMEOUT_S = 600.0  # study_finished: the same, with the end-of-study arti
 WRITER_EXIT_TIMEOUT_S = 45.0  # of which at most this long for the writer to log what it was sent
 STEAL_BACKLOG = 2  # while the study waits: log a trial here when the writer holds this many unacknowledged
 WRITER_READY_TIMEOUT_S = 30.0  # make_tracker: the longest wait for the writer to import MLflow and open the store
+PROBE_S = 3.0  # an HTTP server's /health, asked before trying again after an outage
+_RETRY_ENV_SET: set[str] = set()  # the MLflow retry variables this process set (the user's own are left alone)
+
+
+def bound_retries(seconds: float) -> None:
+    """Make MLflow's HTTP calls (here and in the writer, which inherits the environment) give up after
+    about ``seconds`` instead of minutes (``writer.retry_env``); variables the user set are kept."""
+    for key, value in retry_env(seconds).items():
+        if key not in os.environ or key in _RETRY_ENV_SET:
+            os.environ[key] = value
+            _RETRY_ENV_SET.add(key)
 
 
 def make_tracker(settings: StudySettings) -> Tracker:
     """The tracker of ``settings.tracking_uri``: ``NullTracker`` when off, else an ``MlflowTracker``.
 
-    Everything that can fail on a bad URI fails here, before any training: an HTTP server is probed;
-    a database store is opened (created and migrated on first use: this is also what makes the later
-    per-trial calls cheap). The writer process is started first, so that its MLflow import overlaps the
-    opening; it opens the store after this process has (``MlflowTracker`` waits for that, bounded).
+    A bad local store fails here, before any training (one ``ConfigError`` line). An HTTP server that does
+    not answer is one warning and the study runs: its trials wait in the spool and are logged when the
+    server answers again (this run tries every ``RETRY_EVERY_S``, and the next run of the command logs
+    what is left). A store that answers is opened (created and migrated on first use: this is also what
+    makes the later per-trial calls cheap). The writer process is started first, so that its MLflow
+    import overlaps the opening; it opens the store after this process has (``MlflowTracker`` waits for
+    that, bounded).
     """
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:
         return NullTracker()
     hide_password_of(uri)  # MLflow's errors quote the failing request's URL: warnings show *** instead
+    tracking = getattr(settings, "tracking", None) or TrackingSettings()
+    bound_retries(tracking.retry_timeout)
     if is_http(uri):
-        check_reachable(uri)
         # A RestStore prints two "View run" lines per finished run; one link per study is enough (we log it).
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        try:
+            check_reachable(uri, timeout=min(PROBE_S + 2.0, tracking.retry_timeout))
+        except ConfigError as exc:
+            return _offline(settings, uri, str(exc))
     elif uri.startswith("sqlite:///"):
         make_parent_dir(uri)
     writer = WriterProcess.launch(uri)  # importing MLflow there while this process opens the store
     try:
         client = open_client(uri)
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             writer.kill()
+        if is_http(uri) and isinstance(exc, ConfigError):
+            return _offline(settings, uri, str(exc))
         raise
     return MlflowTracker(client, uri, default_artifact_location(uri), writer=writer if writer is not None else False)
+
+
+def _offline(settings: StudySettings, uri: str, reason: str) -> MlflowTracker:
+    """A tracker for a server that does not answer at start: one warning line; the study runs."""
+    folder = spool_folder(settings)
+    reason = reason.removeprefix("tracking_uri: ").removesuffix(" (start the server, or set tracking_uri=none)")
+    log.warning("MLflow tracking: %s; the study runs without it: its trials are kept in %s and logged when the "
+                "server answers (tried every %.0f s), or by the next run of this command", reason, folder,
+                RETRY_EVERY_S)
+    return MlflowTracker(None, uri, None, writer=True, down=True)
 
 
 def _now_ms() -> int:
@@ -122,13 +165,20 @@ class MlflowTracker:
 
     The three hooks only build plain payloads and enqueue them (with the wall-clock time they were called
     at, so the runs keep the trials' real start and end times); nothing here raises into the study.
+
+    Outages: each trial is kept in the study's spool (``spool.Spool``) until MLflow has its run. The first
+    failing call of an outage is one warning saying what happens; while the store is down (``Outage``)
+    trials only go to the spool, and every ``RETRY_EVERY_S`` one is tried again (the study-level start
+    too, when the server was down from the beginning). What is left is logged by the next run of the
+    command (``_backfill``), each trial once; ``not_in_mlflow`` counts it at the end.
     """
 
     def __init__(self, client: Any, uri: str, artifact_location: str | None = None,
-                 writer: bool | WriterProcess = True) -> None:
+                 writer: bool | WriterProcess = True, down: bool = False) -> None:
         """``writer``: a started ``WriterProcess`` (``make_tracker`` starts it before opening the store, so
         its MLflow import overlaps that; it opens the store once this process has), ``True`` to start one
-        when the study starts, ``False`` to log the trials on the thread."""
+        when the study starts, ``False`` to log the trials on the thread. ``down``: the server did not
+        answer at start (``client`` is ``None``; it is opened when the server answers)."""
         self.client = client
         self.uri = uri
         self.artifact_location = artifact_location
@@ -138,16 +188,28 @@ class MlflowTracker:
         self.figures: list[Path] = []  # the end-of-study plots written into the run folder
         self.use_writer = bool(writer)
         self.writer: WriterProcess | None = None
-        self._thread = LoggingThread()
+        self.outage = Outage()
+        if down:
+            self.outage.failed()  # make_tracker warned
+        self.spool: Spool | None = None
+        self.flush_timeout: float | None = None  # tracking.flush_timeout, once the study started
+        self.not_in_mlflow = 0  # trials of the study kept in the spool when the tracker closed
+        self._thread = LoggingThread(on_failure=self._call_failed)
         self._worker_tag = worker_id()
+        self._owner = uuid.uuid4().hex  # this tracker, in the spool: another one of this process is done
+        self._start_args: tuple[Any, ...] | None = None
+        self._study: Any = None
         self._orphans: list[dict[str, Any]] = []
         self._orphans_lock = threading.Lock()
         self._payload_cpu_s = 0.0  # the study's thread, building trial payloads
         self._here_cpu_s = 0.0  # the tracker's thread, logging trials itself (no writer)
         self._finished = False
         self._closed = False
+        self._report = True  # say at the end how many trials MLflow misses (not in helper workers)
+        self._artifacts_warned = False
         self._draining = False  # the study waits for the logs: the thread helps the writer (``_log_trial``)
         self.logged_here = 0  # trials this process logged itself (no writer, its orphans, or helping it)
+        self.backfilled = 0  # trials an earlier run left out, logged by this one
         atexit.register(self.close)
         if isinstance(writer, WriterProcess):
             self._attach_writer(writer)
@@ -156,21 +218,24 @@ class MlflowTracker:
     # -- hooks (the study's thread) --
     def study_started(self, settings: StudySettings, config_yaml: str, study: Any) -> None:
         self._worker_tag = worker_id()
+        folder = spool_folder(settings)
+        self.spool = Spool(folder) if folder is not None else None
+        tracking = getattr(settings, "tracking", None)
+        self.flush_timeout = getattr(tracking, "flush_timeout", None)
         if self.use_writer and self.writer is None:
             self._start_writer()
-        self._thread.submit(self._start, settings, config_yaml, study.study_name, _now_ms())
-        self._thread.submit(self._backfill, study)
+        self._start_args = (settings, config_yaml, study.study_name, _now_ms())
+        self._study = study
+        self._thread.submit(self._connect)
 
     def trial_finished(self, outcome: TrialOutcome) -> None:
-        """Build the trial's payload here and queue it; the thread sends it to the writer."""
-        if self._thread.disabled:
-            return
+        """Build the trial's payload here and queue it; the thread keeps it in the spool and sends it."""
         started = time.thread_time()
         try:
             payload = trial_payload(outcome, _now_ms(), self._worker_tag)
         except Exception as exc:
             log.warning("MLflow tracking: trial %s not logged (%s)", outcome.number,
-                        first_line(exc, with_type=True, limit=300))
+                        short_error(exc))
             return
         finally:
             self._payload_cpu_s += time.thread_time() - started
@@ -178,13 +243,14 @@ class MlflowTracker:
 
     def study_finished(self, study: Any, summary: Any, policy_path: Any) -> None:
         """Log the end-of-study results once every trial is logged (the training-curves plot reads them
-        back), then stop the thread and the writer (this blocks, at most ``FINISH_TIMEOUT_S``)."""
+        back), then stop the thread and the writer (this blocks, at most ``tracking.flush_timeout``)."""
         self._finished = True
         self._draining = True
         self._thread.submit(self._await_writer)
+        self._thread.submit(self._redeliver)
         self._thread.submit(self._eof_writer)  # nothing left to send: it exits while the plots are drawn
         self._thread.submit(self._finish, study, summary, None if policy_path is None else Path(policy_path))
-        self._close(FINISH_TIMEOUT_S)
+        self._close(FINISH_TIMEOUT_S, patient=True)
 
     def flush(self) -> bool:
         """Block until everything enqueued so far is logged (the writer's acknowledgements included), at most
@@ -212,9 +278,11 @@ class MlflowTracker:
         cpu["writer"] = self.writer.cpu_s if self.writer is not None else 0.0
         return cpu
 
-    def detach(self) -> None:
-        """Drain and stop without touching the parent run (another process of the study finishes it)."""
+    def detach(self, report: bool = False) -> None:
+        """Drain and stop without touching the parent run (another process of the study finishes it);
+        ``report``: say how many trials MLflow misses (a helper worker leaves that to its main process)."""
         self._finished = True
+        self._report = report
         self.close()
 
     def close(self) -> None:
@@ -223,22 +291,87 @@ class MlflowTracker:
         RUNNING and continues it."""
         self._close(CLOSE_TIMEOUT_S)
 
-    def _close(self, timeout: float) -> None:
+    def _close(self, timeout: float, patient: bool = False) -> None:
+        """Stop the thread and the writer, waiting at most ``tracking.flush_timeout`` (else ``timeout``);
+        ``patient`` (the end of a study): as long as the store answers, up to ``timeout`` for the results."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.close)
+        limit = timeout if self.flush_timeout is None else min(timeout, self.flush_timeout)
         self._thread.submit(self._close_writer)
         if not self._finished:
             self._thread.submit(self._abandon)
-        if not self._thread.stop(timeout):
-            # The thread may be blocked writing to a stuck writer's pipe (holding its lock): leave both; the
-            # pipe closes when this process exits, and the writer then logs what it got and exits too.
+        started = time.monotonic()
+        stopped = self._thread.stop(limit)
+        while not stopped and patient and not self.outage.down and time.monotonic() - started < timeout:
+            stopped = self._thread.join(1.0)
+        timeout = time.monotonic() - started
+        if not stopped:
+            # The thread may be blocked writing to a stuck writer's pipe (holding its lock), or on a store
+            # that does not answer: leave both; the pipe closes when this process exits, and the writer then
+            # logs what it got and exits too. The spool keeps what MLflow did not get.
             log.warning("MLflow tracking: still busy after %.0f s; not waiting for it any longer", timeout)
-            return
-        if self.writer is not None and not self.writer.closing:
-            self.writer.close_input()  # tracking turned itself off (the thread skipped _close_writer): EOF
+        elif self.writer is not None and not self.writer.closing:
+            self.writer.close_input()  # the thread skipped _close_writer: EOF
             self.writer.wait_exit(min(WRITER_EXIT_TIMEOUT_S, 5.0))  # and reap it (it only acknowledges by now)
+        self._report_missing()
+
+    def _report_missing(self) -> None:
+        """One line at the end when trials of the study are not in MLflow yet (kept in the spool)."""
+        if self.spool is None:
+            return
+        self.not_in_mlflow = len(self.spool)
+        if self.not_in_mlflow and self._report:
+            log.warning("MLflow tracking: %d trials not yet in MLflow (kept in %s); the next run of this command "
+                        "with %s reachable logs them (tracking_only=true: without running trials)",
+                        self.not_in_mlflow, self.spool.folder, redact_url(self.uri))
+
+    # -- outages --
+    def _went_down(self, what: str, error: str) -> None:
+        """A failed call: the first of an outage is one warning saying what happens; the others debug."""
+        if not self.outage.failed():
+            log.debug("MLflow tracking: %s failed (%s)", what, error)
+            return
+        where = f"kept in {self.spool.folder}" if self.spool is not None and self.spool.broken is None else "kept"
+        log.warning("MLflow tracking: %s failed (%s); the study goes on: the trials MLflow misses are %s and "
+                    "logged when it answers (tried every %.0f s), or by the next run of this command",
+                    what, error, where, RETRY_EVERY_S)
+
+    def _call_failed(self, name: str, exc: Exception) -> None:
+        self._went_down(name, short_error(exc))
+
+    def _recovered(self) -> None:
+        if self.outage.recovered():
+            log.warning("MLflow tracking: %s answers again; logging the trials it missed", redact_url(self.uri))
+
+    def _store_answers(self) -> bool:
+        """Whether to try the store now: it is not known to be down, or it is time to try again and (an
+        HTTP server) its /health answers. Each try that fails waits ``RETRY_EVERY_S`` for the next."""
+        if not self.outage.down:
+            return True
+        if not self.outage.should_try():
+            return False
+        if is_http(self.uri):
+            try:
+                check_reachable(self.uri, timeout=PROBE_S)
+            except ConfigError as exc:
+                self._went_down("reaching the server", str(exc).removeprefix("tracking_uri: "))
+                return False
+        self.outage.next_try = time.monotonic() + self.outage.retry_every  # one try per interval
+        return True
+
+    def _store_artifact(self, fn: Callable[..., Any], run_id: str, *args: Any) -> None:
+        """Store an artifact of the parent run; an artifact store that refuses it is a warning (once)."""
+        try:
+            fn(run_id, *args)
+        except Exception as exc:
+            self._artifacts_missing(f"artifacts not stored (the study's run: {short_error(exc)})")
+
+    def _artifacts_missing(self, error: str) -> None:
+        if not self._artifacts_warned:
+            self._artifacts_warned = True
+            log.warning("MLflow tracking: %s; the trials' runs hold everything else", error)
 
     # -- the writer (study's thread to start it; the tracker's thread for the rest) --
     def _start_writer(self) -> None:
@@ -251,11 +384,17 @@ class MlflowTracker:
         writer.bind(self._on_ack, self._on_writer_death)
 
     def _on_ack(self, ack: dict[str, Any]) -> None:
-        """The reader thread: a failure the writer reports is a warning; its giving up turns tracking off."""
-        if ack.get("error"):
-            log.warning("MLflow tracking (writer process): %s", ack["error"])
-        if ack.get("disabled"):
-            self._thread.disable(MAX_FAILURES)
+        """The reader thread: a delivered trial leaves the spool; a failure starts (or continues) an outage."""
+        number = ack.get("number")
+        if ack.get("delivered", True):
+            if number is not None and self.spool is not None:
+                self.spool.drop(number)
+            if ack.get("error"):
+                self._artifacts_missing(str(ack["error"]))
+            elif number is not None:
+                self._recovered()
+        elif ack.get("error"):
+            self._went_down("logging", str(ack["error"]))
 
     def _on_writer_death(self, reason: str, orphans: list[dict[str, Any]]) -> None:
         """The writer ended unasked: one warning; what it did not acknowledge is logged here (the thread
@@ -267,37 +406,51 @@ class MlflowTracker:
             self._orphans.extend(orphans)
 
     def _log_trial(self, payload: dict[str, Any]) -> None:
-        """The thread's step for one trial: fill in the run ids (known once ``_start`` ran) and hand it to
-        the writer, or log it here when there is none (``scripts/bench.py`` times this method)."""
-        if self.parent_id is None:
-            raise RuntimeError(f"no parent run (the study's start was not logged); trial {payload['number']} skipped")
+        """The thread's step for one trial: keep it in the spool, fill in the run ids (known once the study's
+        start is logged) and hand it to the writer, or log it here when there is none (``scripts/bench.py``
+        times this method). While the store is down it stays in the spool."""
+        if self.spool is not None:
+            self.spool.keep(payload, self._worker_tag, self._owner)
+        if not self._connected():
+            return
+        probe = self.outage.down
+        if probe and not self._store_answers():
+            return
         payload["experiment_id"] = self.experiment_id
         payload["tags"]["mlflow.parentRunId"] = self.parent_id
         self._log_orphans()
         helping = self._draining and self.writer is not None and self.writer.unacknowledged >= STEAL_BACKLOG
-        if self.writer is None or helping or not self.writer.send_trial(payload):
+        if probe:
+            payload["retry"] = True  # tried before the outage was seen? then it may be there
+        if self.writer is None or helping or probe or not self.writer.send_trial(payload):
             self._log_here(payload)
 
     def _log_here(self, payload: dict[str, Any]) -> None:
+        """Log one trial on this thread (``retry``: unless it already has a run); it leaves the spool."""
         started = time.thread_time()
         try:
-            log_trial(self.client, payload)
-            self.logged_here += 1
+            log_trial(self.client, payload, check_existing=bool(payload.get("retry")))
+        except ArtifactsNotLogged as exc:
+            self._artifacts_missing(f"artifacts not stored ({exc})")
         finally:
             self._here_cpu_s += time.thread_time() - started
+        self.logged_here += 1
+        if self.spool is not None:
+            self.spool.drop(payload["number"])
+        self._recovered()
 
     def _log_orphans(self) -> None:
-        """Log here the trials a dead writer did not acknowledge (each failure a warning)."""
+        """Log here the trials a dead writer did not acknowledge (a failure leaves them in the spool)."""
         while True:
             with self._orphans_lock:
                 if not self._orphans:
                     return
                 payload = self._orphans.pop(0)
+            payload["retry"] = True
             try:
                 self._log_here(payload)
             except Exception as exc:
-                log.warning("MLflow tracking: log_trial failed (trial %s: %s)", payload.get("number"),
-                            first_line(exc, with_type=True, limit=300))
+                self._went_down(f"log_trial (trial {payload.get('number')})", short_error(exc))
 
     def _await_writer(self) -> None:
         """Wait until the writer acknowledged every trial sent (or died: then log the rest here)."""
@@ -322,6 +475,51 @@ class MlflowTracker:
                         "them on its own", writer.pid, writer.unacknowledged)
         self._log_orphans()
 
+    # -- connecting, and what earlier runs left out --
+    def _connect(self) -> None:
+        """The thread's first step: the study's start (experiment, parent run), then the backfill."""
+        self._connected()
+
+    def _connected(self) -> bool:
+        """Whether the study's start is logged (the parent run known); when not, and the store may answer,
+        log it now (opening the client and the writer's store after an outage at start), then the backfill.
+        ``False`` leaves the trials in the spool."""
+        if self.parent_id is not None:
+            return True
+        if self._start_args is None or not self._store_answers():
+            return False
+        try:
+            if self.client is None:
+                self.client = open_client(self.uri)
+                if self.writer is not None:
+                    self.writer.open_store(WRITER_READY_TIMEOUT_S)
+            self._start(*self._start_args)
+        except Exception as exc:
+            self._went_down("logging the study's start", short_error(exc))
+            return False
+        self._recovered()
+        try:
+            self._backfill(self._study)
+        except Exception as exc:  # the trials not logged stay where they are, for the next run
+            log.warning("MLflow tracking: logging the trials earlier runs left out failed (%s)", short_error(exc))
+        return True
+
+    def _redeliver(self) -> None:
+        """At the end of the study: this process's trials still in the spool (the store was down), logged
+        now when it answers again."""
+        if self.spool is None:
+            return
+        entries = [(n, e) for n, e in ((n, self.spool.load(n)) for n in self.spool.numbers())
+                   if e is not None and e[1] == self._owner]
+        if not entries or not self._connected() or not self._store_answers():
+            return
+        for number, entry in entries:
+            payload = entry[2]
+            payload["experiment_id"] = self.experiment_id
+            payload["tags"]["mlflow.parentRunId"] = self.parent_id
+            payload["retry"] = True
+            self._log_here(payload)  # a failure ends the loop: the outage goes on
+
     # -- the logging thread's side --
     def _start(self, settings: StudySettings, config_yaml: str, name: str, started_ms: int) -> None:
         """Find or create the experiment and the parent run (started at ``started_ms``, when the study
@@ -339,7 +537,7 @@ class MlflowTracker:
                                     "initsearch.role": "parent"}, run_name=name)
             self.parent_id = run.info.run_id
             log_in_batches(client, self.parent_id, params=params, tags=tags)
-            client.log_text(self.parent_id, yaml_text, "config.yaml")
+            self._store_artifact(client.log_text, self.parent_id, yaml_text, "config.yaml")
             log.info("MLflow: study %r -> parent run %s in %s (UI: %s)", name, self.parent_id, redact_url(self.uri),
                      self.runs_url)
             return
@@ -350,10 +548,9 @@ class MlflowTracker:
         changed = [f"{k}={v}" for k, v in params if k in logged and logged[k] != v]
         tags["initsearch.resumed_with"] = clip(" ".join(changed) or "(same config)", MAX_TAG_VALUE)
         log_in_batches(client, self.parent_id, params=new, tags=tags)
-        self._resumed = True
         self._close_dead_children()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        client.log_text(self.parent_id, yaml_text, f"resumes/config-{stamp}.yaml")
+        self._store_artifact(client.log_text, self.parent_id, yaml_text, f"resumes/config-{stamp}.yaml")
         log.info("MLflow: study %r resumes parent run %s in %s (UI: %s)", name, self.parent_id, redact_url(self.uri),
                  self.runs_url)
 
@@ -387,6 +584,8 @@ class MlflowTracker:
     def _finish(self, study: Any, summary: Any, policy_path: Path | None) -> None:
         """Headline metrics, best_policy.json, trials.csv and the plots on the parent (the plots also next to
         the exported policy, in the run folder: ``figures`` lists them); parent FINISHED."""
+        if not self._connected() or not self._store_answers():
+            raise RuntimeError("the store is down; the next run of this command logs the end of the study")
         if self.parent_id is None:
             raise RuntimeError("no parent run (the study's start was not logged); end of study skipped")
         client = self.client
@@ -408,7 +607,7 @@ class MlflowTracker:
                         continue
                     target.write_bytes(png.read_bytes())
                     self.figures.append(target)
-            client.log_artifacts(self.parent_id, str(folder))
+            self._store_artifact(client.log_artifacts, self.parent_id, str(folder))
         client.set_terminated(self.parent_id, status="FINISHED", end_time=_now_ms())
 
     def _plots(self, study: Any, summary: Any, folder: Path) -> None:
@@ -476,48 +675,78 @@ class MlflowTracker:
                 out[label] = [dict(zip(table["columns"], row)) for row in table["data"]]
         return out
 
-    # -- on resume: what a killed process left behind --
+    # -- on resume: what earlier runs left behind --
     def _close_dead_children(self) -> None:
-        """Mark KILLED the child runs still RUNNING whose process (tag ``initsearch.worker``) is gone: a
-        process killed while it logged a trial leaves one behind. Runs of live or remote workers stay."""
+        """Delete the child runs still RUNNING whose process (tag ``initsearch.worker``) is gone and whose
+        writer is gone too: a process killed, or a store that went down, while it logged a trial leaves
+        one behind, half logged. ``_backfill`` then logs that trial again. Runs of live or remote workers
+        stay."""
         children = search_all(self.client, self.experiment_id,
                               f"tags.`mlflow.parentRunId` = '{self.parent_id}' and attributes.status = 'RUNNING'")
         for run in children:
             worker = run.data.tags.get("initsearch.worker")
-            if worker and worker_alive(worker) is False:
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+            if worker and worker_alive(worker) is False and not writer_running_for(worker):
+                self.client.delete_run(run.info.run_id)
 
     def _backfill(self, study: Any) -> None:
-        """On resume: a child run for each finished trial that has none and whose worker process is gone
-        (killed after the trial ended, before its run was logged), from what the study stored: state,
-        score, per-seed scores, params, reason, policy (no curves)."""
-        if self.parent_id is None or not getattr(self, "_resumed", False):
+        """A child run for each finished trial that has none and whose worker process (and its writer) is
+        gone: from the spool when the trial is there (everything, curves included), else from what the study
+        stored (state, score, per-seed scores, params, reason, policy; no curves). Each trial once: a spool
+        entry whose trial already has a finished run is only removed. Runs under the study lock, so two
+        workers starting together do not both log one."""
+        if self.parent_id is None or study is None:
             return
         children = search_all(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
-        logged = {run.data.tags.get("initsearch.trial") for run in children}
-        states = {"COMPLETE": "complete", "PRUNED": "pruned"}
-        for t in study.get_trials(deepcopy=False):
-            worker = t.user_attrs.get("worker")
-            if str(t.number) in logged or not t.state.is_finished() or not isinstance(worker, str):
+        logged = {run.data.tags.get("initsearch.trial") for run in children if run.info.status != "RUNNING"}
+
+        def gone(worker: str, owner: str = "") -> bool:
+            """The process is gone with its writer (or it is this one, and the trial another, closed tracker's)."""
+            if worker == self._worker_tag:
+                return bool(owner) and owner != self._owner
+            return worker_alive(worker) is False and not writer_running_for(worker)
+
+        spooled: set[int] = set()
+        for number in self.spool.numbers() if self.spool is not None else []:
+            entry = self.spool.load(number)
+            if entry is None:
                 continue
-            if worker_alive(worker) is not False:
+            worker, owner, payload = entry
+            if str(number) in logged:
+                self.spool.drop(number)
+                continue
+            spooled.add(number)
+            if gone(worker, owner):
+                self._log_backfill(payload)
+                self.spool.drop(number)
+                logged.add(str(number))
+        states = {"COMPLETE": "complete", "PRUNED": "pruned"}
+        for t in study.get_trials(deepcopy=False) if hasattr(study, "get_trials") else []:
+            worker = t.user_attrs.get("worker")
+            if str(t.number) in logged or t.number in spooled or not t.state.is_finished() or not isinstance(worker, str):
+                continue
+            if not gone(worker):
                 continue  # a live (or remote) worker logs its own trials
-            if writer_running_for(worker):
-                continue  # the dead worker's writer still works through what it was sent: it logs this one
             outcome = TrialOutcome(t.number, t.user_attrs.get("baseline"), dict(t.params), policy=t.user_attrs.get("policy"),
                                    state=states.get(t.state.name, "failed"), value=t.value,
                                    seed_scores=list(t.user_attrs.get("seed_scores") or []), reason=t.user_attrs.get("reason"))
             end = t.datetime_complete or t.datetime_start
             if t.datetime_start is not None and t.datetime_complete is not None:
                 outcome.seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-            payload = trial_payload(outcome, int(end.timestamp() * 1000) if end is not None else _now_ms(), worker_id())
-            payload["experiment_id"] = self.experiment_id
-            payload["tags"]["mlflow.parentRunId"] = self.parent_id
-            log_trial(self.client, payload)  # one-time work: here, not through the writer
+            self._log_backfill(trial_payload(outcome, int(end.timestamp() * 1000) if end is not None else _now_ms(), worker))
+
+    def _log_backfill(self, payload: dict[str, Any]) -> None:
+        """One trial an earlier run left out, logged here (one-time work: not through the writer)."""
+        payload["experiment_id"] = self.experiment_id
+        payload["tags"]["mlflow.parentRunId"] = self.parent_id
+        try:
+            log_trial(self.client, payload, check_existing=True)
+        except ArtifactsNotLogged as exc:
+            self._artifacts_missing(f"artifacts not stored ({exc})")
+        self.backfilled += 1
 
     def _abandon(self) -> None:
         """The process ends without ``study_finished``: mark the parent KILLED (a resume sets it RUNNING)."""
-        if self.parent_id is not None:
+        if self.parent_id is not None and not self.outage.down:
             self.client.set_terminated(self.parent_id, status="KILLED", end_time=_now_ms())
 
 
