@@ -400,3 +400,27 @@ def test_empty_dataset_folder_is_filled_by_download(tmp_path: Path) -> None:
     with cf.serve_directory(served) as base:
         x_train, *_ = load_cifar10(root, url=f"{base}/{cf.ARCHIVE}", md5=md5)
     assert x_train.shape[0] == 10 and _listing(root) == {CIFAR10_FOLDER}
+
+
+def test_cifar_archive_filling_the_disk_while_extracting_is_one_line_and_leaves_nothing(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """The disk fills up half-way through extraction (ENOSPC from the file system, injected): one line
+    naming data.root and what to do; the staging folder and the downloaded archive are gone."""
+    import errno
+
+    served, root = tmp_path / "served", tmp_path / "root"
+    served.mkdir()
+    _, md5 = cf.make_cifar_archive(served, n_per_batch=N_PER_BATCH)
+    real_extractall = tarfile.TarFile.extractall
+
+    def fill_the_disk(self, path, members=None, **kwargs):
+        real_extractall(self, path, members=list(members or self.getmembers())[:2], **kwargs)  # a partial write
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", fill_the_disk)
+    with cf.serve_directory(served) as base, pytest.raises(DataError) as info:
+        load_cifar10(root, url=f"{base}/{cf.ARCHIVE}", md5=md5)
+    message = str(info.value)
+    assert message.startswith(f"data.root: the disk under {root}/ is full while extracting ") and "\n" not in message
+    assert "make room or set data.root=" in message
+    assert _listing(root) == set()  # no partial dataset folder, no staging folder, no archive left behind

@@ -16,6 +16,7 @@ moves everything to ``device``. Every problem is a :class:`~initsearch.errors.Da
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import http.client
 import io
@@ -450,6 +451,17 @@ def _one_line(exc: BaseException | str) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _disk_full(exc: OSError) -> bool:
+    """Whether an OSError says the disk (or the user's quota) is full."""
+    return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _disk_full_message(root: Path, doing: str, what: str) -> str:
+    """The one line for a disk that filled up while downloading or extracting CIFAR-10."""
+    return (f"data.root: the disk under {root}/ is full while {doing} {what}; the partial files are removed "
+            f"(CIFAR-10 needs about 340 MB there); make room or set data.root=... to another disk")
+
+
 def _download_and_extract(url: str, md5: str, root: Path, timeout: float) -> None:
     """Download ``url`` into a temp file inside ``root``, verify, extract; the temp file never survives."""
     try:
@@ -485,7 +497,11 @@ def _download_to(url: str, out: BinaryIO, timeout: float, root: Path) -> str:
                 received += len(chunk)
     except http.client.IncompleteRead:  # e.g. a chunked response cut short
         cut_short = True
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+    except OSError as exc:
+        if _disk_full(exc):
+            raise DataError(_disk_full_message(root, "downloading", url)) from None
+        raise DataError(_missing_message(root, url, f"download failed: {_one_line(exc)}")) from None
+    except (http.client.HTTPException, ValueError) as exc:
         raise DataError(_missing_message(root, url, f"download failed: {_one_line(exc)}")) from None
     if cut_short or (expected is not None and received < expected):
         of = f" of {expected}" if expected is not None else ""
@@ -572,7 +588,11 @@ def _safe_extract(archive: Path, root: Path, archive_label: str | None = None) -
                     check_member(member, staging)
                 extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(staging, members=members, **extra)
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except OSError as exc:
+            if _disk_full(exc):
+                raise DataError(_disk_full_message(root, "extracting", label)) from None
+            raise DataError(f"cannot read archive {label} (truncated or corrupt?): {_one_line(exc)}") from None
+        except (tarfile.TarError, EOFError) as exc:
             raise DataError(f"cannot read archive {label} (truncated or corrupt?): {_one_line(exc)}") from None
         _install_folder(staging / CIFAR10_FOLDER, root / CIFAR10_FOLDER, label)
     finally:
