@@ -14,23 +14,15 @@ Figures go to docs/results.md by hand, with the date and this command.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import optuna
+from command_line import run  # scripts/command_line.py: this script's folder is on sys.path
 from optuna.trial import TrialState
 
 from initsearch.proxy.models import build_model, count_parameters
 from initsearch.search.storage import open_storage
-
-
-def run(command: list[str]) -> str:
-    print("$", " ".join(command), flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(done.stdout + done.stderr)
-    return done.stdout
 
 
 def front(points: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from command_line import run  # scripts/command_line.py: this script's folder is on sys.path
 
 from initsearch.init.checkpoints import save_state_dict
 from initsearch.proxy.data import keep_classes, load_dataset
@@ -41,14 +41,6 @@ def pretrain(out: Path, steps: int, seed: int) -> Path:
     sha = save_state_dict(model, path)
     print(f"pre-trained on digits 0-4: val acc {curve.val_acc[-1]:.3f} after {steps} steps -> {path} ({sha[:12]})")
     return path
-
-
-def run(command: list[str]) -> str:
-    print("$", " ".join(command), flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(done.stdout + done.stderr)
-    return done.stdout
 
 
 def best_policy(stdout: str) -> str:
