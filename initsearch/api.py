@@ -154,7 +154,7 @@ def _compose(model: ModelSource, data: DataSource, overrides: Sequence[str], **v
         if key not in cfg:
             raise ConfigError(f"{key}: unknown setting; expected a top-level key of the config "
                               f"({', '.join(k for k in cfg if not isinstance(cfg[k], DictConfig))}, ...)")
-        OmegaConf.update(cfg, key, value, merge=False)
+        OmegaConf.update(cfg, key, value, merge=isinstance(value, Mapping))  # score={"seeds": 1} keeps score.metric
     study_settings = settings_from_config(cfg)
     objects_model = model is not None and not _importable(model)
     objects_data = data is not None and not _importable(data)

@@ -109,7 +109,6 @@ def test_regression_on_diabetes_end_to_end_with_validate(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     trials = trials_of(storage, "Regressor_diabetes")
     assert [t.state.name for t in trials].count("COMPLETE") >= 3
-    # the narrower proxy was searched: hidden 64 * 0.5
     table = pd.read_csv(tmp_path / "out" / "trials.csv")
     assert set(table["kind"]) >= {"xavier", "lsuv", "search"} and table["auc_loss"].notna().all()
     val = run_cli("initsearch.validate", [f"policy={tmp_path / 'out' / 'best_policy.json'}", *common, "seeds=2",
@@ -299,7 +298,35 @@ BAD = {
                                          "model._target_: examples.mynets.TinyResNet failed on a batch of "),
     "unknown argument": ({"overrides": ["+model.nope=1"]}, ConfigError,
                          "model.nope: examples.mynets.Regressor takes no argument 'nope'"),
+    "more outputs than targets": ({"model": "tests.test_custom.TwoOutputs"}, ConfigError,
+                                  "model._target_: tests.test_custom.TwoOutputs gives outputs of shape (2,) per "
+                                  "example, but the targets have shape ()"),
+    "fewer logits than classes": ({"model": mynets.TokenClassifier, "data": mynets.tokens,
+                                   "overrides": ["+model.num_classes=2"]}, ConfigError,
+                                  "model._target_: examples.mynets.TokenClassifier gives outputs of shape (2,) per "
+                                  "example, but the data have 3 classes"),
+    "negative labels": ({"model": mynets.TokenClassifier, "data": "tests.test_custom._negative_labels"}, DataError,
+                        "data: class labels must be 0, 1, 2, ...; got -1"),
+    "width_arg and width_multiplier": ({"overrides": ["model.width_arg=hidden"]}, ConfigError,
+                                       "model.width_arg: examples.mynets.Regressor takes width_multiplier itself"),
+    "data arguments with (train, val)": ({"data": ((torch.randn(4, 3), torch.randn(4)),) * 2,
+                                          "overrides": ["+data.seed=1"]}, DataError,
+                                         "data: +data.seed is an argument for a data function"),
 }
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self, input_shape, num_classes) -> None:
+        super().__init__()
+        self.fc = nn.Linear(input_shape[0], 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _negative_labels():
+    (x, y), (xv, yv) = mynets.tokens(n_train=64, n_val=16)
+    return (x, y - 1), (xv, yv - 1)
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
@@ -417,3 +444,34 @@ def test_learned_baselines_minimize_the_regression_loss(baseline) -> None:
                                     train=TrainConfig(batch_size=32, loss="auto"))
     assert result is not None and all(math.isfinite(v) for v in result.scales.values())
     assert isinstance(policy, initsearch.InitPolicy)
+
+
+def test_data_as_a_list_and_settings_as_a_dict_and_the_subset_counted_before_the_size(tmp_path) -> None:
+    from initsearch.api import _compose
+
+    train, val = mynets.diabetes()
+    _, settings = _compose(mynets.Regressor, [train, val], [], score={"seeds": 3}, tracking_uri="none")
+    assert settings.score.seeds == 3 and settings.score.metric == "auc_loss"  # the rest of score is kept
+    ds = load_user_data([train, val])
+    assert len(ds.x_train) == len(train[0]) and ds.num_classes == 1
+    size = sum(t.numel() * t.element_size() for t in (*train, *val))
+    with pytest.raises(DataError, match=r"^data.max_bytes: "):
+        load_user_data((train, val), max_bytes=size - 1)
+    small = load_user_data((train, val), max_bytes=size - 1, subset=100, seed=0)
+    assert len(small.x_train) == 100 and len(small.x_val) == len(val[0])
+
+
+def test_a_resumed_study_knows_its_network_under_another_spelling() -> None:
+    from initsearch.search.study import network
+
+    assert network({"_target_": "torch.nn.Linear"}) == network({"_target_": "torch.nn.modules.linear.Linear"})
+    assert network({"_target_": "examples.mynets.Regressor"}) == network({"_target_": mynets.Regressor.__module__ +
+                                                                         ".Regressor"})
+    assert network({"_target_": "torch.nn.Linear"}) != network({"_target_": "torch.nn.Conv2d"})
+
+
+def test_a_custom_model_without_its_target_is_one_line(tmp_path) -> None:
+    proc = run_cli("initsearch", ["model=custom", f"hydra.run.dir={tmp_path / 'out'}", *QUICK], REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "initsearch: error: model._target_: give your class as model._target_=package.module.Class")

@@ -115,6 +115,8 @@ def resolve_loss(name: str, y: torch.Tensor) -> Loss:
     if name == "cross_entropy" and y.dim() != 1:
         raise DataError(f"train.loss: cross_entropy needs one class index per example, got targets of shape "
                         f"{tuple(y.shape)}")
+    if name == "cross_entropy" and y.numel() and int(y.min()) < 0:
+        raise DataError(f"data: class labels must be 0, 1, 2, ...; got {int(y.min())}")
     if name != "cross_entropy" and integer:
         raise DataError(f"train.loss: {name} needs float targets, but the targets are {y.dtype} (class labels?); "
                         "use train.loss=cross_entropy or auto, or give float targets")

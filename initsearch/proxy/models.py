@@ -362,6 +362,9 @@ def target_arguments(cfg: Mapping[str, Any], obj: Any, input_shape: Sequence[int
             raise ConfigError(f"model.{key}: {target} takes no argument {key!r}")
     implied = {"input_shape": tuple(input_shape), "num_classes": num_classes, "width_multiplier": float(multiplier)}
     own.update({key: value for key, value in implied.items() if key not in own and _names(obj, key)})
+    if width_arg is not None and _names(obj, "width_multiplier"):
+        raise ConfigError(f"model.width_arg: {target} takes width_multiplier itself; with model.width_arg too its "
+                          "width would be scaled twice: set model.width_arg=null")
     if width_arg is not None:
         if not isinstance(width_arg, str) or not _accepts(obj, width_arg):
             raise ConfigError(f"model.width_arg: {target} takes no argument {width_arg!r}")
@@ -385,6 +388,8 @@ def _build_target(cfg: dict[str, Any], input_shape: Sequence[int], num_classes: 
 
     target = cfg["_target_"]
     name = target_name(target)
+    if isinstance(target, str) and target.strip() in ("", "???"):
+        raise ConfigError("model._target_: give your class as model._target_=package.module.Class")
     if isinstance(target, str):
         try:
             obj = get_object(target)
@@ -399,7 +404,7 @@ def _build_target(cfg: dict[str, Any], input_shape: Sequence[int], num_classes: 
     arguments = target_arguments(cfg, obj, input_shape, num_classes)
     hydra_keys = {key: cfg[key] for key in ("_convert_", "_recursive_") if key in cfg}
     try:
-        if isinstance(target, str):  # Hydra's instantiate: nested ``_target_`` arguments are built too
+        if isinstance(target, str):  # Hydra's instantiate locates the dotted path (the arguments go in as given)
             model = instantiate({"_target_": target, "_convert_": "all", **hydra_keys, "_partial_": True})(**arguments)
         else:  # a class or factory given from Python (instantiate would look it up by name again)
             model = obj(**arguments)

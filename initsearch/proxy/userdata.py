@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from initsearch.errors import DataError, first_line
-from initsearch.proxy.data import Dataset, normalize_dataset, subset_dataset
+from initsearch.proxy.data import Dataset, normalize_dataset, subset_indices
 from initsearch.proxy.losses import output_size, resolve_loss
 
 MAX_BYTES_FRACTION = 0.5  # data.max_bytes: null -> this fraction of the device's free memory
@@ -34,7 +34,7 @@ def load_user_data(
     *,
     arguments: Mapping[str, Any] | None = None,
     loss: str = "auto",
-    normalize: bool = True,
+    normalize: bool = False,
     max_bytes: int | None = None,
     subset: int | None = None,
     seed: int = 0,
@@ -53,7 +53,8 @@ def load_user_data(
     limit = max_bytes if max_bytes is not None else free_bytes(dev) * MAX_BYTES_FRACTION
     tensors = {}
     for split, part in zip(SPLITS, splits):
-        tensors[split] = _split_tensors(split, part, limit)
+        keep = (lambda n: subset_indices(n, subset, seed)) if split == "train" else None
+        tensors[split] = _split_tensors(split, part, limit, keep)
     (x_train, y_train), (x_val, y_val) = tensors["train"], tensors["val"]
     _check_compatible(x_train, y_train, x_val, y_val)
     total = sum(t.numel() * t.element_size() for t in (x_train, y_train, x_val, y_val))
@@ -64,9 +65,11 @@ def load_user_data(
     resolve_loss(chosen.name, y_val)
     outputs = output_size(chosen, torch.cat([y_train, y_val]) if chosen.name == "cross_entropy" else y_train)
     label = name or _source_name(source)
-    ds = Dataset(label, x_train, y_train, x_val, y_val, outputs)
-    ds = subset_dataset(ds, subset, seed=seed)
+    ds = Dataset(label, x_train, y_train, x_val, y_val, outputs)  # the train split is already the subset
     if normalize and ds.x_train.is_floating_point():
+        if ds.x_train.dim() < 2:
+            raise DataError(f"data.normalize: inputs of shape {tuple(ds.x_train.shape)} have no channel dimension; "
+                            "give x as (N, 1) or set data.normalize=false")
         ds = normalize_dataset(ds)
     return ds.to(dev)
 
@@ -74,7 +77,10 @@ def load_user_data(
 # ---- calling the user's function ------------------------------------------------------------------------------
 def _call_source(source: Any, arguments: dict[str, Any]) -> tuple[Any, Any]:
     """``(train, val)`` from the source, or DataError naming ``data._target_``."""
-    if isinstance(source, tuple) and not arguments and len(source) == 2 and not callable(source):
+    if isinstance(source, (tuple, list)):
+        if arguments:
+            raise DataError(f"data: +data.{next(iter(arguments))} is an argument for a data function, but the data "
+                            "were given as (train, val)")
         splits = source
     else:
         function = _resolve(source)
@@ -100,8 +106,8 @@ def _resolve(source: Any) -> Callable[..., Any]:
     """The function a dotted path names (imported, not executed), or ``source`` itself when callable."""
     if callable(source):
         return source
-    if not isinstance(source, str) or not source.strip():
-        raise DataError(f"data._target_: must name a function (package.module.function), got {source!r}")
+    if not isinstance(source, str) or source.strip() in ("", "???"):
+        raise DataError("data._target_: give your function as data._target_=package.module.function")
     from hydra.utils import get_object
 
     try:
@@ -122,15 +128,19 @@ def _source_name(source: Any) -> str:
 
 
 # ---- one split to tensors -------------------------------------------------------------------------------------
-def _split_tensors(split: str, part: Any, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` tensors (CPU) of one split: from a tuple of two array-likes, or a map-style dataset."""
+def _split_tensors(split: str, part: Any, limit: float, keep: Callable[[int], Any] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` tensors (CPU) of one split: from a tuple of two array-likes, or a map-style dataset.
+    ``keep(n)``: the indices to keep of ``n`` examples (``data.subset``), or None for all; a dataset is read
+    at those indices only."""
     key = f"data.{split}"
     if isinstance(part, (tuple, list)) and len(part) == 2 and not _is_pair_dataset(part):
         x, y = _as_tensor(f"{key}.x", part[0]), _as_tensor(f"{key}.y", part[1])
     elif isinstance(part, torch.utils.data.TensorDataset) and len(part.tensors) == 2:
         x, y = (t.detach().cpu() for t in part.tensors)  # already tensors: no per-example reads
     elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
-        x, y = _read_dataset(key, part, limit)
+        x, y = _read_dataset(key, part, limit, keep)
+        keep = None  # read at the kept indices already
     else:
         raise DataError(f"{key}: must be a tuple (x, y) of tensors or a map-style Dataset of (x, y) pairs, "
                         f"got {_describe(part)}")
@@ -140,6 +150,10 @@ def _split_tensors(split: str, part: Any, limit: float) -> tuple[torch.Tensor, t
         raise DataError(f"{key}: the split is empty")
     if len(x) != len(y):
         raise DataError(f"{key}: x has {len(x)} examples but y has {len(y)}")
+    index = keep(len(x)) if keep is not None else None
+    if index is not None:
+        index = torch.from_numpy(index)
+        x, y = x[index], y[index]
     x, y = _standard_dtype(f"{key}.x", x), _standard_dtype(f"{key}.y", y)
     for what, t in (("x", x), ("y", y)):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -153,19 +167,23 @@ def _is_pair_dataset(part: Sequence[Any]) -> bool:
     return isinstance(part, list) and all(isinstance(p, tuple) and len(p) == 2 for p in part)
 
 
-def _read_dataset(key: str, dataset: Any, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ``(x, y)`` pair of a map-style dataset, stacked. The first pair sizes the whole, so a dataset
-    that cannot fit is refused before it is read."""
-    n = len(dataset)
-    if n == 0:
+def _read_dataset(key: str, dataset: Any, limit: float, keep: Callable[[int], Any] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(x, y)`` pairs of a map-style dataset (those at ``keep(len)``, or all), stacked. The first pair
+    sizes the whole, so a dataset that cannot fit is refused before it is read."""
+    total = len(dataset)
+    if total == 0:
         raise DataError(f"{key}: the split is empty")
-    first = _pair(key, dataset, 0)
+    index = keep(total) if keep is not None else None
+    order = [int(i) for i in index] if index is not None else range(total)
+    n = len(order)
+    first = _pair(key, dataset, order[0])
     per_example = sum(t.numel() * t.element_size() for t in first)
     if per_example * n > limit:
         raise DataError(f"data.max_bytes: {key} alone needs about {_size(per_example * n)} "
                         f"({n} examples), more than the {_size(limit)} allowed; raise data.max_bytes or use less data")
     xs, ys = [first[0]], [first[1]]
-    for i in range(1, n):
+    for i in order[1:]:
         x, y = _pair(key, dataset, i)
         if x.shape != first[0].shape or y.shape != first[1].shape:
             raise DataError(f"{key}[{i}]: shapes {tuple(x.shape)}/{tuple(y.shape)} differ from example 0's "

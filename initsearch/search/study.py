@@ -79,7 +79,7 @@ def open_study(settings: StudySettings, storage: optuna.storages.BaseStorage | N
             f"score.metric: study {settings.study_name!r} was run with {attrs['metric']!r}, got {settings.score.metric!r}; "
             "use another study_name"
         )
-    elif isinstance(attrs.get("data"), str) and attrs["data"] != data_name(settings.data):
+    elif isinstance(attrs.get("data"), str) and canonical(attrs["data"]) != canonical(data_name(settings.data)):
         raise ConfigError(
             f"study_name: study {settings.study_name!r} holds trials on the data {attrs['data']}, and this "
             f"command's data is {data_name(settings.data)}; give the new study a name of its own (study_name=...)"
@@ -100,7 +100,21 @@ def recorded_model(model: dict[str, Any]) -> dict[str, Any]:
 def network(model: dict[str, Any]) -> str:
     """Which network a model config builds: the user's class, or the built-in proxy's name."""
     target = model.get("_target_")
-    return str(target) if target is not None else str(model.get("name"))
+    return canonical(str(target)) if target is not None else str(model.get("name"))
+
+
+def canonical(name: str) -> str:
+    """A dotted name as the object it imports names itself (``pkg.Net`` re-exported from ``pkg.nets.Net``:
+    both ``pkg.nets.Net``), so a study recorded under one spelling resumes under the other; a name that does
+    not import (or a built-in dataset's) stays as it is."""
+    if "." not in name:
+        return name
+    from hydra.utils import get_object
+
+    try:
+        return target_name(get_object(name))
+    except Exception:
+        return name
 
 
 def data_name(data: dict[str, Any]) -> str:

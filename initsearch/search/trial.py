@@ -85,7 +85,9 @@ def prepare(settings: StudySettings) -> Proxy:
     try:
         discovery = discover_layers(model, example_x)
         with torch.no_grad():
-            loss.mean(model(example_x[:2]).float(), example_y[:2])
+            out = model(example_x[:2]).float()
+            check_outputs(out, example_y[:2], loss, data.num_classes, target)
+            loss.mean(out, example_y[:2])
     except InitSearchError:
         raise
     except Exception as exc:  # a user's model that fails on the data: one line, before the study opens
@@ -96,6 +98,19 @@ def prepare(settings: StudySettings) -> Proxy:
     if settings.space.arch is not None:
         check_budget(settings, data)
     return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method, loss, pretrained)
+
+
+def check_outputs(out: torch.Tensor, y: torch.Tensor, loss: Loss, num_classes: int, target: object) -> None:
+    """The model's outputs must fit the targets: a logit per class for cross-entropy, else one value per target
+    value (a batch of two could otherwise pass by broadcasting, and a missing class fail only in a trial)."""
+    where = f"model._target_: {target_name(target)}" if target is not None else "model: the proxy"
+    if loss.name == "cross_entropy":
+        if out.dim() != 2 or out.shape[1] < num_classes:
+            raise ConfigError(f"{where} gives outputs of shape {tuple(out.shape[1:])} per example, but the data have "
+                              f"{num_classes} classes (labels 0..{num_classes - 1}): it needs {num_classes} logits")
+    elif out.numel() != y.numel():
+        raise ConfigError(f"{where} gives outputs of shape {tuple(out.shape[1:])} per example, but the targets "
+                          f"have shape {tuple(y.shape[1:])}: it needs one output per target value")
 
 
 USER_DATA_SETTINGS = ("name", "_target_", "normalize", "subset", "max_bytes")  # initsearch's keys of data=custom
@@ -111,7 +126,7 @@ def load_data(d: dict, loss: str, *, seed: int, device: torch.device) -> Dataset
             raise ConfigError(f"data.max_bytes: must be a whole number of bytes >= 1 or null, got {max_bytes!r}")
         ignored = USER_DATA_SETTINGS + (BUILTIN_DATA_SETTINGS if d.get("name") != "custom" else ())
         arguments = {key: value for key, value in d.items() if key not in ignored}
-        return load_user_data(d["_target_"], arguments=arguments, loss=loss, normalize=bool(d.get("normalize", True)),
+        return load_user_data(d["_target_"], arguments=arguments, loss=loss, normalize=bool(d.get("normalize", False)),
                               max_bytes=max_bytes, subset=d.get("subset"), seed=seed, device=device)
     return load_dataset(
         d.get("name"),
