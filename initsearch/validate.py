@@ -7,7 +7,7 @@ of the study, over ``seeds`` seeds none of which the search used, for ``steps`` 
 and reports per contender: mean +- std of the study's score at that budget, steps to the target accuracy,
 validation accuracy at the end. It prints the table, saves ``validation.csv`` and ``validation.png`` (mean curves
 with their spread), logs all of it to MLflow under a validation parent run, and says plainly whether the policy
-beats the best baseline.
+beats the best baseline, by the paired difference over the seeds and its 95% confidence interval.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ class ContenderResult:
             "contender": self.name,
             f"{metric}_mean": self.mean_score(),
             f"{metric}_std": statistics.pstdev(ok) if len(ok) > 1 else 0.0,
+            f"{metric}_ci95": interval(ok)[1],
         }
         if accuracy:
             accs = [a for a in self.final_acc if math.isfinite(a)]
@@ -101,7 +102,10 @@ class ValidationReport:
         return pd.DataFrame([r.row(self.metric, self.accuracy) for r in self.results])
 
     def verdict(self) -> str:
-        """One plain sentence: does the policy beat the best baseline, on these fresh seeds?"""
+        """One plain sentence: does the policy beat the best baseline (the best mean on these fresh seeds), by
+        the paired difference over the seeds both trained on and its 95% confidence interval (Student's t):
+        "beats" only when the whole interval is a gain, "is worse" when it is all a loss, else "not
+        distinguishable". A policy that diverged on any seed does not beat anything."""
         policy = next(r for r in self.results if r.name == POLICY)
         baselines = [r for r in self.results if r.name != POLICY and math.isfinite(r.mean_score())]
         if not baselines:
@@ -112,15 +116,40 @@ class ValidationReport:
         n = len(self.seeds)
         if not math.isfinite(p):
             return f"the policy does NOT beat the best baseline ({best.name}): it diverged on every one of {n} fresh seeds"
-        gain = (b - p) if self.direction == "minimize" else (p - b)
+        gains = paired_gains(policy.scores, best.scores, self.direction)
+        gain, half = interval(gains)
         pct = 100.0 * gain / abs(b) if b else math.nan
-        spread = f"policy std {policy.row(self.metric, self.accuracy)[f'{self.metric}_std']:.3g}, {best.name} std {best.row(self.metric, self.accuracy)[f'{self.metric}_std']:.3g}"
-        if gain > 0 and policy.diverged == 0:
-            return (f"the policy beats the best baseline ({best.name}) by {pct:.1f}% on {self.metric} "
-                    f"(mean over {n} fresh seeds, {self.steps} steps; {spread})")
-        why = f"it diverged on {policy.diverged}/{n} seeds" if policy.diverged else f"{pct:+.1f}% on {self.metric}"
-        return (f"the policy does NOT beat the best baseline ({best.name}): {why} "
-                f"(mean over {n} fresh seeds, {self.steps} steps; {spread})")
+        paired = (f"paired gain {gain:+.3g} ± {half:.2g} (95% CI) over {len(gains)} seeds; "
+                  f"policy {p:.4g}, {best.name} {b:.4g}; {self.steps} steps")
+        if policy.diverged:
+            return (f"the policy does NOT beat the best baseline ({best.name}): it diverged on "
+                    f"{policy.diverged}/{n} fresh seeds ({paired})")
+        if len(gains) > 1 and gain - half > 0:
+            return f"the policy beats the best baseline ({best.name}) by {pct:.1f}% on {self.metric} ({paired})"
+        if len(gains) > 1 and gain + half < 0:
+            return f"the policy is worse than the best baseline ({best.name}) by {-pct:.1f}% on {self.metric} ({paired})"
+        return (f"the policy is not distinguishable from the best baseline ({best.name}) on {self.metric}: "
+                f"{pct:+.1f}% ({paired})")
+
+
+def paired_gains(policy: Sequence[float], baseline: Sequence[float], direction: str) -> list[float]:
+    """Per seed, how much better the policy scored than the baseline (positive = better), over the seeds where
+    both have a score (the same seeds train every contender, so the pairs share their data and batches)."""
+    sign = 1.0 if direction == "minimize" else -1.0
+    return [sign * (b - p) for p, b in zip(policy, baseline) if math.isfinite(p) and math.isfinite(b)]
+
+
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t with n - 1 degrees of freedom);
+    NaN half-width for fewer than two values."""
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    from scipy.stats import t
+
+    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _steps_to_target(curve: Curve, target: float) -> int | None:

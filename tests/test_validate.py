@@ -1,7 +1,9 @@
 """python -m initsearch.validate: fresh seeds, every baseline, CSV + PNG + MLflow runs, a plain verdict."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from initsearch.cli import run
@@ -47,3 +49,75 @@ def test_validate_refuses_a_bad_policy_file(in_tmp, capsys):
     assert main([f"policy={bad}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("initsearch.validate: error:") and "json" in err.lower()
+
+
+# ---- the verdict, from planted scores (no training): every figure computed here independently ---------------
+def _report(scores: dict[str, list[float]], direction: str = "minimize"):
+    from initsearch.validate import ContenderResult, ValidationReport
+
+    results = []
+    for name, values in scores.items():
+        r = ContenderResult(name)
+        r.seeds = list(range(len(values)))
+        r.scores = list(values)
+        results.append(r)
+    return ValidationReport("auc_loss", direction, 100, list(range(len(next(iter(scores.values()))))), 0.9, results,
+                            accuracy=False)
+
+
+T975 = {4: 2.7764451051977987, 5: 2.5705818366147395}  # Student's t, 97.5th percentile, by degrees of freedom
+
+
+def _expected(policy: list[float], baseline: list[float], sign: float) -> tuple[float, float]:
+    gains = np.array([sign * (b - p) for p, b in zip(policy, baseline)])
+    return gains.mean(), T975[len(gains) - 1] * gains.std(ddof=1) / np.sqrt(len(gains))
+
+
+def test_the_verdict_picks_the_best_baseline_and_the_paired_interval_decides() -> None:
+    policy = [0.50, 0.52, 0.49, 0.51, 0.50]
+    planted = {"policy": policy, "worse": [0.90, 0.91, 0.92, 0.89, 0.90],
+               "best": [0.60, 0.61, 0.58, 0.62, 0.60], "middle": [0.70, 0.71, 0.69, 0.72, 0.70]}
+    verdict = _report(planted).verdict()
+    best = min((k for k in planted if k != "policy"), key=lambda k: np.mean(planted[k]))
+    gain, half = _expected(policy, planted[best], +1.0)
+    pct = 100 * gain / np.mean(planted[best])
+    assert best == "best" and gain - half > 0
+    assert verdict.startswith(f"the policy beats the best baseline (best) by {pct:.1f}% on auc_loss ")
+    assert f"paired gain {gain:+.3g} ± {half:.2g} (95% CI) over 5 seeds" in verdict
+
+
+def test_the_verdict_says_worse_and_not_distinguishable_and_flips_for_maximized_metrics() -> None:
+    base = [0.60, 0.61, 0.58, 0.62, 0.60]
+    worse = [0.70, 0.72, 0.69, 0.71, 0.70]
+    verdict = _report({"policy": worse, "he": base}).verdict()
+    gain, half = _expected(worse, base, +1.0)
+    assert gain + half < 0 and verdict.startswith("the policy is worse than the best baseline (he) by ")
+    noisy = [0.55, 0.66, 0.57, 0.64, 0.60]  # mean 0.604 against 0.602: inside the interval
+    gain, half = _expected(noisy, base, +1.0)
+    assert abs(gain) < half
+    assert _report({"policy": noisy, "he": base}).verdict().startswith(
+        "the policy is not distinguishable from the best baseline (he) on auc_loss: ")
+    slightly_better = [b - d for b, d in zip(base, [0.05, -0.04, 0.02, -0.01, 0.01])]  # mean gain > 0, CI spans 0
+    gain, half = _expected(slightly_better, base, +1.0)
+    assert 0 < gain < half
+    assert _report({"policy": slightly_better, "he": base}).verdict().startswith(
+        "the policy is not distinguishable from the best baseline (he) on auc_loss: +")
+    # accuracy-like scores: higher is better, so the same numbers read the other way round
+    verdict = _report({"policy": worse, "he": base, "low": [0.1] * 5}, direction="maximize").verdict()
+    gain, half = _expected(worse, base, -1.0)
+    assert gain - half > 0 and verdict.startswith("the policy beats the best baseline (he) by ")
+
+
+def test_a_policy_that_diverged_on_a_seed_beats_nothing_and_pairs_skip_that_seed() -> None:
+    import math
+
+    policy = [0.40, math.nan, 0.41, 0.39, 0.40]
+    report = _report({"policy": policy, "he": [0.60, 0.61, 0.58, 0.62, 0.60]})
+    report.results[0].curves = [type("C", (), {"diverged": math.isnan(s), "val_loss": []})() for s in policy]
+    verdict = report.verdict()
+    assert verdict.startswith("the policy does NOT beat the best baseline (he): it diverged on 1/5 fresh seeds")
+    assert "over 4 seeds" in verdict
+    table = report.table()
+    half = float(table.loc[table.contender == "he", "auc_loss_ci95"].iloc[0])
+    he = np.array([0.60, 0.61, 0.58, 0.62, 0.60])
+    assert half == pytest.approx(T975[4] * he.std(ddof=1) / np.sqrt(5))
