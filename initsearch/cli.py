@@ -36,6 +36,7 @@ from initsearch.errors import (
 from initsearch.export import export_policy
 from initsearch.search.progress import Progress
 from initsearch.search.report import StudySummary, summarize
+from initsearch.search.selection import run_selection
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
 from initsearch.search.storage import finished_trials, open_storage, write_fault
 from initsearch.search.study import run_study
@@ -153,10 +154,13 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
             f"no trial of study {settings.study_name!r} finished: every one failed or was pruned"
             + (f" (e.g. {'; '.join(reasons)})" if reasons else "")
         )
+    selection = run_selection(settings, proxy, study)
+    if selection is not None:  # export what won on all the evidence; `initsearch.export` picks it too
+        study.set_user_attr("selected_trial", selection.chosen.number)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        path = export_policy(study, out / "best_policy.json")
+        path = export_policy(study, out / "best_policy.json", None if selection is None else selection.chosen.number)
         summary.table.to_csv(out / "trials.csv", index=False)
     except OSError as exc:
         print(summary.format())
@@ -169,6 +173,8 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
         print(f"study already complete: {searched} searched trials (n_trials={settings.n_trials}; "
               "a larger n_trials searches more)")
     print(summary.format())
+    if selection is not None:
+        print(selection.describe())
     tracker.study_finished(study, summary, path)
     print(files_written(out, [path, out / "trials.csv", *([picture] if picture else []), *getattr(tracker, "figures", [])],
                         getattr(tracker, "runs_url", None)))

@@ -81,7 +81,9 @@ def pick_trial(study: optuna.Study, number: int | None = None, force: bool = Fal
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise ConfigError(f"trial: study {study.study_name!r} has no complete trial to export")
-    return study.best_trial
+    selected = study.user_attrs.get("selected_trial")  # what the selection stage chose on new seeds
+    chosen = [t for t in complete if t.number == selected]
+    return chosen[0] if chosen else study.best_trial
 
 
 def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None, force: bool = False) -> Path:

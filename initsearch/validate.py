@@ -30,7 +30,7 @@ from initsearch.errors import ConfigError, InitSearchError
 from initsearch.init.policy import CheckpointRef, InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
 from initsearch.proxy.losses import resolve_loss
-from initsearch.proxy.scoring import score
+from initsearch.proxy.scoring import interval, paired_gains, score
 from initsearch.proxy.train import Curve, train_run
 from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
@@ -130,26 +130,6 @@ class ValidationReport:
             return f"the policy is worse than the best baseline ({best.name}) by {-pct:.1f}% on {self.metric} ({paired})"
         return (f"the policy is not distinguishable from the best baseline ({best.name}) on {self.metric}: "
                 f"{pct:+.1f}% ({paired})")
-
-
-def paired_gains(policy: Sequence[float], baseline: Sequence[float], direction: str) -> list[float]:
-    """Per seed, how much better the policy scored than the baseline (positive = better), over the seeds where
-    both have a score (the same seeds train every contender, so the pairs share their data and batches)."""
-    sign = 1.0 if direction == "minimize" else -1.0
-    return [sign * (b - p) for p, b in zip(policy, baseline) if math.isfinite(p) and math.isfinite(b)]
-
-
-def interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (Student's t with n - 1 degrees of freedom);
-    NaN half-width for fewer than two values."""
-    if not values:
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    from scipy.stats import t
-
-    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _steps_to_target(curve: Curve, target: float) -> int | None:

@@ -147,11 +147,13 @@ def running_trial(storage: str, name: str, min_number: int = 0) -> optuna.trial.
 
 def fresh_running_trial(storage: str, name: str, after: int = -1, max_age: float = 1.0) -> optuna.trial.FrozenTrial | None:
     """A RUNNING trial numbered above ``after`` that started training less than ``max_age`` seconds ago
-    (so a signal sent now lands in the middle of it, not as it ends), or ``None``."""
+    (so a signal sent now lands in the middle of it, not as it ends), or ``None``. Training has started once
+    the trial recorded its policy: its parameters are all sampled then (a trial stopped while it samples
+    keeps only the parameters drawn so far, and its retry draws the rest)."""
     import datetime
 
     trial = running_trial(storage, name, after + 1)
-    if trial is None or trial.datetime_start is None:
+    if trial is None or trial.datetime_start is None or "policy" not in trial.user_attrs:
         return None
     return trial if (datetime.datetime.now() - trial.datetime_start).total_seconds() < max_age else None
 

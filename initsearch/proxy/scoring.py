@@ -20,6 +20,7 @@ curve so far, for Optuna's pruner.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 import numpy as np
@@ -140,3 +141,23 @@ def aggregate(values: Sequence[float], how: str, direction: str) -> float:
     if how == "worst":
         return float(arr.max() if sign > 0 else arr.min())
     return float(arr.mean() + sign * arr.std())
+
+
+def paired_gains(policy: Sequence[float], baseline: Sequence[float], direction: str) -> list[float]:
+    """Per seed, how much better the policy scored than the baseline (positive = better), over the seeds where
+    both have a score (the same seeds train every contender, so the pairs share their data and batches)."""
+    sign = 1.0 if direction == "minimize" else -1.0
+    return [sign * (b - p) for p, b in zip(policy, baseline) if math.isfinite(p) and math.isfinite(b)]
+
+
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t with n - 1 degrees of freedom);
+    NaN half-width for fewer than two values."""
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    from scipy.stats import t as student_t
+
+    return mean, float(student_t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))

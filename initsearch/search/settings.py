@@ -47,6 +47,16 @@ class PrescreenSettings:
 
 
 @dataclass(frozen=True)
+class SelectSettings:
+    """The selection stage before export (``search/selection.py``): the ``top_k`` best searched trials and the
+    ``baselines`` best baselines again on ``seeds`` new seeds; ``top_k=0`` turns it off."""
+
+    top_k: int = 3
+    seeds: int = 3
+    baselines: int = 2
+
+
+@dataclass(frozen=True)
 class TrackingSettings:
     """How tracking rides out an MLflow outage: each call gives up after about ``retry_timeout`` seconds,
     the command waits at most ``flush_timeout`` seconds at exit for logs the store does not take, and the
@@ -74,6 +84,7 @@ class StudySettings:
     baselines: tuple[str, ...]
     score: ScoreSettings
     prescreen: PrescreenSettings
+    select: SelectSettings
     lsuv_batch: int
     model: dict[str, Any]
     data: dict[str, Any]
@@ -220,6 +231,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
             low=_number(prescreen.get("low", 1e-3), "prescreen.low", 0, open_low=True),
             high=_number(prescreen.get("high", 1e3), "prescreen.high", 0, open_low=True),
         ),
+        select=_select(c.get("select") or {}),
         lsuv_batch=_int(c.get("lsuv_batch", 256), "lsuv_batch", 2),
         model=model,
         data=data,
@@ -249,6 +261,13 @@ def _tracking(t: Mapping[str, Any]) -> TrackingSettings:
         retry_timeout=_number(t.get("retry_timeout", 10.0), "tracking.retry_timeout", 1),
         spool_dir=None if spool is None else _str(spool, "tracking.spool_dir"),
     )
+
+
+def _select(s: Mapping[str, Any]) -> SelectSettings:
+    if not isinstance(s, Mapping):
+        raise ConfigError(f"select: must be a mapping, got {s!r}")
+    return SelectSettings(top_k=_int(s.get("top_k", 3), "select.top_k", 0), seeds=_int(s.get("seeds", 3), "select.seeds", 1),
+                          baselines=_int(s.get("baselines", 2), "select.baselines", 0))
 
 
 def _threads(value: Any) -> int | str:

@@ -1,0 +1,140 @@
+"""The selection stage: after the search, before export, judge the front-runners on seeds nobody searched.
+
+A search picks its best trial on the study's few evaluation seeds, so the best score is partly luck (the
+winner's curse). Here the ``select.top_k`` best complete searched trials and the ``select.baselines`` best
+baselines train again, from scratch, on ``select.seeds`` new seeds (``seed * 1000 + 500 + i``: neither the
+search's ``seed * 1000 + i`` nor ``validate``'s fresh seeds), every candidate on the same seeds. The exported
+policy is the candidate with the best mean over all its evidence (its search seeds and these), and the
+summary reports the chosen policy's paired gain over the best baseline on the selection seeds, with its 95%
+confidence interval. When no searched candidate beats the baselines on that evidence, a baseline is
+exported, and the summary says so.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from initsearch.contenders.baselines import contender_policy, init_contender
+from initsearch.init.policy import InitPolicy
+from initsearch.proxy.scoring import interval, paired_gains, score
+from initsearch.proxy.train import train_run
+from initsearch.search.settings import StudySettings
+from initsearch.search.trial import Proxy, fresh_model
+
+SELECTION_SEED_OFFSET = 500  # seed * 1000 + 500 + i: past the search's seed * 1000 + i (i < score.seeds)
+
+
+@dataclass
+class Candidate:
+    """One front-runner: its trial, what it is, and its scores (search seeds, then selection seeds)."""
+
+    number: int
+    kind: str  # "search" or the baseline's name
+    search_scores: list[float]
+    scores: list[float] = field(default_factory=list)  # on the selection seeds, NaN where it diverged
+
+    @property
+    def evidence(self) -> list[float]:
+        """Every finite score it has: the search's seeds and the selection's."""
+        return [s for s in [*self.search_scores, *self.scores] if math.isfinite(s)]
+
+    def mean(self) -> float:
+        return statistics.fmean(self.evidence) if self.evidence else math.nan
+
+
+@dataclass
+class Selection:
+    """What the stage found: the candidates, the chosen one, and the chosen one against the best baseline."""
+
+    metric: str
+    direction: str
+    seeds: list[int]
+    candidates: list[Candidate]
+    chosen: Candidate
+    best_baseline: Candidate | None
+    gain: float  # paired, on the selection seeds (positive: the chosen one is better); NaN without a baseline
+    half_width: float  # of its 95% confidence interval
+    seconds: float
+
+    def describe(self) -> str:
+        """The summary's lines: each candidate's mean over all its evidence, the choice, the paired gain."""
+        lines = [f"selection: the top {sum(c.kind == 'search' for c in self.candidates)} searched trials and "
+                 f"{sum(c.kind != 'search' for c in self.candidates)} best baselines again on "
+                 f"{len(self.seeds)} new seeds ({self.seconds:.1f} s); mean {self.metric} over all their seeds:"]
+        for c in sorted(self.candidates, key=lambda c: c.mean(), reverse=self.direction == "maximize"):
+            mark = " <- exported" if c is self.chosen else ""
+            lines.append(f"  trial {c.number} ({c.kind}): {c.mean():.4g}{mark}")
+        if self.best_baseline is None:
+            return "\n".join(lines)
+        if self.chosen.kind != "search":
+            lines.append(f"no searched policy beats the best baseline on all the evidence: the exported policy is "
+                         f"the baseline {self.chosen.kind} (trial {self.chosen.number})")
+        else:
+            verdict = ("better" if self.gain - self.half_width > 0 else
+                       "worse" if self.gain + self.half_width < 0 else "not distinguishable")
+            lines.append(f"exported trial {self.chosen.number} vs {self.best_baseline.kind} on the selection seeds: "
+                         f"paired gain {self.gain:+.3g} ± {self.half_width:.2g} (95% CI; {verdict})")
+        return "\n".join(lines)
+
+
+def selection_seeds(settings: StudySettings) -> list[int]:
+    """The seeds the selection stage trains on: new to the search and to ``validate``."""
+    return [settings.seed * 1000 + SELECTION_SEED_OFFSET + i for i in range(settings.select.seeds)]
+
+
+def front_runners(study: optuna.Study, settings: StudySettings) -> list[tuple[FrozenTrial, str]]:
+    """The ``top_k`` best complete searched trials and the ``baselines`` best complete baselines, with kinds."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.value is not None]
+    best_first = sorted(complete, key=lambda t: t.value, reverse=settings.score.direction == "maximize")
+    searched = [t for t in best_first if not t.user_attrs.get("baseline") and t.user_attrs.get("policy")]
+    baselines = [t for t in best_first if t.user_attrs.get("baseline")]
+    return ([(t, "search") for t in searched[: settings.select.top_k]]
+            + [(t, t.user_attrs["baseline"]) for t in baselines[: settings.select.baselines]])
+
+
+def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) -> Selection | None:
+    """Train the front-runners on the selection seeds and choose the one to export; ``None`` when the stage is
+    off (``select.top_k=0``), the study searches architectures too (each trial its own network), or there
+    is nothing to choose between."""
+    if settings.select.top_k == 0 or settings.space.arch is not None:
+        return None
+    runners = front_runners(study, settings)
+    if len(runners) < 2:
+        return None
+    started = time.perf_counter()
+    seeds = selection_seeds(settings)
+    candidates = []
+    for trial, kind in runners:
+        candidate = Candidate(trial.number, kind, [float(s) for s in trial.user_attrs.get("seed_scores") or []])
+        baseline = None if kind == "search" else kind
+        policy = (InitPolicy.from_dict(trial.user_attrs["policy"]) if baseline is None
+                  else contender_policy(baseline, settings.pretrained))
+        for seed in seeds:
+            candidate.scores.append(_score_on(settings, proxy, policy, baseline, seed))
+        candidates.append(candidate)
+    maximize = settings.score.direction == "maximize"
+    scored = [c for c in candidates if c.evidence]
+    chosen = (max if maximize else min)(scored, key=lambda c: c.mean()) if scored else candidates[0]
+    baselines = [c for c in scored if c.kind != "search"]
+    best_baseline = (max if maximize else min)(baselines, key=lambda c: c.mean()) if baselines else None
+    gain, half = math.nan, math.nan
+    if best_baseline is not None and chosen is not best_baseline:
+        gain, half = interval(paired_gains(chosen.scores, best_baseline.scores, settings.score.direction))
+    return Selection(settings.score.metric, settings.score.direction, seeds, candidates, chosen, best_baseline,
+                     gain, half, time.perf_counter() - started)
+
+
+def _score_on(settings: StudySettings, proxy: Proxy, policy: InitPolicy, baseline: str | None, seed: int) -> float:
+    """One candidate on one seed, as a trial scores it; NaN when the run diverged or stopped early."""
+    model = fresh_model(settings.model, proxy.data, proxy.device, seed)
+    init_contender(model, policy, baseline=baseline, seed=seed, example_x=proxy.example_x, train_x=proxy.data.x_train,
+                   train_y=proxy.data.y_train, train=settings.train, layers=proxy.discovery)
+    curve = train_run(model, proxy.data, settings.train, seed=seed)
+    if curve.diverged or curve.steps_done < settings.train.steps:
+        return math.nan
+    return score(curve, settings.score.metric, budget=settings.train.steps, target_acc=settings.score.target_acc)

@@ -1,0 +1,91 @@
+"""The selection stage: the front-runners again on new seeds; a lucky candidate is not exported."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import optuna
+import pytest
+
+from initsearch.cli import run_settings
+from initsearch.export import pick_trial
+from initsearch.search.selection import run_selection, selection_seeds
+from initsearch.search.settings import settings_from_config
+from initsearch.search.study import open_study
+from initsearch.search.trial import prepare
+from tests.conftest import TINY, compose_config
+
+ZEROS = {"format": "initsearch-policy", "version": 1, "rules": [], "default": {"scheme": "zeros"}}
+T975 = {1: 12.706204736174707, 2: 4.302652729749464}  # Student's t, 97.5th percentile, by degrees of freedom
+
+
+def _settings(tmp_path, *extra: str):
+    overrides = [o for o in TINY if not o.startswith("n_trials=")] + [
+        "n_trials=2", f"storage={tmp_path / 's.journal'}", "study_name=sel", "select.top_k=2", "select.seeds=3",
+        "select.baselines=2", "pruner=none", *extra]
+    cfg = compose_config(overrides)
+    return cfg, settings_from_config(cfg)
+
+
+def _plant_lucky(study: optuna.Study) -> int:
+    """A searched trial whose search score beat every other by 3% (a lucky seed), with a policy that cannot
+    train at all (every weight zero)."""
+    lucky = 0.97 * study.best_value
+    study.add_trial(optuna.trial.create_trial(value=lucky, user_attrs={"policy": ZEROS, "seed_scores": [lucky],
+                                                                       "kind": "search"}))
+    return study.get_trials(deepcopy=False)[-1].number
+
+
+def test_a_planted_lucky_candidate_loses_on_new_seeds_and_is_not_exported(tmp_path, capsys) -> None:
+    cfg, settings = _settings(tmp_path)
+    run_settings(settings, cfg, tmp_path / "first")  # a tiny real study: 2 searched trials, he and xavier
+    study = open_study(settings)
+    lucky = _plant_lucky(study)
+    assert study.best_trial.number == lucky  # on the search's own evidence it is the best
+    proxy = prepare(settings)
+    selection = run_selection(settings, proxy, study)
+    assert selection is not None and selection.seeds == [1000 * settings.seed + 500 + i for i in range(3)]
+    assert set(selection.seeds).isdisjoint(settings.eval_seeds)
+    by_number = {c.number: c for c in selection.candidates}
+    assert lucky in by_number and len(selection.candidates) == 4  # top 2 searched (the lucky one too) + 2 baselines
+    # all zeros cannot learn: chance-level loss, ln(4), on every new seed
+    assert all(s == pytest.approx(math.log(4), abs=0.02) for s in by_number[lucky].scores)
+    # the choice, computed here from the raw scores: the lowest mean over search and selection seeds
+    means = {n: statistics.fmean([*c.search_scores, *c.scores]) for n, c in by_number.items()}
+    expected = min(means, key=means.get)
+    assert selection.chosen.number == expected != lucky
+    # the paired gain against the best baseline, computed here
+    baselines = [c for c in selection.candidates if c.kind != "search"]
+    best = min(baselines, key=lambda c: means[c.number])
+    assert selection.best_baseline is best
+    if selection.chosen is not best:
+        gains = np.array(best.scores) - np.array(selection.chosen.scores)
+        assert selection.gain == pytest.approx(gains.mean())
+        assert selection.half_width == pytest.approx(T975[2] * gains.std(ddof=1) / np.sqrt(3))
+
+
+def test_the_study_command_exports_the_selected_trial_and_says_so(tmp_path, capsys) -> None:
+    cfg, settings = _settings(tmp_path)
+    run_settings(settings, cfg, tmp_path / "first")
+    lucky = _plant_lucky(open_study(settings))
+    capsys.readouterr()
+    finished = run_settings(settings, cfg, tmp_path / "second")  # complete: nothing runs, selection and export
+    printed = capsys.readouterr().out
+    exported = json.loads(finished.policy_path.read_text())
+    selected = finished.study.user_attrs["selected_trial"]
+    assert exported["provenance"]["trial"] == selected != lucky
+    [lucky_line] = [line for line in printed.splitlines() if line.startswith(f"  trial {lucky} (search): ")]
+    [exported_line] = [line for line in printed.splitlines() if line.endswith("<- exported")]
+    assert exported_line.startswith(f"  trial {selected} ") and lucky_line != exported_line
+    assert pick_trial(finished.study).number == selected  # python -m initsearch.export picks the same
+    if finished.study.trials[selected].user_attrs.get("baseline"):
+        assert "no searched policy beats the best baseline on all the evidence" in printed
+
+
+def test_select_top_k_0_turns_the_stage_off(tmp_path) -> None:
+    cfg, settings = _settings(tmp_path, "select.top_k=0")
+    finished = run_settings(settings, cfg, tmp_path / "out")
+    assert "selected_trial" not in finished.study.user_attrs
+    assert selection_seeds(settings) == [500, 501, 502]
