@@ -25,16 +25,16 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from initsearch.contenders.baselines import contender_policy, init_contender
+from initsearch.contenders.baselines import contender_policy
 from initsearch.errors import ConfigError, InitSearchError
 from initsearch.init.policy import CheckpointRef, InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
 from initsearch.proxy.losses import resolve_loss
-from initsearch.proxy.scoring import interval, paired_gains, score
-from initsearch.proxy.train import Curve, train_run
+from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
+from initsearch.proxy.train import Curve
 from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
-from initsearch.search.trial import fresh_model, prepare
+from initsearch.search.trial import prepare, train_contender
 
 FRESH_SEED_OFFSET = 1_000_000  # the search scores on seed*1000 + i (i < score.seeds): these never collide
 POLICY = "policy"
@@ -170,16 +170,12 @@ def run_validation(
     for name, pol in contenders.items():
         result = ContenderResult(name)
         for seed in fresh:
-            model = fresh_model(target_model, data, device, seed)
-            init_contender(model, pol, baseline=None if name == POLICY else name, seed=seed, example_x=example[0],
-                           train_x=data.x_train, train_y=data.y_train, train=train_cfg)
-            curve = train_run(model, data, train_cfg, seed=seed)
+            curve = train_contender(target_model, data, device, pol, None if name == POLICY else name, seed, train_cfg,
+                                    example[0])
             result.seeds.append(seed)
             result.curves.append(curve)
-            if curve.diverged or curve.steps_done < budget:
-                result.scores.append(math.nan)
-            else:
-                result.scores.append(score(curve, settings.score.metric, budget=budget, target_acc=settings.score.target_acc))
+            result.scores.append(score_or_nan(curve, settings.score.metric, budget=budget,
+                                              target_acc=settings.score.target_acc))
             result.steps_to_target.append(_steps_to_target(curve, settings.score.target_acc))
             result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
             progress.step(f"{name}, seed {seed}")

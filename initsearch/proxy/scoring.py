@@ -70,6 +70,14 @@ def score(curve: Curve, metric: str, *, budget: int, target_acc: float | None = 
     return _metric_value(curve, metric, budget, target_acc)
 
 
+def score_or_nan(curve: Curve, metric: str, *, budget: int, target_acc: float | None = None) -> float:
+    """``score`` of a complete run; NaN for one that diverged or stopped before ``budget`` steps (a seed that did
+    not train is left out of means, and counted, by the callers)."""
+    if curve.diverged or curve.steps_done < budget:
+        return math.nan
+    return score(curve, metric, budget=budget, target_acc=target_acc)
+
+
 def partial_score(curve: Curve, metric: str, *, budget: int, target_acc: float | None = None) -> float:
     """The metric on the curve so far (for Optuna's pruner): ``auc_loss`` is the mean loss of the steps done,
     the validation metrics use the validation points so far, ``steps_to_target`` penalizes with the best

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from initsearch.contenders.baselines import contender_policy, init_contender
+from initsearch.contenders.baselines import contender_policy
 from initsearch.init.policy import InitPolicy
-from initsearch.proxy.scoring import interval, paired_gains, score
-from initsearch.proxy.train import train_run
+from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
 from initsearch.search.settings import StudySettings
-from initsearch.search.trial import Proxy, fresh_model
+from initsearch.search.trial import Proxy, train_contender
 
 SELECTION_SEED_OFFSET = 500  # seed * 1000 + 500 + i: past the search's seed * 1000 + i (i < score.seeds)
 
@@ -115,7 +114,10 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
         policy = (InitPolicy.from_dict(trial.user_attrs["policy"]) if baseline is None
                   else contender_policy(baseline, settings.pretrained))
         for seed in seeds:
-            candidate.scores.append(_score_on(settings, proxy, policy, baseline, seed))
+            curve = train_contender(settings.model, proxy.data, proxy.device, policy, baseline, seed, settings.train,
+                                    proxy.example_x, proxy.discovery)
+            candidate.scores.append(score_or_nan(curve, settings.score.metric, budget=settings.train.steps,
+                                                 target_acc=settings.score.target_acc))
         candidates.append(candidate)
     maximize = settings.score.direction == "maximize"
     scored = [c for c in candidates if c.evidence]
@@ -128,13 +130,3 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
     return Selection(settings.score.metric, settings.score.direction, seeds, candidates, chosen, best_baseline,
                      gain, half, time.perf_counter() - started)
 
-
-def _score_on(settings: StudySettings, proxy: Proxy, policy: InitPolicy, baseline: str | None, seed: int) -> float:
-    """One candidate on one seed, as a trial scores it; NaN when the run diverged or stopped early."""
-    model = fresh_model(settings.model, proxy.data, proxy.device, seed)
-    init_contender(model, policy, baseline=baseline, seed=seed, example_x=proxy.example_x, train_x=proxy.data.x_train,
-                   train_y=proxy.data.y_train, train=settings.train, layers=proxy.discovery)
-    curve = train_run(model, proxy.data, settings.train, seed=seed)
-    if curve.diverged or curve.steps_done < settings.train.steps:
-        return math.nan
-    return score(curve, settings.score.metric, budget=settings.train.steps, target_acc=settings.score.target_acc)

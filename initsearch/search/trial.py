@@ -36,7 +36,7 @@ from initsearch.proxy.data import Dataset, keep_classes, load_dataset
 from initsearch.proxy.losses import LOSSES, Loss, resolve_loss
 from initsearch.proxy.models import build_model, count_parameters, target_name
 from initsearch.proxy.scoring import ACCURACY_METRICS, aggregate, partial_score, score
-from initsearch.proxy.train import Curve
+from initsearch.proxy.train import Curve, TrainConfig, train_run
 from initsearch.proxy.userdata import load_user_data
 from initsearch.search.outcome import TrialOutcome, safely
 from initsearch.search.settings import StudySettings, resolve_device
@@ -91,8 +91,7 @@ def prepare(settings: StudySettings) -> Proxy:
     except InitSearchError:
         raise
     except Exception as exc:  # a user's model that fails on the data: one line, before the study opens
-        where = f"model._target_: {target_name(target)}" if target is not None else "model: the proxy"
-        raise ConfigError(f"{where} failed on a batch of {data.name} data: "
+        raise ConfigError(f"{model_label(target)} failed on a batch of {data.name} data: "
                           f"{type(exc).__name__}: {first_line(exc)}") from None
     pretrained = None if settings.pretrained is None else check_pretrained(settings, model, discovery)
     if settings.space.arch is not None:
@@ -100,10 +99,15 @@ def prepare(settings: StudySettings) -> Proxy:
     return Proxy(data, example_x, example_y, discovery.layers, device, discovery.method, loss, pretrained)
 
 
+def model_label(target: object) -> str:
+    """How an error names the model: the user's class (``model._target_: pkg.Net``) or the built-in proxy."""
+    return f"model._target_: {target_name(target)}" if target is not None else "model: the proxy"
+
+
 def check_outputs(out: torch.Tensor, y: torch.Tensor, loss: Loss, num_classes: int, target: object) -> None:
     """The model's outputs must fit the targets: a logit per class for cross-entropy, else one value per target
     value (a batch of two could otherwise pass by broadcasting, and a missing class fail only in a trial)."""
-    where = f"model._target_: {target_name(target)}" if target is not None else "model: the proxy"
+    where = model_label(target)
     if loss.name == "cross_entropy":
         if out.dim() != 2 or out.shape[1] < num_classes:
             raise ConfigError(f"{where} gives outputs of shape {tuple(out.shape[1:])} per example, but the data have "
@@ -176,6 +180,18 @@ def fresh_model(model_cfg: dict, data: Dataset, device: torch.device, seed: int)
     with forked_seed(seed):
         model = build_model(model_cfg, data.input_shape, data.num_classes)
     return model.to(device)
+
+
+def train_contender(model_cfg: dict, data: Dataset, device: torch.device, policy: InitPolicy, baseline: str | None,
+                    seed: int, train: TrainConfig, example_x: torch.Tensor,
+                    layers: LayerDiscovery | None = None) -> Curve:
+    """A fresh model of ``model_cfg`` under ``seed``, initialized as the contender (``policy``, or the
+    baseline's own init), trained with ``train``: one seed of a contender outside a trial (the selection stage,
+    ``validate``)."""
+    model = fresh_model(model_cfg, data, device, seed)
+    init_contender(model, policy, baseline=baseline, seed=seed, example_x=example_x, train_x=data.x_train,
+                   train_y=data.y_train, train=train, layers=layers)
+    return train_run(model, data, train, seed=seed)
 
 
 # ---- one trial -----------------------------------------------------------------------------------------------
