@@ -346,7 +346,7 @@ class _Vmapped:
     def _member_loss(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], xb: torch.Tensor,
                      yb: torch.Tensor) -> torch.Tensor:
         out = functional_call(self.skeleton, (p, b), (xb,))
-        return F.cross_entropy(out, yb) if self.loss_fn.name == "cross_entropy" else self.loss_fn.mean(out, yb)
+        return self.loss_fn.mean(out, yb)
 
     def _member_logits(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.skeleton, (p, b), (x,))

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from initsearch.errors import ConfigError, DataError, is_finite_number
@@ -217,10 +216,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         for start in range(0, len(x), batch_size):
             out = model(x[start:start + batch_size]).float()
             target = y[start:start + batch_size]
-            if loss.name == "cross_entropy":  # the fused sum: the classification path stays as it was
-                total_loss += F.cross_entropy(out, target, reduction="sum")
-            else:
-                total_loss += loss.per_example(out, target).double().sum()
+            total_loss += loss.total(out, target)
             if loss.hits is not None:
                 correct += loss.hits(out, target).sum()
     model.train()
@@ -311,7 +307,6 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
     check_data(data)
     x, y, device = data.x_train, data.y_train, data.x_train.device
     loss_fn = resolve_loss(cfg.loss, y)
-    criterion = F.cross_entropy if loss_fn.name == "cross_entropy" else loss_fn.mean
     curve = Curve(train_loss=np.zeros(0, dtype=np.float64))
     losses = torch.empty(cfg.steps, dtype=torch.float32, device=device)
     started = time.perf_counter()
@@ -333,7 +328,7 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
             offset += 1
             xb = x[idx].contiguous(memory_format=torch.channels_last) if channels_last else x[idx]
             with bf16_autocast(device, cfg.bf16):
-                loss = criterion(model(xb), y[idx])
+                loss = loss_fn.mean(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
