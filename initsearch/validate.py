@@ -315,7 +315,7 @@ Usage: python -m initsearch.validate policy=PATH [study=NAME] [key=value ...]
   steps=N           training steps (default 5x the search's train.steps)
   out=DIR           where validation.csv and validation.png go (default outputs/<study>/validate_<date_time>)
   subset=N          train on the first N examples only
-  baselines=[...]   the contenders besides the policy (also gradinit, metainit)
+  baselines=[...]   the contenders besides the policy (also gradinit, metainit, gradinit_paper, metainit_paper)
   any other key=value of python -m initsearch (train.lr=..., tracking_uri=..., verbose=true)
 
 Examples:

@@ -1,31 +1,45 @@
 """Reproduce docs/results.md: for each case, run the study, then validate its best policy on fresh seeds.
 
     python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp] [--n-trials 30] [--seeds 5] [--out results]
+                              [--equal-compute]
 
-Each case is a study preset plus overrides; its baselines include GradInit and MetaInit. The search scores
-candidates on the study's own seeds; `validate` then trains the full-size model from the best policy and from
-every baseline on `--seeds` fresh seeds for 5x the search's budget. Prints one markdown table per case (and
-writes it, with the CSV, under --out).
+Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
+proxies and at their papers' settings (``gradinit_paper``, ``metainit_paper``). The search scores candidates on
+the study's own seeds, the selection stage retrains the front-runners on new seeds, and `validate` then trains
+the full-size model from the **exported** policy (what a user gets: a baseline, when one won) and from every
+baseline on `--seeds` fresh seeds for 5x the search's budget. ``--equal-compute`` adds GradInit and MetaInit
+rows given the search's compute: as many forward + backward passes as the searched trials' training steps
+took (2 per step and seed; pruned trials counted to their last report), divided by the method's passes per
+iteration (GradInit 6 with SGD, MetaInit 7). Prints one markdown table per case (and writes it, with the CSV,
+under --out).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import torch
 from hydra import compose, initialize_config_dir
+from optuna.trial import TrialState
 
 from initsearch.cli import config_dir, run
-from initsearch.export import trial_policy
+from initsearch.contenders.learned import run_learned_baseline
+from initsearch.export import pick_trial, trial_policy
 from initsearch.init.policy import load_policy, save_policy
+from initsearch.proxy.scoring import score_or_nan
+from initsearch.proxy.train import train_run
 from initsearch.search.report import summarize
 from initsearch.search.settings import settings_from_config
 from initsearch.search.storage import open_storage
-from initsearch.validate import run_validation
+from initsearch.search.trial import fresh_model, prepare
+from initsearch.validate import ContenderResult, ValidationReport, run_validation
 
-ALL_BASELINES = "[pytorch_default,xavier,he,lecun,orthogonal,lsuv,gradinit,metainit]"
+ALL_BASELINES = "[pytorch_default,xavier,he,lecun,orthogonal,lsuv,gradinit,metainit,gradinit_paper,metainit_paper]"
+PASSES_PER_ITERATION = {"gradinit": 6, "metainit": 7}  # forward + backward sweeps (contenders/learned.py)
 CASES: dict[str, list[str]] = {
     "digits_mlp": ["study=digits_mlp"],
     "digits_cnn": ["study=digits_cnn"],
@@ -42,6 +56,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default="results")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--equal-compute", action="store_true", help="add GradInit/MetaInit rows given the search's compute")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -57,24 +72,31 @@ def main() -> None:
         run(cfg, folder)
         t1 = time.perf_counter()
         settings = settings_from_config(cfg)
-        # validate the best *searched* policy (the study's own export may be a baseline that won the search)
+        # validate what the study exports (the selection stage's choice; a baseline when one won)
         study = optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage))
         summary = summarize(study, settings.score.metric)
-        if summary.best_search is None:
-            print(f"### {case}\n\nno searched trial completed\n")
-            continue
-        searched = save_policy(trial_policy(study, summary.best_search), folder / "best_searched_policy.json")
-        report = run_validation(settings, load_policy(searched), seeds=args.seeds)
+        exported = pick_trial(study)
+        policy_file = save_policy(trial_policy(study, exported), folder / "exported_policy.json")
+        report = run_validation(settings, load_policy(policy_file), seeds=args.seeds)
+        budget_note = ""
+        if args.equal_compute:
+            passes = search_passes(study, settings.train.steps)
+            for method, per in PASSES_PER_ITERATION.items():
+                iterations = max(passes // per, 1)
+                report.results.append(learned_at(settings, report, method, iterations))
+            budget_note = f" Equal compute: the search's {passes:,} forward + backward passes."
         t2 = time.perf_counter()
+        kind = exported.user_attrs.get("baseline") or "searched"
         table = report.table()
         table.to_csv(folder / "validation.csv", index=False)
-        command = f"python scripts/results.py --cases {case} --n-trials {args.n_trials} --seeds {args.seeds}"
+        command = (f"python scripts/results.py --cases {case} --n-trials {args.n_trials} --seeds {args.seeds}"
+                   + (" --equal-compute" if args.equal_compute else ""))
         md = [
             f"### {case}",
             "",
             f"`{command}` — overrides: `{' '.join(CASES[case])}`; search {t1 - t0:.0f} s, validation {t2 - t1:.0f} s "
             f"({report.steps} steps, seeds {report.seeds[0]}..{report.seeds[-1]}).",
-            f"Search: {summary.headline()}.",
+            f"Search: {summary.headline()}. Exported: trial {exported.number} ({kind}).{budget_note}",
             "",
             table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else "```\n" + table.to_string(index=False) + "\n```",
             "",
@@ -83,6 +105,44 @@ def main() -> None:
         ]
         (folder / "table.md").write_text("\n".join(md))
         print("\n".join(md), flush=True)
+
+
+def search_passes(study: optuna.Study, steps: int) -> int:
+    """Forward + backward passes the searched trials' training took: 2 per step and seed (a complete trial trains
+    every seed for ``steps``; a pruned one is counted to its last report, one seed)."""
+    total = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("baseline") or t.user_attrs.get("duplicate_of") is not None:
+            continue
+        if t.state == TrialState.COMPLETE:
+            total += steps * max(len(t.user_attrs.get("seed_scores") or []), 1)
+        elif t.state == TrialState.PRUNED:
+            total += max(t.intermediate_values, default=0)
+    return 2 * total
+
+
+def learned_at(settings, report: ValidationReport, method: str, iterations: int) -> ContenderResult:
+    """GradInit or MetaInit run for ``iterations`` on each of the report's seeds, then trained like the others."""
+    target = {**settings.model, "width_multiplier": 1.0}
+    proxy = prepare(replace(settings, model=target))
+    train = replace(settings.train, steps=report.steps)
+    options = {"iterations": iterations} if method == "gradinit" else {"steps": iterations}
+    if method == "gradinit":
+        options["optimizer"] = "adam" if train.optimizer in ("adam", "adamw") else "sgd"
+    result = ContenderResult(f"{method} ({iterations} it., equal compute)")
+    for seed in report.seeds:
+        model = fresh_model(target, proxy.data, proxy.device, seed)
+        run_learned_baseline(method, model, proxy.data.x_train, proxy.data.y_train, seed=seed,
+                             batch_size=train.batch_size, options=options)
+        curve = train_run(model, proxy.data, train, seed=seed)
+        result.seeds.append(seed)
+        result.curves.append(curve)
+        result.scores.append(score_or_nan(curve, settings.score.metric, budget=report.steps,
+                                          target_acc=settings.score.target_acc))
+        result.steps_to_target.append(next((s for s, a in zip(curve.val_steps, curve.val_acc)
+                                            if a >= settings.score.target_acc), None))
+        result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
+    return result
 
 
 def _has_tabulate() -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from initsearch.contenders.learned import LearnedInitResult, learned_base_policy, run_learned_baseline
-from initsearch.contenders.names import LEARNED_BASELINES, PRETRAINED_BASELINES, TEXTBOOK_BASELINES
+from initsearch.contenders.names import LEARNED_BASELINES, PRETRAINED_BASELINES, TEXTBOOK_BASELINES, learned_method
 from initsearch.errors import ConfigError
 from initsearch.init.apply import apply_policy
 from initsearch.init.layers import LayerDiscovery
@@ -100,12 +100,13 @@ def init_contender(
     ``layers``: the proxy's discovered layers, passed to ``apply_policy`` so it does not trace every copy."""
     if baseline in LEARNED_BASELINES:
         options: dict[str, Any] = {}
-        if baseline == "gradinit":  # GradInit's virtual step mimics the training optimizer (SGD: g, Adam: sign g)
+        method = learned_method(baseline)
+        if method == "gradinit":  # GradInit's virtual step mimics the training optimizer (SGD: g, Adam: sign g)
             options["optimizer"] = "adam" if train.optimizer in ("adam", "adamw") else "sgd"
         loss = resolve_loss(train.loss, train_y)
         if loss.name != "cross_entropy":  # both methods minimize the study's own loss
             options["loss_fn"] = loss.mean
-        if baseline == "metainit" and (loss.name != "cross_entropy" or not train_x.is_floating_point()):
+        if method == "metainit" and (loss.name != "cross_entropy" or not train_x.is_floating_point()):
             options["random_batch"] = False  # random N(0, 1) inputs and class labels fit classification only
         return run_learned_baseline(baseline, model, train_x, train_y, seed=seed, batch_size=train.batch_size, options=options)
     apply_policy(model, policy, example_batch=example_x, seed=seed, layers=layers)
