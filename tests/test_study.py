@@ -30,6 +30,17 @@ def test_every_preset_composes_into_valid_settings(preset):
     assert s.data["name"] == ("cifar10" if preset.startswith("cifar") else "digits")
 
 
+@pytest.mark.parametrize(("group", "pruner"), [("median", optuna.pruners.MedianPruner),
+                                               ("hyperband", optuna.pruners.HyperbandPruner),
+                                               ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+                                               ("none", optuna.pruners.NopPruner)])
+def test_every_pruner_group_composes_into_its_optuna_pruner(group, pruner):
+    from initsearch.search.study import make_pruner
+
+    s = settings_from_config(compose_config([f"pruner={group}"]))
+    assert type(make_pruner(s.pruner, s.train.steps * s.score.seeds)) is pruner
+
+
 def test_default_study_is_digits_mlp_with_hybrid_space_and_baselines():
     s = settings_from_config(compose_config([]))
     assert s.study_name == "digits_mlp" and s.data["name"] == "digits" and s.model["name"] == "mlp"

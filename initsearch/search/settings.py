@@ -24,7 +24,7 @@ from initsearch.search.space import SearchSpace, space_from_config
 DEFAULT_STORAGE = "initsearch.journal"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "hyperband", "successive_halving", "none")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ def make_pruner(cfg: dict[str, Any], max_resource: int) -> optuna.pruners.BasePr
         )
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(reduction_factor=int(cfg.get("reduction_factor", 4)))
     return optuna.pruners.NopPruner()
 
 
