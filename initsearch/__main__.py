@@ -67,7 +67,8 @@ def main() -> None:
     def start() -> None:
         sys.argv[1:] = with_custom_groups(sys.argv[1:])  # Hydra reads sys.argv itself
         args = sys.argv[1:]
-        problem = compose_problem(overrides_of(args))
+        sweep = any(arg in ("-m", "--multirun") for arg in args)  # seed=0,1 is a sweep there: Hydra checks it
+        problem = None if sweep else compose_problem(overrides_of(args))
         if problem is not None and wants_help(args):
             sys.argv = [sys.argv[0], "--help"]  # the help, whatever else the command line says
         elif problem is not None:

@@ -150,6 +150,18 @@ def test_cli_runs_end_to_end_and_bad_override_is_one_line(in_tmp):
     assert not (in_tmp / "bad.journal").exists()
 
 
+def test_multirun_sweeps_one_study_per_value(in_tmp):
+    """``-m`` with a comma sweep is Hydra's multirun: one job per value, each its own study here."""
+    args = ["-m"] + [o for o in TINY if not o.startswith(("n_trials=", "baselines="))] + [
+        "n_trials=1", "baselines=[]", "select.top_k=0", "seed=0,1", "study_name=sweep${seed}", "progress=false"]
+    proc = subprocess.run([PYTHON, "-m", "initsearch", *args], capture_output=True, text=True, env=subprocess_env(),
+                          cwd=in_tmp, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    storage = open_storage(str(in_tmp / "initsearch.journal"))
+    assert sorted(s.study_name for s in optuna.get_all_study_summaries(storage)) == ["sweep0", "sweep1"]
+    assert len(list((in_tmp / "multirun").glob("*/*/[01]/best_policy.json"))) == 2
+
+
 def test_learned_baselines_run_as_trials_and_count_their_passes(in_tmp):
     storage = str(in_tmp / "s.journal")
     overrides = TINY + [f"storage={storage}", "study_name=learned", "baselines=[he,gradinit,metainit]", "n_trials=1"]
