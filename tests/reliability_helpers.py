@@ -89,8 +89,9 @@ class AlwaysBroken(_TwoLayer):
 def target(cls: type, **kwargs: Any) -> list[str]:
     """Overrides that make the study's proxy ``cls`` (with extra constructor arguments). ``model=mlp`` keeps the
     built-in group, so the tiny study's ``model.depth``/``model.width`` overrides still compose (they never
-    reach ``cls``: a built-in proxy's keys are dropped for a ``_target_``)."""
-    return ["model=mlp", f"+model._target_=tests.reliability_helpers.{cls.__name__}"] + [
+    reach ``cls``: a built-in proxy's keys are dropped for a ``_target_``). No selection stage: these models
+    test how studies stop, fail and resume, and retraining the front-runners would only sleep longer."""
+    return ["model=mlp", f"+model._target_=tests.reliability_helpers.{cls.__name__}", "select.top_k=0"] + [
         f"+model.{k}={v}" for k, v in kwargs.items()]
 
 
