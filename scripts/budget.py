@@ -10,8 +10,9 @@ for seed ``i``), so a pruner can stop a candidate before its second seed. From e
 the compute spent (training steps: a complete trial's steps times its seeds, a pruned one's last report; a
 re-proposed policy costs nothing) and the best score so far. A run "reaches" the target when its best score
 is within ``--within`` (default 5%) of the best score any run of that case found. Prints one markdown table
-per case: for each pruner, the mean (min-max) final best score, the training steps and seconds to reach the
-target (and how many repeats did), and the total steps and seconds.
+per case: for each pruner, the mean (min-max) final best score, the best score within the compute the cheapest
+run used (equal compute), the training steps and seconds to reach the target (and how many repeats did), and
+the total steps and seconds. ``--reuse`` reports the studies already under ``--out``.
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ class Trace:
     seconds: list[float]
     best: list[float]
 
+    def best_within(self, steps: int) -> float:
+        """The best score found by the trials that ended within ``steps`` training steps."""
+        return min((b for s, b in zip(self.steps, self.best) if s <= steps), default=math.inf)
+
     def reach(self, target: float) -> tuple[int, float] | None:
         """(steps, seconds) at which the best score first got to ``target`` (minimized); None if never."""
         for steps, seconds, best in zip(self.steps, self.seconds, self.best):
@@ -72,18 +77,19 @@ def trace(study: optuna.Study, steps_per_seed: int) -> Trace:
     return out
 
 
-def run_case(case: str, pruner: str, repeat: int, n_trials: int, out: Path) -> Trace:
+def run_case(case: str, pruner: str, repeat: int, n_trials: int, out: Path, reuse: bool = False) -> Trace:
     folder = out / case / f"{pruner}-{repeat}"
     folder.mkdir(parents=True, exist_ok=True)
     storage = folder / "study.journal"
-    storage.unlink(missing_ok=True)
+    if not reuse:
+        storage.unlink(missing_ok=True)
     overrides = CASES[case] + [f"pruner={pruner}", f"seed={repeat}", f"n_trials={n_trials}", "baselines=[]",
                                "select.top_k=0", "tracking_uri=none", "progress=false", f"storage={storage}"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     settings = settings_from_config(cfg)
     with contextlib.redirect_stdout(io.StringIO()):
-        run(cfg, folder)
+        run(cfg, folder)  # with --reuse, a finished study's journal: nothing runs
     study = optuna.load_study(study_name=settings.study_name, storage=open_storage(str(storage)))
     return trace(study, settings.train.steps)
 
@@ -103,6 +109,7 @@ def main() -> None:
     ap.add_argument("--within", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/budget")
+    ap.add_argument("--reuse", action="store_true", help="report the studies already in --out (finish any unfinished)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -112,20 +119,23 @@ def main() -> None:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         for repeat in range(args.repeats):  # interleaved: every pruner once per repeat, so drift hits all alike
             for pruner in args.pruners:
-                traces.setdefault(pruner, []).append(run_case(case, pruner, repeat, args.n_trials, out))
+                traces.setdefault(pruner, []).append(run_case(case, pruner, repeat, args.n_trials, out, args.reuse))
         best = min(t.best[-1] for ts in traces.values() for t in ts)
         target = best + args.within * abs(best)
+        equal = min(t.steps[-1] for ts in traces.values() for t in ts)  # the compute every run had
         lines = [f"### {case}", "",
                  f"`python scripts/budget.py --cases {case} --repeats {args.repeats} --n-trials {args.n_trials}` "
                  f"({started}, load {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} at the end); "
                  f"target: within {100 * args.within:.0f}% of the best score any run found ({best:.4g}), i.e. "
-                 f"<= {target:.4g}.", "",
-                 "| pruner | final best | reached | steps to target | seconds to target | total steps | total seconds |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
+                 f"<= {target:.4g}. Equal compute: the {equal:,} training steps the cheapest run used.", "",
+                 "| pruner | final best | best at equal compute | reached | steps to target | seconds to target | "
+                 "total steps | total seconds |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for pruner, ts in traces.items():
             reached = [r for r in (t.reach(target) for t in ts) if r is not None]
             lines.append(
-                f"| {pruner} | {spread([t.best[-1] for t in ts], '.4g')} | {len(reached)}/{len(ts)} | "
+                f"| {pruner} | {spread([t.best[-1] for t in ts], '.4g')} | "
+                f"{spread([t.best_within(equal) for t in ts], '.4g')} | {len(reached)}/{len(ts)} | "
                 f"{spread([float(r[0]) for r in reached], ',.0f')} | {spread([r[1] for r in reached], '.1f')} | "
                 f"{spread([float(t.steps[-1]) for t in ts], ',.0f')} | {spread([t.seconds[-1] for t in ts], '.1f')} |")
         (out / case).mkdir(parents=True, exist_ok=True)
