@@ -17,7 +17,8 @@ from initsearch.cli import config_dir
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-# A study that takes a few seconds: synthetic data, a 2-layer MLP, 20 steps, 2 baselines.
+# A study that takes a few seconds: synthetic data, a 2-layer MLP, 20 steps, 2 baselines; no pruner, so every
+# trial trains to the end whatever the scores (tests of pruning choose theirs).
 TINY = [
     "data=synthetic",
     "model.depth=2",
@@ -28,6 +29,7 @@ TINY = [
     "baselines=[he,xavier]",
     "score.seeds=1",
     "tracking_uri=none",
+    "pruner=none",
 ]
 
 

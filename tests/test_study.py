@@ -203,7 +203,7 @@ def test_cifar_cnn_study_downloads_verifies_and_runs_from_a_loopback_archive(in_
 @pytest.mark.parametrize("batch", [1, 2])
 def test_searched_trials_report_to_the_pruner_only_when_there_is_one(in_tmp, batch):
     reported = {}
-    for pruner in ("median", "none"):
+    for pruner in ("hyperband", "median", "none"):
         storage = str(in_tmp / f"{pruner}{batch}.journal")
         run(compose_config(TINY + [f"storage={storage}", f"study_name=p{batch}", f"pruner={pruner}",
                                    f"batch_trials={batch}", "n_trials=3"]), in_tmp / f"out-{pruner}{batch}")
@@ -211,4 +211,5 @@ def test_searched_trials_report_to_the_pruner_only_when_there_is_one(in_tmp, bat
         reported[pruner] = sorted(len(t.intermediate_values) for t in trials if not t.user_attrs.get("baseline")
                                   and "duplicate_of" not in t.user_attrs)
     assert reported["median"] and all(n == 2 for n in reported["median"])  # 20 steps, a checkpoint every 10
+    assert reported["hyperband"] and all(1 <= n <= 2 for n in reported["hyperband"])  # it may stop one at step 10
     assert reported["none"] and all(n == 0 for n in reported["none"])
