@@ -161,7 +161,9 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
             return None
         return (min if direction == "minimize" else max)(ts, key=trial_score)
 
-    front = sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0])) if multi else None
+    # the front without re-proposals (a duplicate has its original's values: the original is listed)
+    front = (sorted((t for t in study.best_trials if t.user_attrs.get("duplicate_of") is None),
+                    key=lambda t: (t.values[1], t.values[0])) if multi else None)
     return StudySummary(
         table=table,
         metric=metric,
