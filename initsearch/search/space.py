@@ -56,8 +56,8 @@ class ArchSpace:
     norm: tuple[str, ...]
     residual: tuple[bool, ...]
     max_params: int | None = None
-    stages: tuple[int, ...] = (1, 2, 3)
-    channels: tuple[int, ...] = (8, 16, 32)
+    stages: tuple[int, ...] = (1, 2, 3, 4)  # the defaults of conf/search_space/joint.yaml
+    channels: tuple[int, ...] = (8, 16, 32, 64)
     network: str = "mlp"
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
