@@ -190,3 +190,14 @@ def test_pareto_plot_draws_the_front_and_nothing_without_sizes():
     fig = plot_pareto_front(table, [1, 2], "auc_loss", "minimize")
     assert fig is not None and fig.axes[0].get_xscale() == "log"
     assert plot_pareto_front(table.assign(n_params=None), [], "auc_loss", "minimize") is None
+
+
+def test_the_summary_front_leaves_out_re_proposals_and_best_is_on_it():
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for score, size, attrs in [(0.3, 700, {}), (0.3, 700, {"duplicate_of": 0}), (0.2, 900, {}), (0.25, 950, {})]:
+        study.add_trial(optuna.trial.create_trial(values=[score, size], user_attrs={"seed_scores": [score], **attrs}))
+    summary = summarize(study, "auc_loss")
+    assert [t.number for t in summary.front] == [0, 2] and summary.best.number == 2
+    front_lines = summary.describe_front().splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in front_lines] == ["trial 0 (search)", "trial 2 (search)"]
+    assert front_lines[1].endswith("<- best score")
