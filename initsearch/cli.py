@@ -168,6 +168,7 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
                         f"storage: python -m initsearch.export study_name={settings.study_name} "
                         f"storage={settings.storage} out=<file> exports its best policy") from None
     picture = draw_policy(path, proxy, out / "best_policy.png")
+    front = draw_pareto_front(summary, out / "pareto_front.png")
     if tracker.ran == 0:
         searched = int((summary.table["kind"] == "search").sum())
         print(f"study already complete: {searched} searched trials (n_trials={settings.n_trials}; "
@@ -176,7 +177,7 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
     if selection is not None:
         print(selection.describe())
     tracker.study_finished(study, summary, path)
-    print(files_written(out, [path, out / "trials.csv", *([picture] if picture else []), *getattr(tracker, "figures", [])],
+    print(files_written(out, [path, out / "trials.csv", *(p for p in (picture, front) if p), *getattr(tracker, "figures", [])],
                         getattr(tracker, "runs_url", None)))
     return FinishedStudy(path, study, summary)
 
@@ -205,12 +206,31 @@ def draw_policy(policy_path: Path, proxy: Any, target: Path) -> Path | None:
         return None
 
 
+def draw_pareto_front(summary: StudySummary, target: Path) -> Path | None:
+    """``pareto_front.png`` of a multi-objective study (score and parameters; the tracker logs it to MLflow
+    too); ``None`` for a single-objective study, or (with a debug log) when it cannot be drawn."""
+    from initsearch.tracking.plots import plot_pareto_front, save_figure
+
+    if not summary.front:
+        return None
+    try:
+        fig = plot_pareto_front(summary.table, [t.number for t in summary.front], summary.metric, summary.direction)
+        if fig is None:
+            return None
+        save_figure(fig, target)
+        return target
+    except Exception as exc:  # a picture is a courtesy: never fails the study
+        log.debug("pareto_front.png not drawn (%s)", first_line(exc, with_type=True))
+        return None
+
+
 def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
     """The closing lines: the run folder, each file written there, and where the runs are in MLflow."""
     lines = [f"wrote into {out.resolve()}/:"]
     width = max(len(f.name) for f in files)
     about = {"best_policy.json": "the best policy (apply it with initsearch.apply_policy)",
              "best_policy.png": "what the best policy does to each layer",
+             "pareto_front.png": "score against network size, the Pareto front joined",
              "trials.csv": "every trial: kind, state, score, per-seed scores, seconds, reason",
              "score_by_trial.png": "score by trial against the baselines",
              "training_curves.png": "training curves of the best trials and the baselines",

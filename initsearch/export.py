@@ -3,7 +3,8 @@
     python -m initsearch.export study_name=digits_mlp [storage=initsearch.journal] [out=policy.json] [trial=N] [force=true]
     python -m initsearch.export list=true [tracking_uri=sqlite:///mlflow.db]
 
-Without ``trial`` it exports the best complete trial (a baseline, if one won). A chosen trial must be
+Without ``trial`` it exports the best complete trial (a baseline, if one won); of a multi-objective study
+(score and parameters) the Pareto front's trial with the best score (``trial=N`` picks another). A chosen trial must be
 complete: a pruned one (its score is partial), a failed or a running one is refused unless ``force=true``.
 ``list=true`` lists the winners of earlier studies logged to MLflow, with the network each one searched
 (depth, activation mix, layer types), to pick ``warm_start`` sources.
@@ -29,6 +30,7 @@ from initsearch.errors import (
     wants_help,
 )
 from initsearch.init.policy import InitPolicy, save_policy
+from initsearch.search.outcome import score_direction, trial_score
 from initsearch.search.report import format_seconds
 from initsearch.search.settings import DEFAULT_STORAGE, is_rdb
 from initsearch.search.storage import open_storage
@@ -44,8 +46,8 @@ def trial_policy(study: optuna.Study, trial: FrozenTrial) -> InitPolicy:
         "trial": trial.number,
         "kind": trial.user_attrs.get("baseline") or "search",
         "metric": study.user_attrs.get("metric"),
-        "direction": study.direction.name.lower(),
-        "score": trial.value,
+        "direction": score_direction(study),
+        "score": trial_score(trial),
         "seed_scores": trial.user_attrs.get("seed_scores"),
         "seeds": trial.user_attrs.get("seeds"),
         "params": dict(trial.params),
@@ -83,7 +85,13 @@ def pick_trial(study: optuna.Study, number: int | None = None, force: bool = Fal
         raise ConfigError(f"trial: study {study.study_name!r} has no complete trial to export")
     selected = study.user_attrs.get("selected_trial")  # what the selection stage chose on new seeds
     chosen = [t for t in complete if t.number == selected]
-    return chosen[0] if chosen else study.best_trial
+    if chosen:
+        return chosen[0]
+    if len(study.directions) == 1:
+        return study.best_trial
+    front = study.best_trials  # score and parameters: the front's best score (ties: the smaller network)
+    pick = min if score_direction(study) == "minimize" else max
+    return pick(sorted(front, key=lambda t: t.values[1]), key=trial_score)
 
 
 def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None, force: bool = False) -> Path:
@@ -236,7 +244,10 @@ def describe_trial(study: optuna.Study, trial: FrozenTrial) -> str:
     """One line: which trial, its kind, state, score (and the metric), per-seed scores, how long it took."""
     metric = study.user_attrs.get("metric") or "score"
     kind = trial.user_attrs.get("baseline") or "search"
-    score = "no score" if trial.value is None else f"{metric} {trial.value:.4g}"
+    value = trial_score(trial)
+    score = "no score" if value is None else f"{metric} {value:.4g}"
+    if len(trial.values or ()) > 1:
+        score += f", {int(trial.values[1])} parameters"
     seeds = trial.user_attrs.get("seed_scores") or []
     parts = [f"trial {trial.number} ({kind}, {trial.state.name.lower()})", score]
     if seeds:

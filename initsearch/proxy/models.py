@@ -496,3 +496,54 @@ class JointMLP(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """The number of trainable parameters (what ``arch.max_params`` bounds)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class JointCNN(nn.Module):
+    """A CNN whose shape a joint search chooses: ``conv1, [norm1], act1, [pool1], ..., gap, flatten, out``.
+
+    ``stages`` 3x3 convolutions of ``channels`` channels each (the same count throughout, so every hidden
+    conv is square and a skip needs no projection); ``norm`` is ``None``, ``"batch"`` (``BatchNorm2d``) or
+    ``"layer"`` (``GroupNorm`` with one group: normalizes each example over channels and positions). With
+    ``residual``, every conv after the first adds its input back (``h + act(norm(conv(h)))``), so it is a
+    residual branch end. A ``MaxPool2d(2)`` named ``pool{i}`` follows stage ``i`` while the map is at least
+    2x2, as in ``CNN``. Built through ``model._target_`` (``best_model.yaml`` of a joint CNN study names it).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, stages: int = 2, channels: int = 16,
+                 activation: str = "relu", norm: str | None = None, residual: bool = False,
+                 width_multiplier: float = 1.0) -> None:
+        super().__init__()
+        in_ch, height, width = _shape(input_shape, ndim=3)
+        num_classes = _int_at_least("model.num_classes", num_classes, 1)
+        self.stages = _int_at_least("model.stages", stages, 1)
+        channels = _scaled("channels", _int_at_least("model.channels", channels, 1), width_multiplier)
+        acts = _activation_names("model.activation", activation, self.stages)
+        norm = _norm_name("model.norm", norm, MLP_NORMS)
+        if not isinstance(residual, bool):
+            raise ConfigError(f"model.residual: must be true or false, got {residual!r}")
+        self.residual = residual
+        size = min(height, width)
+        for i, act in enumerate(acts, start=1):
+            self.add_module(f"conv{i}", nn.Conv2d(in_ch, channels, 3, padding=1, bias=norm is None))
+            if norm is not None:
+                self.add_module(f"norm{i}", nn.BatchNorm2d(channels) if norm == "batch" else nn.GroupNorm(1, channels))
+            self.add_module(f"act{i}", make_activation(act))
+            if size >= 2:
+                self.add_module(f"pool{i}", nn.MaxPool2d(2))
+                size //= 2
+            in_ch = channels
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i in range(1, self.stages + 1):
+            y = getattr(self, f"conv{i}")(h)
+            if hasattr(self, f"norm{i}"):
+                y = getattr(self, f"norm{i}")(y)
+            y = getattr(self, f"act{i}")(y)
+            h = h + y if self.residual and i > 1 else y
+            if hasattr(self, f"pool{i}"):
+                h = getattr(self, f"pool{i}")(h)
+        return self.out(self.flatten(self.gap(h)))

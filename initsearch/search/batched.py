@@ -169,7 +169,7 @@ def _close_all(study: optuna.Study, tracker: Tracker, runs: Sequence[TrialRun]) 
     for run in runs:
         run.finish()
         if run.state == TrialState.COMPLETE:
-            study.tell(run.trial, run.value)
+            study.tell(run.trial, run.told)
         else:
             if run.state == TrialState.FAIL:
                 log.warning("Trial %d failed: %s", run.trial.number, run.outcome.reason)

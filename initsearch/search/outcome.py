@@ -20,6 +20,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("initsearch")
 
 
+def trial_score(trial: Any) -> float | None:
+    """A finished trial's score: its value, or in a multi-objective study (score, then parameter count) its
+    first value (``FrozenTrial.value`` raises there); ``None`` when it has none (pruned, failed, running)."""
+    values = trial.values
+    return None if not values else values[0]
+
+
+def score_direction(study: Any) -> str:
+    """``minimize`` or ``maximize``: the direction of the study's score (its first objective)."""
+    import optuna
+
+    return "minimize" if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else "maximize"
+
+
 @dataclass
 class TrialOutcome:
     """What one trial did, for trackers: its policy, per-seed curves and scores, and how it ended."""
@@ -36,6 +50,7 @@ class TrialOutcome:
     signals: SignalReport | None = None
     reason: str | None = None
     seconds: float = 0.0
+    n_params: int | None = None  # a joint search's network size (the second objective of a multi-objective study)
 
 
 class Tracker(Protocol):

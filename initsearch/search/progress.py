@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from optuna.trial import TrialState
 
-from initsearch.search.outcome import NullTracker, Tracker, TrialOutcome
+from initsearch.search.outcome import NullTracker, Tracker, TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings
 from initsearch.search.workers import counted
 
@@ -112,8 +112,9 @@ class Progress:
         trials = study.get_trials(deepcopy=False)
         self.done = counted(trials)
         for t in trials:
-            if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
-                self._offer(t.value, t.user_attrs.get("baseline"), t.number)
+            value = trial_score(t) if t.state == TrialState.COMPLETE else None
+            if value is not None and math.isfinite(value):
+                self._offer(value, t.user_attrs.get("baseline"), t.number)
         self._started = time.monotonic()
         if not self.enabled or self.done >= self.total:
             return

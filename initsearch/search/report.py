@@ -9,6 +9,8 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from initsearch.search.outcome import score_direction, trial_score
+
 
 @dataclass
 class StudySummary:
@@ -20,6 +22,7 @@ class StudySummary:
     best: FrozenTrial | None  # best complete trial, baseline or searched
     best_search: FrozenTrial | None
     best_baseline: FrozenTrial | None
+    front: list[FrozenTrial] | None = None  # a multi-objective study's Pareto front (score, parameters), smallest first
 
     @property
     def improvement_pct(self) -> float | None:
@@ -27,7 +30,7 @@ class StudySummary:
         score (positive = better, whatever the direction). ``None`` when either is missing."""
         if self.best_search is None or self.best_baseline is None:
             return None
-        found, base = self.best_search.value, self.best_baseline.value
+        found, base = trial_score(self.best_search), trial_score(self.best_baseline)
         if base == 0 or not (math.isfinite(found) and math.isfinite(base)):
             return None
         gain = (base - found) if self.direction == "minimize" else (found - base)
@@ -41,8 +44,8 @@ class StudySummary:
         pct_s = "n/a" if pct is None else f"{pct:+.1f}%"
         return (
             f"best found vs best baseline: {pct_s} ({verdict}) on {self.metric}: "
-            f"trial {self.best_search.number} {self.best_search.value:.4g} vs "
-            f"{self.best_baseline.user_attrs.get('baseline')} {self.best_baseline.value:.4g}"
+            f"trial {self.best_search.number} {trial_score(self.best_search):.4g} vs "
+            f"{self.best_baseline.user_attrs.get('baseline')} {trial_score(self.best_baseline):.4g}"
         )
 
     def format(self, top: int = 10) -> str:
@@ -68,6 +71,18 @@ class StudySummary:
             lines.append(shown.to_string(index=False))
         if reused:
             lines.append("= trial N: the sampler proposed trial N's policy again; its score was reused, nothing trained")
+        if self.front:
+            lines.append(self.describe_front())
+        return "\n".join(lines)
+
+    def describe_front(self) -> str:
+        """The Pareto front of a multi-objective study, one trial a line, smallest network first."""
+        lines = [f"Pareto front ({self.metric} against trainable parameters; no other trial is both smaller and "
+                 f"better), {len(self.front)} trial(s):"]
+        for t in self.front:
+            mark = "  <- best score" if self.best is not None and t.number == self.best.number else ""
+            lines.append(f"  trial {t.number} ({_kind(t)}): {int(t.values[1])} parameters, {self.metric} "
+                         f"{t.values[0]:.4g}, {_network(t.user_attrs.get('model'))}{mark}")
         return "\n".join(lines)
 
 
@@ -94,8 +109,20 @@ def _kind(t: FrozenTrial) -> str:
     return t.user_attrs.get("baseline") or "search"
 
 
+def _network(model: dict | None) -> str:
+    """A trial's network in a few words: its class (or preset) and its shape."""
+    if not isinstance(model, dict):
+        return "?"
+    name = str(model.get("_target_") or model.get("name")).rsplit(".", 1)[-1]
+    shape = ", ".join(f"{k} {v}" for k, v in model.items() if k not in ("_target_", "name"))
+    return f"{name}({shape})"
+
+
 def summarize(study: optuna.Study, metric: str) -> StudySummary:
-    direction = "minimize" if study.direction == optuna.study.StudyDirection.MINIMIZE else "maximize"
+    """The table and the best trials by score; for a multi-objective study (score, parameters) also the
+    Pareto front (``study.best_trials``) and an ``n_params`` column."""
+    direction = score_direction(study)
+    multi = len(study.directions) > 1
     trials = study.get_trials(deepcopy=False)
     rows = []
     for t in trials:
@@ -105,7 +132,7 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
                 "trial": t.number,
                 "kind": _kind(t),
                 "state": t.state.name.lower(),
-                metric: t.value,
+                metric: trial_score(t),
                 "seed_mean": statistics.fmean(seeds) if seeds else None,
                 "seed_std": statistics.pstdev(seeds) if len(seeds) > 1 else (0.0 if seeds else None),
                 "seed_scores": " ".join(f"{v:.4g}" for v in seeds),
@@ -115,24 +142,34 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
             }
         )
     columns = ["trial", "kind", "state", metric, "seed_mean", "seed_std", "seed_scores", "seconds", "same_as", "reason"]
+    if multi:
+        for row, t in zip(rows, trials):
+            row["n_params"] = t.user_attrs.get("n_params")
+        columns.insert(4, "n_params")
     table = pd.DataFrame(rows, columns=columns)
+    if multi:
+        table["n_params"] = table["n_params"].astype("Int64")
     table["same_as"] = table["same_as"].astype("Int64")
     if not table.empty:
         table["_order"] = table["state"].map({"complete": 0, "pruned": 1, "fail": 2}).fillna(3)
         table = table.sort_values(["_order", metric], ascending=[True, direction == "minimize"], na_position="last")
         table = table.drop(columns="_order").reset_index(drop=True)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and trial_score(t) is not None]
 
     def best_of(ts: list[FrozenTrial]) -> FrozenTrial | None:
         if not ts:
             return None
-        return (min if direction == "minimize" else max)(ts, key=lambda t: t.value)
+        return (min if direction == "minimize" else max)(ts, key=trial_score)
 
+    # the front without re-proposals (a duplicate has its original's values: the original is listed)
+    front = (sorted((t for t in study.best_trials if t.user_attrs.get("duplicate_of") is None),
+                    key=lambda t: (t.values[1], t.values[0])) if multi else None)
     return StudySummary(
         table=table,
         metric=metric,
         direction=direction,
-        best=best_of(complete),
+        best=best_of(front if front else complete),  # the front's best score: ties go to the smaller network
         best_search=best_of([t for t in complete if _kind(t) == "search"]),
         best_baseline=best_of([t for t in complete if _kind(t) != "search"]),
+        front=front,
     )

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from initsearch.contenders.baselines import contender_policy
 from initsearch.init.policy import InitPolicy
 from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
+from initsearch.search.outcome import trial_score
 from initsearch.search.settings import StudySettings
 from initsearch.search.trial import Proxy, train_contender
 
@@ -88,8 +89,8 @@ def selection_seeds(settings: StudySettings) -> list[int]:
 
 def front_runners(study: optuna.Study, settings: StudySettings) -> list[tuple[FrozenTrial, str]]:
     """The ``top_k`` best complete searched trials and the ``baselines`` best complete baselines, with kinds."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and t.value is not None]
-    best_first = sorted(complete, key=lambda t: t.value, reverse=settings.score.direction == "maximize")
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and trial_score(t) is not None]
+    best_first = sorted(complete, key=trial_score, reverse=settings.score.direction == "maximize")
     searched = [t for t in best_first if not t.user_attrs.get("baseline") and t.user_attrs.get("policy")]
     baselines = [t for t in best_first if t.user_attrs.get("baseline")]
     return ([(t, "search") for t in searched[: settings.select.top_k]]

@@ -42,14 +42,14 @@ class Objective:
         self.tracker = tracker
         self.hooks = hooks or TrialHooks()
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         run = TrialRun(self.s, self.proxy, trial, self.hooks.alive)
         try:
             self.hooks.started(trial)
             if run.begin():
                 self._train_seeds(run)
                 run.conclude()
-            return run.value
+            return run.told
         except BaseException as exc:
             run.end_by(exc)
             raise

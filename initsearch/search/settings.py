@@ -6,7 +6,7 @@ Every invalid value raises ``ConfigError`` with one line that names the key, e.g
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,14 @@ from initsearch.init.checkpoints import file_sha256
 from initsearch.init.policy import CheckpointRef
 from initsearch.proxy.scoring import check_aggregate, check_metric, direction
 from initsearch.proxy.train import TrainConfig
-from initsearch.search.space import SearchSpace, space_from_config
+from initsearch.search.space import CONV_MODELS, SearchSpace, space_from_config
 
 DEFAULT_STORAGE = "initsearch.journal"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
+OBJECTIVES = ("score", "params")  # what a study minimizes (or maximizes): the score, then the parameter count
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "random", "gp")  # CMA-ES optimizes one objective only
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,18 @@ class StudySettings:
     warm_start: tuple[str, ...] = ()
     tracking: TrackingSettings = TrackingSettings()
     tracking_only: bool = False  # log to MLflow what it misses, run no trial
+    # ("score",): one objective; ("score", "params"): the score and the network's trainable parameters
+    # together (a joint search; Optuna keeps the Pareto front, and prunes nothing)
+    objectives: tuple[str, ...] = ("score",)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's direction of each objective: the score's, then ``minimize`` for the parameter count."""
+        return [self.score.direction if name == "score" else "minimize" for name in self.objectives]
 
     @property
     def eval_seeds(self) -> list[int]:
@@ -249,6 +263,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         warm_start=_warm_start(c.get("warm_start")),
         tracking=_tracking(c.get("tracking") or {}),
         tracking_only=_bool(c.get("tracking_only", False), "tracking_only"),
+        objectives=_objectives(c.get("objectives", ["score"]), c, sampler),
     )
 
 
@@ -279,11 +294,32 @@ def _threads(value: Any) -> int | str:
     return value
 
 
+def _objectives(value: Any, c: Mapping[str, Any], sampler: Mapping[str, Any]) -> tuple[str, ...]:
+    """``objectives``: ``[score]`` (the default), or ``[score, params]`` for a joint search that also keeps
+    networks small; the sampler must handle several objectives (CMA-ES does not)."""
+    items = [value] if isinstance(value, str) else value
+    if (not isinstance(items, list) or not items or items[0] != "score" or len(set(items)) != len(items)
+            or any(item not in OBJECTIVES for item in items)):
+        raise ConfigError(f"objectives: must be [score] or [score, params], got {value!r}")
+    if len(items) > 1:
+        if (c.get("search_space") or {}).get("name") != "joint":
+            raise ConfigError("objectives: params needs search_space=joint (every trial of another space trains "
+                              "the same network, of one size)")
+        if sampler.get("name") not in MULTI_OBJECTIVE_SAMPLERS:
+            raise ConfigError(f"sampler.name: {sampler.get('name')} cannot run a multi-objective study "
+                              f"(objectives=[{','.join(items)}]); use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
+    return tuple(items)
+
+
 def _joint_fits(space: SearchSpace, c: Mapping[str, Any]) -> SearchSpace:
     """A joint search builds another network per trial: population training (one network, K copies) cannot
-    train it, a state dict of the configured model does not fit it, and earlier policies name no network."""
+    train it, a state dict of the configured model does not fit it, and earlier policies name no network.
+    A study of a CNN (``model.name`` cnn or rescnn) draws CNNs (``JointCNN``); any other draws MLPs."""
     if space.arch is None:
         return space
+    model = c.get("model") if isinstance(c.get("model"), Mapping) else {}
+    if model.get("_target_") is None and model.get("name") in CONV_MODELS:
+        space = replace(space, arch=replace(space.arch, network="cnn"))
     if c.get("batch_trials", 1) not in (1, None):
         raise ConfigError(f"batch_trials: search_space=joint trains one network per trial, set batch_trials=1, "
                           f"got {c.get('batch_trials')!r}")

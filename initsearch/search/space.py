@@ -7,7 +7,8 @@ Spaces (``conf/search_space/``):
   so the policy transfers to deeper or wider variants of the model;
 - ``free``: any scheme per layer;
 - ``scales_only``: one base scheme, searched per-layer multipliers (the GradInit idea);
-- ``joint``: the MLP's depth, width, activation, norm and residual skips (``arch``, under ``arch.max_params``)
+- ``joint``: the network's shape (``arch``, under ``arch.max_params``): the MLP's depth and width, or for a
+  CNN study the number of conv stages and their channels; activation, norm and residual skips for both;
   together with a ``grouped`` (role) init policy for the network drawn.
 
 Scale multipliers compound over depth (1.05 on each of 48 layers is x10), so every space puts the
@@ -36,13 +37,18 @@ from initsearch.init.policy import CHECKPOINT, CheckpointRef, InitPolicy, LsuvSe
 from initsearch.init.schemes import SCHEME_SPECS
 
 SPACES = ("hybrid", "grouped", "free", "scales_only", "joint")
-JOINT_TARGET = "initsearch.proxy.models.JointMLP"  # what a joint trial builds (and best_model.yaml names)
+JOINT_TARGETS = {"mlp": "initsearch.proxy.models.JointMLP", "cnn": "initsearch.proxy.models.JointCNN"}
+JOINT_TARGET = JOINT_TARGETS["mlp"]  # what a joint trial builds (and best_model.yaml names) for an MLP study
 ARCH_NORMS = ("none", "batch", "layer")
+CONV_MODELS = ("cnn", "rescnn")  # built-in models whose joint study draws a JointCNN
 
 
 @dataclass(frozen=True)
 class ArchSpace:
-    """The architectures a joint search draws from, and the size budget (``None``: no budget)."""
+    """The architectures a joint search draws from, and the size budget (``None``: no budget).
+
+    ``network`` is ``mlp`` (``JointMLP``: ``depth`` Linear layers of ``width``) or ``cnn`` (``JointCNN``:
+    ``stages`` convs of ``channels``); ``activation``, ``norm`` and ``residual`` serve both."""
 
     depth: tuple[int, ...]
     width: tuple[int, ...]
@@ -50,20 +56,34 @@ class ArchSpace:
     norm: tuple[str, ...]
     residual: tuple[bool, ...]
     max_params: int | None = None
+    stages: tuple[int, ...] = (1, 2, 3, 4)  # the defaults of conf/search_space/joint.yaml
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    network: str = "mlp"
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
         """One architecture as a model config (``arch:depth``... are the trial's parameters)."""
         pick = SearchSpace._categorical
+        if self.network == "cnn":
+            shape = {"stages": pick(trial, "arch:stages", self.stages), "channels": pick(trial, "arch:channels", self.channels)}
+        else:
+            shape = {"depth": pick(trial, "arch:depth", self.depth), "width": pick(trial, "arch:width", self.width)}
         norm = pick(trial, "arch:norm", self.norm)
-        return {"_target_": JOINT_TARGET, "depth": pick(trial, "arch:depth", self.depth),
-                "width": pick(trial, "arch:width", self.width), "activation": pick(trial, "arch:activation", self.activation),
+        return {"_target_": JOINT_TARGETS[self.network], **shape, "activation": pick(trial, "arch:activation", self.activation),
                 "norm": None if norm == "none" else norm, "residual": pick(trial, "arch:residual", self.residual)}
 
     def smallest(self) -> dict[str, Any]:
         """The architecture with the fewest parameters (shallowest, narrowest, no norm): the budget's floor."""
         norm = "none" if "none" in self.norm else "layer" if "layer" in self.norm else "batch"
-        return {"_target_": JOINT_TARGET, "depth": min(self.depth), "width": min(self.width),
-                "activation": self.activation[0], "norm": None if norm == "none" else norm, "residual": False}
+        shape = ({"stages": min(self.stages), "channels": min(self.channels)} if self.network == "cnn"
+                 else {"depth": min(self.depth), "width": min(self.width)})
+        return {"_target_": JOINT_TARGETS[self.network], **shape, "activation": self.activation[0],
+                "norm": None if norm == "none" else norm, "residual": False}
+
+    def describe_smallest(self) -> str:
+        """The smallest architecture in words, for the budget's error line."""
+        if self.network == "cnn":
+            return f"{min(self.stages)} conv stage(s) of {min(self.channels)} channels"
+        return f"depth {min(self.depth)}, width {min(self.width)}"
 
 
 def _choices(cfg: Mapping[str, Any], key: str, check) -> tuple:
@@ -78,7 +98,7 @@ def arch_from_config(cfg: Any) -> ArchSpace:
     """Validate ``arch`` (the joint space's architectures); ``ConfigError`` names the bad key."""
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"arch: search_space=joint needs the arch section (depth, width, ...), got {cfg!r}")
-    known = ("max_params", "depth", "width", "activation", "norm", "residual")
+    known = ("max_params", "depth", "width", "stages", "channels", "activation", "norm", "residual")
     for key in cfg:
         if key not in known:
             raise ConfigError(f"arch.{key}: unknown key (known: {', '.join(known)})")
@@ -90,7 +110,9 @@ def arch_from_config(cfg: Any) -> ArchSpace:
         depth=_choices(cfg, "depth", whole(2)), width=_choices(cfg, "width", whole(1)),
         activation=_choices(cfg, "activation", lambda v: v in ACTIVATIONS),
         norm=_choices(cfg, "norm", lambda v: v in ARCH_NORMS), residual=_choices(cfg, "residual", lambda v: isinstance(v, bool)),
-        max_params=max_params)
+        max_params=max_params,
+        stages=_choices(cfg, "stages", whole(1)) if "stages" in cfg else ArchSpace.stages,
+        channels=_choices(cfg, "channels", whole(1)) if "channels" in cfg else ArchSpace.channels)
 
 SEARCHED_BIAS = ("zeros", "pytorch_default")  # the bias inits a trial may draw
 PRETRAINED = "pretrained"  # the checkpoint's name in sampled policies (the baselines use the same)

@@ -27,6 +27,8 @@ from initsearch.search.trial import Proxy
 from initsearch.search.warm import describe_network, enqueue_warm_starts, warm_starts
 from initsearch.search.workers import StaleTrials, StudyLock, counted
 
+log = logging.getLogger("initsearch")
+
 
 # ---- Optuna pieces from the settings -----------------------------------------------------------------------
 def make_sampler(cfg: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
@@ -45,8 +47,9 @@ def make_sampler(cfg: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(seed=seed)
 
 
-def make_pruner(cfg: dict[str, Any], max_resource: int) -> optuna.pruners.BasePruner:
-    name = cfg["name"]
+def make_pruner(cfg: dict[str, Any], max_resource: int, multi_objective: bool = False) -> optuna.pruners.BasePruner:
+    """The configured pruner; none for a multi-objective study (Optuna cannot prune one: ``run_study`` says so)."""
+    name = "none" if multi_objective else cfg["name"]
     if name == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=int(cfg.get("n_startup_trials", 5)), n_warmup_steps=int(cfg.get("n_warmup_steps", 0))
@@ -66,10 +69,15 @@ def open_study(settings: StudySettings, storage: optuna.storages.BaseStorage | N
         study_name=settings.study_name,
         storage=storage,
         sampler=make_sampler(settings.sampler, settings.seed),
-        pruner=make_pruner(settings.pruner, settings.train.steps * settings.score.seeds),
-        direction="minimize" if settings.score.direction == "minimize" else "maximize",
+        pruner=make_pruner(settings.pruner, settings.train.steps * settings.score.seeds, settings.multi_objective),
+        directions=settings.directions,
         load_if_exists=True,
     )
+    if len(study.directions) != len(settings.directions):  # an existing study keeps its own directions
+        raise ConfigError(
+            f"objectives: study {settings.study_name!r} was run with {len(study.directions)} objective(s), got "
+            f"[{','.join(settings.objectives)}]; use another study_name"
+        )
     attrs = study.user_attrs
     model = recorded_model(settings.model)
     if not attrs:
@@ -181,6 +189,9 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
     """
     tracker = tracker or NullTracker()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if settings.multi_objective and settings.pruner.get("name") != "none":
+        log.warning("pruner: %s is off: Optuna does not prune multi-objective studies (objectives=[%s]); "
+                    "every trial trains to the end", settings.pruner.get("name"), ",".join(settings.objectives))
     _show_trial_tracebacks(settings.verbose)
     stale = StaleTrials(tracker, settings.grace_period, heartbeats=is_rdb(settings.storage))
     storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,

@@ -38,7 +38,7 @@ from initsearch.proxy.models import build_model, count_parameters, target_name
 from initsearch.proxy.scoring import ACCURACY_METRICS, aggregate, partial_score, score
 from initsearch.proxy.train import Curve, TrainConfig, train_run
 from initsearch.proxy.userdata import load_user_data
-from initsearch.search.outcome import TrialOutcome, safely
+from initsearch.search.outcome import TrialOutcome, safely, trial_score
 from initsearch.search.settings import StudySettings, resolve_device
 from initsearch.search.space import Pretrained
 from initsearch.search.workers import enqueue_retry
@@ -155,7 +155,7 @@ def check_budget(settings: StudySettings, data: Dataset) -> None:
     smallest = count_parameters(build_model(arch.smallest(), data.input_shape, data.num_classes))
     if smallest > arch.max_params:
         raise ConfigError(f"arch.max_params: no architecture of the joint space fits {arch.max_params} parameters; "
-                          f"the smallest (depth {min(arch.depth)}, width {min(arch.width)}) has {smallest}")
+                          f"the smallest ({arch.describe_smallest()}) has {smallest}")
 
 
 def check_pretrained(settings: StudySettings, model: torch.nn.Module, discovery: LayerDiscovery) -> Pretrained:
@@ -212,7 +212,8 @@ class TrialRun:
         self.model_cfg: dict = settings.model  # a joint trial's own network replaces these in ``begin``
         self.discovery: LayerDiscovery = proxy.discovery
         self.state: TrialState | None = None
-        self.value: float | None = None
+        self.value: float | None = None  # the score
+        self.n_params: int | None = None  # a joint trial's network size (its second objective, if any)
 
     @property
     def open(self) -> bool:
@@ -221,8 +222,17 @@ class TrialRun:
     @property
     def prunable(self) -> bool:
         """Searched trials report partial scores to the pruner; baselines never, and nothing does with
-        ``pruner=none`` (each report would be a storage write and a read that no pruner looks at)."""
-        return self.outcome.baseline is None and self.s.pruner.get("name") != "none"
+        ``pruner=none`` (each report would be a storage write and a read that no pruner looks at), nor in a
+        multi-objective study (Optuna cannot prune one)."""
+        return self.outcome.baseline is None and self.s.pruner.get("name") != "none" and not self.s.multi_objective
+
+    @property
+    def told(self) -> float | list[float] | None:
+        """What Optuna is told for a complete trial: the score, or with ``objectives=[score, params]`` the
+        score and the network's trainable parameters."""
+        if not self.s.multi_objective or self.value is None:
+            return self.value
+        return [self.value, float(self.n_params)]
 
     def begin(self) -> bool:
         """Pick the policy (sampled, or the baseline's) and record it; ``False`` when the trial ended at once
@@ -231,9 +241,11 @@ class TrialRun:
         if baseline:
             policy = contender_policy(baseline, self.s.pretrained)
             if self.s.space.arch is not None:  # a joint study's baselines train the configured network
+                self.n_params = count_parameters(
+                    build_model(self.s.model, self.proxy.data.input_shape, self.proxy.data.num_classes))
                 trial.set_user_attr("model", self.s.model)
-                trial.set_user_attr("n_params", count_parameters(
-                    build_model(self.s.model, self.proxy.data.input_shape, self.proxy.data.num_classes)))
+                trial.set_user_attr("n_params", self.n_params)
+                self.outcome.n_params = self.n_params
         elif self.s.space.arch is not None:
             policy = self.sample_joint()
         else:
@@ -250,7 +262,7 @@ class TrialRun:
         for key in ("seed_scores", "seeds"):
             trial.set_user_attr(key, twin.user_attrs.get(key))
         trial.set_user_attr("duplicate_of", twin.number)
-        self.end(TrialState.COMPLETE, f"same policy as trial {twin.number}", twin.value)
+        self.end(TrialState.COMPLETE, f"same policy as trial {twin.number}", trial_score(twin))
         return False
 
     def sample_joint(self) -> InitPolicy:
@@ -259,9 +271,10 @@ class TrialRun:
         s, p, trial = self.s, self.proxy, self.trial
         cfg = s.space.arch.sample(trial)
         model = build_model(cfg, p.data.input_shape, p.data.num_classes)
-        n_params = count_parameters(model)
+        self.n_params = n_params = count_parameters(model)
         trial.set_user_attr("model", cfg)
         trial.set_user_attr("n_params", n_params)
+        self.outcome.n_params = n_params
         if s.space.arch.max_params is not None and n_params > s.space.arch.max_params:
             raise optuna.TrialPruned(f"{n_params} parameters, over arch.max_params {s.space.arch.max_params}")
         self.model_cfg = cfg

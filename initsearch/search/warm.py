@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from initsearch.errors import ConfigError, InitSearchError, first_line
 from initsearch.init.layers import LayerInfo
 from initsearch.init.policy import CHECKPOINT, InitPolicy, InitSpec, load_policy, plan
+from initsearch.search.outcome import score_direction, trial_score
 from initsearch.search.space import Pretrained, SearchSpace
 
 log = logging.getLogger("initsearch")
@@ -51,11 +52,11 @@ def source_policy(item: str, storage: optuna.storages.BaseStorage, index: int) -
                           f"(studies: {', '.join(sorted(names)) or 'none'})")
     study = optuna.load_study(study_name=item, storage=storage)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value) and t.user_attrs.get("policy")]
+                if trial_score(t) is not None and math.isfinite(trial_score(t)) and t.user_attrs.get("policy")]
     if not complete:
         return f"study {item}", None
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    best = (max if maximize else min)(complete, key=lambda t: t.value)
+    maximize = score_direction(study) == "maximize"  # a multi-objective study: its best score
+    best = (max if maximize else min)(complete, key=trial_score)
     return f"study {item} trial {best.number}", InitPolicy.from_dict(best.user_attrs["policy"])
 
 

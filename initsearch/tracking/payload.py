@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from initsearch.errors import redact_url
-from initsearch.search.outcome import TrialOutcome
+from initsearch.search.outcome import TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings, is_rdb, resolve_device
 from initsearch.tracking.writer import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
 
@@ -199,6 +199,8 @@ def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list
     rows.extend((k, v, start_ms, 0) for k, v in signal_metrics(outcome.signals))
     if outcome.value is not None:
         rows.append(("score", float(outcome.value), end_ms, 0))
+    if outcome.n_params is not None:
+        rows.append(("n_params", float(outcome.n_params), end_ms, 0))
     for i, value in enumerate(outcome.seed_scores):
         rows.append((f"seed_score_s{i}", float(value), end_ms, 0))
     rows.append(("seconds", float(outcome.seconds), end_ms, 0))
@@ -320,9 +322,9 @@ def summary_metrics(summary: Any, now_ms: int) -> list[Any]:
 
     step = int(len(summary.table))
     values = {
-        "best_score": summary.best.value if summary.best is not None else None,
-        "best_search_score": summary.best_search.value if summary.best_search is not None else None,
-        "best_baseline_score": summary.best_baseline.value if summary.best_baseline is not None else None,
+        "best_score": trial_score(summary.best) if summary.best is not None else None,
+        "best_search_score": trial_score(summary.best_search) if summary.best_search is not None else None,
+        "best_baseline_score": trial_score(summary.best_baseline) if summary.best_baseline is not None else None,
         "improvement_pct": summary.improvement_pct,
     }
     return [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]

@@ -51,9 +51,11 @@ def plot_importances(study: Any, metric: str = "Objective Value") -> Any:
     only = optuna.create_study(directions=study.directions)
     only.add_trials(searched)
     pyplot()
+    # a multi-objective study (score, parameters): the importances for the score
+    target = None if len(study.directions) == 1 else (lambda t: t.values[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = optuna.visualization.matplotlib.plot_param_importances(only, target_name=metric)
+        ax = optuna.visualization.matplotlib.plot_param_importances(only, target=target, target_name=metric)
     return _figure_of(ax)
 
 
@@ -207,4 +209,40 @@ def plot_policy(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
     ax.set_xlabel("scale (1 = the scheme as published)")
     ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)
+    return fig
+
+
+def plot_pareto_front(table: Any, front: Sequence[int], metric: str, direction: str) -> Any:
+    """A multi-objective study's score against network size: every complete trial as a dot (baselines as
+    crosses, labelled), the Pareto front (``study.best_trials``: no other trial is both smaller and better)
+    joined as a step line, smallest first. ``table`` is the summary's (``trial``, ``kind``, ``state``,
+    ``metric``, ``n_params``); ``front`` the front's trial numbers. ``None`` when no trial has both."""
+    done = table[(table["state"] == "complete") & table[metric].notna() & table["n_params"].notna()]
+    if done.empty:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    search = done[done["kind"] == "search"]
+    baselines = done[done["kind"] != "search"]
+    ax.scatter(search["n_params"].astype(float), search[metric], s=16, color="0.6", label="searched trial", zorder=2)
+    if not baselines.empty:
+        ax.scatter(baselines["n_params"].astype(float), baselines[metric], s=30, marker="x", color="tab:red",
+                   label="baseline (the configured model)", zorder=3)
+        for _, row in baselines.iterrows():
+            ax.annotate(str(row["kind"]), (float(row["n_params"]), row[metric]), fontsize=7, color="tab:red",
+                        xytext=(3, 3), textcoords="offset points")
+    on_front = done[done["trial"].isin(list(front))].sort_values(["n_params", metric])
+    if not on_front.empty:
+        ax.step(on_front["n_params"].astype(float), on_front[metric], where="post", color="tab:blue", linewidth=1.2)
+        ax.scatter(on_front["n_params"].astype(float), on_front[metric], s=28, color="tab:blue",
+                   label="Pareto front", zorder=4)
+        for _, row in on_front.iterrows():
+            ax.annotate(f"#{int(row['trial'])}", (float(row["n_params"]), row[metric]), fontsize=7, color="tab:blue",
+                        xytext=(3, -9), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"{metric} ({'lower' if direction == 'minimize' else 'higher'} is better)")
+    ax.set_title(f"{metric} against network size: the Pareto front")
+    ax.legend(fontsize="small", loc="best")
+    ax.grid(True, alpha=0.3)
     return fig

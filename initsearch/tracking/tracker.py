@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from initsearch.errors import ConfigError, first_line, hide_password_of, redact_url
-from initsearch.search.outcome import NullTracker, Tracker, TrialOutcome
+from initsearch.search.outcome import NullTracker, Tracker, TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings, TrackingSettings
 from initsearch.search.workers import worker_alive, worker_id
 from initsearch.tracking.delivery import STALL_TIMEOUT_S, LoggingThread, WriterProcess, writer_running_for
@@ -595,9 +595,10 @@ class MlflowTracker:
             folder = Path(tmp)
             if policy_path is not None and policy_path.is_file():
                 (folder / "best_policy.json").write_bytes(policy_path.read_bytes())
-                picture = policy_path.with_suffix(".png")  # drawn by the command, next to the policy
-                if picture.is_file():
-                    (folder / picture.name).write_bytes(picture.read_bytes())
+                # drawn by the command, next to the policy (the front: a multi-objective study's)
+                for picture in (policy_path.with_suffix(".png"), policy_path.parent / "pareto_front.png"):
+                    if picture.is_file():
+                        (folder / picture.name).write_bytes(picture.read_bytes())
             summary.table.to_csv(folder / "trials.csv", index=False)
             self._plots(study, summary, folder)
             if policy_path is not None and policy_path.parent.is_dir():
@@ -727,8 +728,9 @@ class MlflowTracker:
             if not gone(worker):
                 continue  # a live (or remote) worker logs its own trials
             outcome = TrialOutcome(t.number, t.user_attrs.get("baseline"), dict(t.params), policy=t.user_attrs.get("policy"),
-                                   state=states.get(t.state.name, "failed"), value=t.value,
-                                   seed_scores=list(t.user_attrs.get("seed_scores") or []), reason=t.user_attrs.get("reason"))
+                                   state=states.get(t.state.name, "failed"), value=trial_score(t),
+                                   seed_scores=list(t.user_attrs.get("seed_scores") or []), reason=t.user_attrs.get("reason"),
+                                   n_params=t.user_attrs.get("n_params"))
             end = t.datetime_complete or t.datetime_start
             if t.datetime_start is not None and t.datetime_complete is not None:
                 outcome.seconds = (t.datetime_complete - t.datetime_start).total_seconds()
