@@ -180,3 +180,13 @@ def test_the_engine_of_the_population_is_logged_once_per_study(tmp_path, caplog)
         run_study(settings, proxy, Recorder())
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Population training")]
     assert lines == [f"Population training: 2 members on {proxy.device}, engine: stacked"]
+
+
+def test_batch_trials_auto_trains_populations_on_the_cpu(tmp_path, caplog):
+    settings, proxy = study_of(tmp_path, "auto", "n_trials=3", "baselines=[]")
+    with caplog.at_level("INFO", logger="initsearch"):
+        study = run_study(settings, proxy, Recorder())
+    assert len(study.get_trials()) == 3 and all(t.state == TrialState.COMPLETE for t in study.get_trials())
+    messages = [r.getMessage() for r in caplog.records]
+    assert "batch_trials=auto: 8 trial(s) per round on cpu" in messages
+    assert "Population training: 3 members on cpu, engine: stacked" in messages

@@ -361,3 +361,35 @@ def test_the_stacked_optimizer_is_train_s_optimizer_fused(optimizer):
     assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == \
         {k: v for k, v in plain.defaults.items() if k not in ("fused", "foreach")}
     assert fused.param_groups[0]["params"] == plain.param_groups[0]["params"]
+
+
+# ---- the same equivalence on CUDA (skipped without it): the stacked CNN engine, vmap, and the MLP engine ----
+@pytest.fixture
+def exact_cuda():
+    """CUDA with float32 kept float32: torch lets cuDNN convolutions run in TF32 by default, which rounds
+    solo and stacked runs differently (to ~1e-3); the equivalence is checked at float32 precision."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def on(data: TensorData, device: torch.device) -> TensorData:
+    return TensorData(data.x_train.to(device), data.y_train.to(device), data.x_val.to(device), data.y_val.to(device),
+                      data.num_classes, data.input_shape)
+
+
+@pytest.mark.parametrize("kind, engine", [("mlp", "stacked"), ("cnn", "stacked"), ("cnn_batchnorm", "stacked"),
+                                          ("rescnn", "vmap")])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("seeds", [[5, 5, 5], [5, 6, 7]])
+def test_populations_match_solo_runs_on_cuda(kind, engine, optimizer, seeds, exact_cuda):
+    make = KINDS[kind][0]
+    data = on(IMG, exact_cuda)
+    cfg = TrainConfig(steps=12, batch_size=8, lr=0.01, optimizer=optimizer, eval_every=6, eval_batch_size=32)
+    together, alone, models, copies = run_both(lambda: make().to(exact_cuda), data, cfg, seeds=seeds, engine=engine)
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)

@@ -13,7 +13,10 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     ``baddbmm(bias (K, out, 1), W, h (K, in, B))``. A ``ReLU`` right after a ``Linear`` runs in place on the
     product (the product saves its inputs, not its output). ``BatchNorm1d`` sees ``(K, H, B)`` as
     ``(1, K * H, B)``: one ``F.batch_norm`` over ``K * H`` channels, per member and feature the statistics of
-    a solo layer, with no copy. ``LayerNorm`` normalizes a ``(K, B, H)`` view.
+    a solo layer, with no copy. ``LayerNorm`` normalizes a ``(K, B, H)`` view. Plain ``nn.Sequential`` CNNs
+    (``Conv2d``, ``BatchNorm2d``, pooling; the VGG-style proxies) run on it too: their image activations are
+    channel-stacked, ``(B, K * C, H, W)``, every convolution after the first is one grouped convolution
+    (``groups=K``), and the memory layout (channels-last or not) is measured per stack (``_conv_layout``).
   * **Shared batches.** When every member has the same seed (what batched studies pass: one evaluation
     seed for the K trials of a round), every member would draw the same indices, so one generator draws
     them once, ``x[idx]`` is gathered once as ``(B, ...)``, and the first ``Linear`` of all members is one
@@ -27,7 +30,7 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     path, the matrix products dominate a stacked step and oneDNN computes the same float32 products faster;
     on a single model the oneDNN route can be slower, which is one reason it is measured per stack (the
     figures are in docs/performance.md).
-  * ``vmap`` (any other model, the CNN proxies included): a copy of the first model on the ``meta`` device
+  * ``vmap`` (any other model, the residual CNN proxy included): a copy of the first model on the ``meta`` device
     is the stateless skeleton that ``torch.func.functional_call`` runs with member ``k``'s slice, mapped
     over K by ``torch.func.vmap`` (convolutions become grouped convolutions by torch.func's batching rules).
 - **Each member its own batches.** Member ``k`` draws its batch indices from a ``torch.Generator`` seeded with
@@ -55,8 +58,9 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
 - **Written back.** When a member leaves the stack, and at the end, its weights and buffers are copied back
   into its model, so the models end as ``train_run`` would leave them.
 
-On the CPU, ``auto`` trains models that only ``vmap`` can stack (the CNNs) one after another: there the
-batched convolutions were slower than the loop. ``mode="vmap"`` forces them (the equivalence tests do).
+On the CPU, ``auto`` trains models that only ``vmap`` can stack (the residual CNN) one after another: there
+vmap's batched convolutions were slower than the loop. ``mode="vmap"`` forces them (the equivalence tests do).
+``train_population`` returns a ``PopulationResult``: the curves and the engine that actually ran.
 
 Not batched (``mode="loop"``: the members are trained one after another with ``train_run``): models with
 dropout, whose masks come from the global RNG and could not match a solo run; and models whose forward
@@ -65,8 +69,9 @@ user's model with data-dependent Python control flow, ``.item()`` calls or in-pl
 ``vmap``, or a ``Linear`` on unflattened inputs under ``stacked``, for example). The returned curves are the
 same either way.
 
-On CUDA the step runs under bf16 autocast when ``train.bf16`` is on, as ``train_run``'s does; the batched
-path keeps the contiguous layout (``train_run`` alone converts CNNs to channels-last on CUDA).
+On CUDA the step runs under bf16 autocast when ``train.bf16`` is on, as ``train_run``'s does; the stacked
+engine keeps CNN activations channels-last there (as ``train_run`` converts CNNs), ``vmap`` keeps the
+contiguous layout. Nothing in a step waits for the device: losses stay on it until the checkpoint.
 
 ``Curve.seconds`` of a member is the wall time from the start of the population to that member's end.
 """
@@ -295,7 +300,7 @@ class _StackedSequential:
         w, bias = p[f"{name}.weight"], p.get(f"{name}.bias")
         flat_w = w.view(k * w.shape[1], *w.shape[2:])
         flat_b = None if bias is None else bias.view(-1)
-        if form == "shared" and x.dim() == 4 and not isinstance(module.padding, str):
+        if form == "shared" and x.dim() == 4 and not isinstance(module.padding, str) and x.device.type == "cpu":
             y = _shared_conv(x, flat_w, flat_b, module)
         else:
             x = _to_maps(x, form, k, name)
@@ -351,7 +356,7 @@ def _shared_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     weights ``(K * out, in * kh * kw)`` transposed. The result ``(B, H', W', K * out)`` is returned as the
     ``(B, K * out, H', W')`` channels-last view of it (no copy). On the CPU a convolution with a few input
     channels and many output channels runs far below the machine's speed; this product does not, and its
-    weight gradient is one product as well."""
+    weight gradient is one product as well. (CPU only: on CUDA, cuDNN runs the convolution itself.)"""
     batch, _, height, width = x.shape
     kh, kw = module.kernel_size
     (sh, sw), (ph, pw), (dh, dw) = module.stride, module.padding, module.dilation
@@ -594,10 +599,10 @@ def choose_mode(models: Sequence[nn.Module], mode: str = "auto", device: torch.d
                 ) -> tuple[str, str | None]:
     """The engine for these models on ``device`` and, for ``loop``, why.
 
-    ``auto``: ``stacked`` for plain MLP Sequentials; ``vmap`` for other models without dropout on CUDA;
-    ``loop`` otherwise: for dropout, a single member, and for ``vmap`` models on the CPU, where the batched
-    convolutions ran slower than one model at a time (docs/performance.md). Any other ``mode`` insists on
-    that engine and raises ``ValueError`` when the models cannot take it.
+    ``auto``: ``stacked`` for plain Sequentials (MLPs, VGG-style CNNs); ``vmap`` for other models without
+    dropout on CUDA; ``loop`` otherwise: for dropout, a single member, and for ``vmap`` models on the CPU,
+    where vmap's batched convolutions ran slower than one model at a time (docs/performance.md). Any other
+    ``mode`` insists on that engine and raises ``ValueError`` when the models cannot take it.
     """
     if mode not in POPULATION_MODES:
         raise ValueError(f"mode must be one of {', '.join(POPULATION_MODES)}, got {mode!r}")
