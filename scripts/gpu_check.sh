@@ -24,7 +24,7 @@ if [[ "${1:-}" == "--cpu" ]]; then
   DEVICE=cpu; TRIALS=4; STEPS=10; KS=1,2; THREADS=1; N_TRAIN=512; N_VAL=128; TESTS=(-k "cnn_with_batchnorm")
   SMALL=(model.width_multiplier=0.125 lsuv_batch=32 train.eval_every=5)  # seconds on a CPU
 else
-  DEVICE=cuda; TRIALS=64; STEPS=300; KS=1,8,32; THREADS=0; N_TRAIN=10000; N_VAL=2000; TESTS=(-k cuda); SMALL=()
+  DEVICE=cuda; TRIALS=32; STEPS=300; KS=1,8,32; THREADS=0; N_TRAIN=10000; N_VAL=2000; TESTS=(-k cuda); SMALL=()
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: CUDA is not available here (torch $("$PY" -c 'import torch; print(torch.__version__)')); use --cpu to check the script" >&2
     exit 2
