@@ -393,3 +393,4 @@ def test_populations_match_solo_runs_on_cuda(kind, engine, optimizer, seeds, exa
     for a, b, m, c in zip(together, alone, models, copies):
         assert_same_curve(a, b)
         assert_same_weights(m, c)
+

@@ -193,7 +193,8 @@ class _StackedSequential:
 
     Image activations (before the ``Flatten``) are **channel-stacked**, ``(B, K * C, H, W)``: member ``k``'s
     channels are ``k * C ... (k + 1) * C - 1``. A ``Conv2d`` on a shared batch is one convolution with the
-    members' weights viewed as ``(K * out, in, kh, kw)``; every later one is a grouped convolution with
+    members' weights viewed as ``(K * out, in, kh, kw)`` (on the CPU one matrix product of the batch's
+    patches, ``_shared_conv``); every later one is a grouped convolution with
     ``groups=K`` (each member's output channels see only its own input channels). ``BatchNorm2d`` is one
     ``F.batch_norm`` over ``K * C`` channels; pooling and activations are per channel, so they run as they
     are. ``Flatten`` turns ``(B, K * C, H, W)`` into the feature-major ``(K, C * H * W, B)``. With
@@ -249,8 +250,10 @@ class _StackedSequential:
             elif isinstance(module, nn.BatchNorm2d):
                 x, form = self._batch_norm(module, p, b, name, _to_maps(x, form, k, name)), "maps"
             elif isinstance(module, SPATIAL):
-                x = module(_to_maps(x, form, k, name) if form == "rows" else x)
-                form = "maps" if form == "rows" else form
+                if form == "cols":  # flat features: not an image (a solo run would refuse them too)
+                    raise ValueError(f"{name} needs (C, H, W) images per example")
+                x = module(x if form == "shared" else _to_maps(x, form, k, name))
+                form = "shared" if form == "shared" else "maps"
             elif isinstance(module, nn.Linear):
                 x = self._linear(p, name, _flat(x, form, name), form, relu)
                 form = "cols"
