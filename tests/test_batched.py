@@ -172,3 +172,21 @@ def test_an_interrupt_while_policies_are_drawn_fails_the_round_and_enqueues_it_a
     assert all(t.user_attrs["reason"] == "interrupted by SIGINT" for t in failed)
     assert sorted(t.user_attrs["retry_of"] for t in trials if t.state == TrialState.WAITING) == [0, 1, 2]
     assert sorted(o.number for o in rec.outcomes) == [0, 1, 2] and all(o.state == "failed" for o in rec.outcomes)
+
+
+def test_the_engine_of_the_population_is_logged_once_per_study(tmp_path, caplog):
+    settings, proxy = study_of(tmp_path, 2, "n_trials=4", "baselines=[]")
+    with caplog.at_level("INFO", logger="initsearch"):
+        run_study(settings, proxy, Recorder())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Population training")]
+    assert lines == [f"Population training: 2 members on {proxy.device}, engine: stacked"]
+
+
+def test_batch_trials_auto_trains_populations_on_the_cpu(tmp_path, caplog):
+    settings, proxy = study_of(tmp_path, "auto", "n_trials=3", "baselines=[]")
+    with caplog.at_level("INFO", logger="initsearch"):
+        study = run_study(settings, proxy, Recorder())
+    assert len(study.get_trials()) == 3 and all(t.state == TrialState.COMPLETE for t in study.get_trials())
+    messages = [r.getMessage() for r in caplog.records]
+    assert "batch_trials=auto: 8 trial(s) per round on cpu" in messages
+    assert "Population training: 3 members on cpu, engine: stacked" in messages

@@ -407,7 +407,9 @@ def test_a_population_on_a_regression_loss_matches_solo_runs(mode, loss, k) -> N
         torch.manual_seed(i)
         models.append(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, k)))
     alone = [train_run(copy.deepcopy(m), data, cfg, seed=s) for m, s in zip(models, [1, 2, 3])]
-    together = train_population(models, data, cfg, seeds=[1, 2, 3], mode=mode)
+    result = train_population(models, data, cfg, seeds=[1, 2, 3], mode=mode)
+    assert result.engine == mode
+    together = result.curves
     for a, b in zip(together, alone):
         np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a.val_loss, b.val_loss, rtol=1e-4, atol=1e-5)

@@ -149,13 +149,14 @@ def test_population_steps_use_the_chosen_route_and_validation_the_default(monkey
     copies = [copy.deepcopy(m) for m in models]
     steps = _spy_steps(monkeypatch)
     together = train_population(models, data, cfg, seeds=[5] * 4)
+    assert together.engine == "stacked"
     monkeypatch.undo()
     verdicts = list(kernels._VERDICTS.values())
     assert len(verdicts) == 1, "the stacked engine asked for a route once"
     assert steps == [kernels.ONEDNN if verdicts[0] else before] * cfg.steps
     assert validation == {before}
     assert _current_or_none() == before
-    for member, copy_ in zip(together, copies):
+    for member, copy_ in zip(together.curves, copies):
         alone = train_run(copy_, data, cfg, seed=5)
         torch.testing.assert_close(torch.tensor(member.train_loss), torch.tensor(alone.train_loss), rtol=1e-4, atol=1e-4)
     for m, c in zip(models, copies):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import initsearch.proxy.population as population
 from initsearch.proxy.models import CNN, MLP, ResCNN
 from initsearch.proxy.population import _Holder, choose_mode, draw_indices, static_blocker, train_population
 from initsearch.proxy.train import Curve, TrainConfig, make_optimizer, train_run
@@ -46,21 +47,27 @@ def assert_same_weights(a: nn.Module, b: nn.Module, tol: float = 1e-4) -> None:
         torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol, msg=name)
 
 
-def run_both(make, data: TensorData, cfg: TrainConfig, seeds=SEEDS, prepare=None, callbacks=None, mode="auto"):
+def run_both(make, data: TensorData, cfg: TrainConfig, seeds=SEEDS, prepare=None, callbacks=None, mode="auto",
+             engine=None):
+    """The population's curves and the solo runs' curves (and both sets of models); the population must have
+    run on ``engine`` (default: the ``mode`` insisted on)."""
     models = members(make, len(seeds))
     if prepare is not None:
         prepare(models)
     copies = [copy.deepcopy(m) for m in models]
-    together = train_population(models, data, cfg, seeds=seeds, on_checkpoint=callbacks, mode=mode)
+    result = train_population(models, data, cfg, seeds=seeds, on_checkpoint=callbacks, mode=mode)
+    expected = engine or (mode if mode != "auto" else None)
+    assert expected is not None, "say which engine an auto population must run on"
+    assert result.engine == expected, (result.engine, result.reason)
     alone = solo(copies, data, cfg, seeds, callbacks)
-    return together, alone, models, copies
+    return result.curves, alone, models, copies
 
 
 @pytest.mark.parametrize("optimizer, lr, wd", [("sgd", 0.05, 1e-3), ("adam", 0.01, 0.0), ("adamw", 0.01, 0.05)])
 def test_mlp_members_match_solo_runs_for_every_optimizer(optimizer, lr, wd):
     cfg = TrainConfig(steps=40, batch_size=16, lr=lr, optimizer=optimizer, weight_decay=wd, warmup_steps=5,
                       eval_every=15)
-    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg)
+    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg, engine="stacked")
     for a, b, m, c in zip(together, alone, models, copies):
         assert_same_curve(a, b)
         assert_same_weights(m, c)  # the models were trained in place, like train_run does
@@ -69,13 +76,50 @@ def test_mlp_members_match_solo_runs_for_every_optimizer(optimizer, lr, wd):
 
 def test_engines_are_chosen_by_architecture():
     assert choose_mode([MLP((10,), 3, norm="batch")] * 2) == ("stacked", None)
-    assert choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, device="cuda") == ("vmap", None)
+    for device in ("cpu", "cuda"):  # plain Sequential CNNs: the stacked engine (grouped convolutions)
+        assert choose_mode([CNN((3, 6, 6), 3, channels=[4], norm="batch")] * 2, device=device) == ("stacked", None)
     assert choose_mode([ResCNN((3, 6, 6), 3, channels=[4])] * 2, device="cuda") == ("vmap", None)
-    assert choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, device="cpu")[0] == "loop"  # slower batched on a CPU
+    assert choose_mode([ResCNN((3, 6, 6), 3, channels=[4])] * 2, device="cpu")[0] == "loop"  # slower batched on a CPU
+    assert choose_mode([ResCNN((3, 6, 6), 3, channels=[4])] * 2, mode="vmap", device="cpu") == ("vmap", None)
     assert choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, mode="vmap", device="cpu") == ("vmap", None)
     assert choose_mode([MLP((10,), 3)]) == ("loop", "a single member")
     with pytest.raises(ValueError, match="stacked engine"):
-        choose_mode([CNN((3, 6, 6), 3, channels=[4])] * 2, mode="stacked")
+        choose_mode([ResCNN((3, 6, 6), 3, channels=[4])] * 2, mode="stacked")
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match="grouped"):
+        choose_mode([grouped] * 2, mode="stacked")
+
+
+# Which engine really ran, for every optimizer and proxy kind: ``train_run`` is watched, so a population that
+# fell back to one-at-a-time training (silently, in ``auto``) fails here, whatever its curves.
+KINDS = {
+    "mlp": (lambda: MLP((3, 6, 6), 3, depth=3, width=12), "stacked"),
+    "cnn": (lambda: CNN((3, 6, 6), 3, channels=[4, 6], fc_width=5), "stacked"),
+    "cnn_batchnorm": (lambda: CNN((3, 6, 6), 3, channels=[4, 6], norm="batch"), "stacked"),
+    "rescnn": (lambda: ResCNN((3, 6, 6), 3, channels=[4, 6], norm="batch"), "loop"),  # auto on the CPU
+}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("seeds", [[7, 7, 7], [7, 8, 9]])
+def test_the_engine_that_ran_is_reported_for_every_optimizer_and_model_kind(optimizer, kind, seeds, monkeypatch):
+    make, engine = KINDS[kind]
+    cfg = TrainConfig(steps=8, batch_size=8, lr=0.01, optimizer=optimizer, weight_decay=0.01, eval_every=4,
+                      eval_batch_size=32)
+    models = members(make, len(seeds))
+    copies = [copy.deepcopy(m) for m in models]
+    solo_calls = []
+    real_train_run = population.train_run
+    monkeypatch.setattr(population, "train_run", lambda *a, **kw: solo_calls.append(1) or real_train_run(*a, **kw))
+    result = train_population(models, IMG, cfg, seeds=seeds)
+    monkeypatch.undo()
+    assert result.engine == engine, result.reason
+    assert len(solo_calls) == (len(models) if engine == "loop" else 0)
+    assert (result.reason is None) == (engine != "loop")
+    for a, b, m, c in zip(result.curves, solo(copies, IMG, cfg, seeds), models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)
 
 
 @pytest.mark.parametrize("mode", ["stacked", "vmap"])
@@ -89,10 +133,14 @@ def test_mlp_with_batchnorm_and_layernorm_match_solo_runs(mode):
             assert_same_weights(m, c)  # BatchNorm running statistics included
 
 
-def test_cnn_with_batchnorm_matches_solo_runs():
-    cfg = TrainConfig(steps=20, batch_size=8, lr=0.05, eval_every=10, eval_batch_size=32)
+@pytest.mark.parametrize("mode", ["stacked", "vmap"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("seeds", [[1, 2], [1, 1]])
+def test_cnn_with_batchnorm_matches_solo_runs(mode, optimizer, seeds):
+    cfg = TrainConfig(steps=20, batch_size=8, lr=0.05 if optimizer == "sgd" else 0.01, optimizer=optimizer,
+                      eval_every=10, eval_batch_size=32)
     together, alone, models, copies = run_both(lambda: CNN((3, 6, 6), 3, channels=[4, 6], norm="batch"), IMG, cfg,
-                                               seeds=[1, 2], mode="vmap")
+                                               seeds=seeds, mode=mode)
     for a, b, m, c in zip(together, alone, models, copies):
         assert_same_curve(a, b)
         assert_same_weights(m, c)
@@ -102,10 +150,30 @@ def test_cnn_with_batchnorm_matches_solo_runs():
 
 def test_plain_cnn_and_residual_cnn_match_solo_runs():
     cfg = TrainConfig(steps=12, batch_size=8, lr=0.02, eval_every=6, eval_batch_size=32)
-    for make in (lambda: CNN((3, 6, 6), 3, channels=[4, 6]), lambda: ResCNN((3, 6, 6), 3, channels=[4, 6])):
-        together, alone, _, _ = run_both(make, IMG, cfg, seeds=[3, 4], mode="vmap")
+    cases = [(lambda: CNN((3, 6, 6), 3, channels=[4, 6]), "stacked"), (lambda: CNN((3, 6, 6), 3, channels=[4, 6]), "vmap"),
+             (lambda: ResCNN((3, 6, 6), 3, channels=[4, 6]), "vmap")]
+    for make, mode in cases:
+        together, alone, _, _ = run_both(make, IMG, cfg, seeds=[3, 4], mode=mode)
         for a, b in zip(together, alone):
             assert_same_curve(a, b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("seeds", [[2, 2, 2], [2, 3, 4]])
+def test_stacked_convolutions_match_solo_runs_in_either_memory_layout(channels_last, seeds, monkeypatch):
+    """Both layouts the measurement may pick, on an unusual Sequential CNN: a pool on the raw input, a strided
+    bias-free conv, BatchNorm2d, average pooling, a 'same'-padded dilated conv, adaptive pooling, a Linear."""
+    def make():
+        return nn.Sequential(nn.MaxPool2d(1), nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(5),
+                             nn.Tanh(), nn.AvgPool2d(1), nn.Conv2d(5, 4, 2, padding="same", dilation=2), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+
+    monkeypatch.setattr(population, "_conv_layout", lambda stack, data, cfg: channels_last)
+    cfg = TrainConfig(steps=16, batch_size=8, lr=0.02, optimizer="adam", eval_every=8, eval_batch_size=32)
+    together, alone, models, copies = run_both(make, IMG, cfg, seeds=seeds, mode="stacked")
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)
 
 
 @pytest.mark.parametrize("mode", ["stacked", "vmap"])
@@ -133,7 +201,8 @@ def test_a_nan_member_does_not_poison_the_others():
         with torch.no_grad():
             models[0].fc1.weight[0, 0] = float("nan")
 
-    together, alone, _, _ = run_both(lambda: MLP((10,), 3, depth=2, width=8), VEC, cfg, prepare=poison)
+    together, alone, _, _ = run_both(lambda: MLP((10,), 3, depth=2, width=8), VEC, cfg, prepare=poison,
+                                     engine="stacked")
     assert together[0].diverged and "nan" in together[0].reason.lower()
     for i in (1, 2):
         assert_same_curve(together[i], alone[i])
@@ -154,8 +223,10 @@ def test_pruning_is_per_member_through_its_own_callback(mode):
 
     models = members(lambda: MLP((10,), 3, depth=2, width=8))
     copies = [copy.deepcopy(m) for m in models]
-    together = train_population(models, VEC, cfg, seeds=SEEDS, on_checkpoint=[callback(0, None), callback(1, 10),
-                                                                               callback(2, 20)], mode=mode)
+    result = train_population(models, VEC, cfg, seeds=SEEDS, on_checkpoint=[callback(0, None), callback(1, 10),
+                                                                             callback(2, 20)], mode=mode)
+    assert result.engine == mode
+    together = result.curves
     assert seen == {0: [10, 20, 30], 1: [10], 2: [10, 20]}
     assert [c.steps_done for c in together] == [30, 10, 20]
     assert not together[0].stopped and together[1].stopped and together[2].stopped
@@ -169,7 +240,7 @@ def test_dropout_models_fall_back_to_solo_runs_and_match_them_exactly():
     make = lambda: MLP((10,), 3, depth=2, width=8, dropout=0.3)  # noqa: E731
     assert static_blocker(make()) is not None and choose_mode([make(), make()])[0] == "loop"
     cfg = TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=10)
-    together, alone, _, _ = run_both(make, VEC, cfg)
+    together, alone, _, _ = run_both(make, VEC, cfg, engine="loop")
     for a, b in zip(together, alone):
         np.testing.assert_array_equal(a.train_loss, b.train_loss)
     with pytest.raises(ValueError, match="dropout"):
@@ -187,7 +258,7 @@ def test_cpu_index_plan_is_the_sequence_of_solo_draws():
 
 def test_bad_populations_are_refused():
     cfg = TrainConfig(steps=5, batch_size=8, eval_every=5)
-    assert train_population([], VEC, cfg, seeds=[]) == []
+    assert train_population([], VEC, cfg, seeds=[]).curves == []
     with pytest.raises(ValueError, match="differs"):
         train_population([MLP((10,), 3, width=8), MLP((10,), 3, width=9)], VEC, cfg, seeds=[0, 1])
     with pytest.raises(ValueError, match="seeds"):
@@ -219,7 +290,8 @@ def test_shared_seed_population_matches_solo_runs_with_members_leaving_at_differ
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_shared_seed_population_matches_solo_runs_with_adam(optimizer):
     cfg = TrainConfig(steps=20, batch_size=16, lr=0.01, optimizer=optimizer, weight_decay=0.01, eval_every=10)
-    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg, seeds=[4, 4, 4])
+    together, alone, models, copies = run_both(lambda: MLP((10,), 3, depth=3, width=16), VEC, cfg, seeds=[4, 4, 4],
+                                               engine="stacked")
     for a, b, m, c in zip(together, alone, models, copies):
         assert_same_curve(a, b)
         assert_same_weights(m, c)
@@ -259,7 +331,7 @@ def test_unusual_sequentials_match_solo_runs(seeds):
 
     cfg = TrainConfig(steps=20, batch_size=16, lr=0.05, eval_every=10)
     assert choose_mode([make(), make()]) == ("stacked", None)
-    together, alone, models, copies = run_both(make, VEC, cfg, seeds=seeds)
+    together, alone, models, copies = run_both(make, VEC, cfg, seeds=seeds, engine="stacked")
     for a, b, m, c in zip(together, alone, models, copies):
         assert_same_curve(a, b)
         assert_same_weights(m, c)
@@ -274,7 +346,7 @@ def test_a_linear_on_unflattened_inputs_falls_back_to_the_loop():
     cfg = TrainConfig(steps=6, batch_size=8, lr=0.05, eval_every=3, eval_batch_size=32)
     with pytest.raises(ValueError, match="flat features"):
         train_population(members(make, 2), IMG, cfg, seeds=[1, 1], mode="stacked")
-    together, alone, _, _ = run_both(make, IMG, cfg, seeds=[1, 1])
+    together, alone, _, _ = run_both(make, IMG, cfg, seeds=[1, 1], engine="loop")
     for a, b in zip(together, alone):
         np.testing.assert_array_equal(a.train_loss, b.train_loss)
 
@@ -289,3 +361,36 @@ def test_the_stacked_optimizer_is_train_s_optimizer_fused(optimizer):
     assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == \
         {k: v for k, v in plain.defaults.items() if k not in ("fused", "foreach")}
     assert fused.param_groups[0]["params"] == plain.param_groups[0]["params"]
+
+
+# ---- the same equivalence on CUDA (skipped without it): the stacked CNN engine, vmap, and the MLP engine ----
+@pytest.fixture
+def exact_cuda():
+    """CUDA with float32 kept float32: torch lets cuDNN convolutions run in TF32 by default, which rounds
+    solo and stacked runs differently (to ~1e-3); the equivalence is checked at float32 precision."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def on(data: TensorData, device: torch.device) -> TensorData:
+    return TensorData(data.x_train.to(device), data.y_train.to(device), data.x_val.to(device), data.y_val.to(device),
+                      data.num_classes, data.input_shape)
+
+
+@pytest.mark.parametrize("kind, engine", [("mlp", "stacked"), ("cnn", "stacked"), ("cnn_batchnorm", "stacked"),
+                                          ("rescnn", "vmap")])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("seeds", [[5, 5, 5], [5, 6, 7]])
+def test_populations_match_solo_runs_on_cuda(kind, engine, optimizer, seeds, exact_cuda):
+    make = KINDS[kind][0]
+    data = on(IMG, exact_cuda)
+    cfg = TrainConfig(steps=12, batch_size=8, lr=0.01, optimizer=optimizer, eval_every=6, eval_batch_size=32)
+    together, alone, models, copies = run_both(lambda: make().to(exact_cuda), data, cfg, seeds=seeds, engine=engine)
+    for a, b, m, c in zip(together, alone, models, copies):
+        assert_same_curve(a, b)
+        assert_same_weights(m, c)
+

@@ -13,7 +13,10 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     ``baddbmm(bias (K, out, 1), W, h (K, in, B))``. A ``ReLU`` right after a ``Linear`` runs in place on the
     product (the product saves its inputs, not its output). ``BatchNorm1d`` sees ``(K, H, B)`` as
     ``(1, K * H, B)``: one ``F.batch_norm`` over ``K * H`` channels, per member and feature the statistics of
-    a solo layer, with no copy. ``LayerNorm`` normalizes a ``(K, B, H)`` view.
+    a solo layer, with no copy. ``LayerNorm`` normalizes a ``(K, B, H)`` view. Plain ``nn.Sequential`` CNNs
+    (``Conv2d``, ``BatchNorm2d``, pooling; the VGG-style proxies) run on it too: their image activations are
+    channel-stacked, ``(B, K * C, H, W)``, every convolution after the first is one grouped convolution
+    (``groups=K``), and the memory layout (channels-last or not) is measured per stack (``_conv_layout``).
   * **Shared batches.** When every member has the same seed (what batched studies pass: one evaluation
     seed for the K trials of a round), every member would draw the same indices, so one generator draws
     them once, ``x[idx]`` is gathered once as ``(B, ...)``, and the first ``Linear`` of all members is one
@@ -27,7 +30,7 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     path, the matrix products dominate a stacked step and oneDNN computes the same float32 products faster;
     on a single model the oneDNN route can be slower, which is one reason it is measured per stack (the
     figures are in docs/performance.md).
-  * ``vmap`` (any other model, the CNN proxies included): a copy of the first model on the ``meta`` device
+  * ``vmap`` (any other model, the residual CNN proxy included): a copy of the first model on the ``meta`` device
     is the stateless skeleton that ``torch.func.functional_call`` runs with member ``k``'s slice, mapped
     over K by ``torch.func.vmap`` (convolutions become grouped convolutions by torch.func's batching rules).
 - **Each member its own batches.** Member ``k`` draws its batch indices from a ``torch.Generator`` seeded with
@@ -55,8 +58,9 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
 - **Written back.** When a member leaves the stack, and at the end, its weights and buffers are copied back
   into its model, so the models end as ``train_run`` would leave them.
 
-On the CPU, ``auto`` trains models that only ``vmap`` can stack (the CNNs) one after another: there the
-batched convolutions were slower than the loop. ``mode="vmap"`` forces them (the equivalence tests do).
+On the CPU, ``auto`` trains models that only ``vmap`` can stack (the residual CNN) one after another: there
+vmap's batched convolutions were slower than the loop. ``mode="vmap"`` forces them (the equivalence tests do).
+``train_population`` returns a ``PopulationResult``: the curves and the engine that actually ran.
 
 Not batched (``mode="loop"``: the members are trained one after another with ``train_run``): models with
 dropout, whose masks come from the global RNG and could not match a solo run; and models whose forward
@@ -65,8 +69,9 @@ user's model with data-dependent Python control flow, ``.item()`` calls or in-pl
 ``vmap``, or a ``Linear`` on unflattened inputs under ``stacked``, for example). The returned curves are the
 same either way.
 
-On CUDA the step runs under bf16 autocast when ``train.bf16`` is on, as ``train_run``'s does; the batched
-path keeps the contiguous layout (``train_run`` alone converts CNNs to channels-last on CUDA).
+On CUDA the step runs under bf16 autocast when ``train.bf16`` is on, as ``train_run``'s does; the stacked
+engine keeps CNN activations channels-last there (as ``train_run`` converts CNNs), ``vmap`` keeps the
+contiguous layout. Nothing in a step waits for the device: losses stay on it until the checkpoint.
 
 ``Curve.seconds`` of a member is the wall time from the start of the population to that member's end.
 """
@@ -149,13 +154,16 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
     nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
 )
-_STACKABLE: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Linear, nn.LayerNorm, nn.BatchNorm1d, *ELEMENTWISE)
+SPATIAL: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # per channel, as-is
+_STACKABLE: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Linear, nn.LayerNorm, nn.BatchNorm1d, nn.Conv2d,
+                                           nn.BatchNorm2d, *SPATIAL, *ELEMENTWISE)
 
 
 def stacked_blocker(model: nn.Module) -> str | None:
     """Why the ``stacked`` engine cannot run ``model``, or ``None``: it takes a plain ``nn.Sequential`` (its
     own ``forward``) of ``Flatten(1, -1)``, ``Linear``, ``LayerNorm`` over the last dimension, ``BatchNorm1d``
-    on 2-d inputs with a momentum, and element-wise activations."""
+    on 2-d inputs and ``BatchNorm2d``, both with a momentum, ungrouped zero-padded ``Conv2d``, ``MaxPool2d``
+    (without indices), ``AvgPool2d``, ``AdaptiveAvgPool2d`` and element-wise activations."""
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return "not a plain nn.Sequential"
     for name, module in model.named_children():
@@ -165,8 +173,12 @@ def stacked_blocker(model: nn.Module) -> str | None:
             return f"{name} flattens dims {module.start_dim}..{module.end_dim}"
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
             return f"{name} normalizes over {len(module.normalized_shape)} dims"
-        if isinstance(module, nn.BatchNorm1d) and module.momentum is None:
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.momentum is None:
             return f"{name} keeps a cumulative average (momentum=None)"
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            return f"{name} is a grouped or {module.padding_mode}-padded convolution"
+        if isinstance(module, nn.MaxPool2d) and module.return_indices:
+            return f"{name} returns its indices"
     return None
 
 
@@ -178,6 +190,16 @@ class _StackedSequential:
     ``baddbmm(bias (K, out, 1), W (K, out, in), h (K, in, B))``. A batch shared by all members stays one
     ``(B, ...)`` tensor up to the first ``Linear``, which is then one ``addmm`` over the members' weights
     viewed as ``(K * out, in)``; its weight gradient is one ``mm`` as well.
+
+    Image activations (before the ``Flatten``) are **channel-stacked**, ``(B, K * C, H, W)``: member ``k``'s
+    channels are ``k * C ... (k + 1) * C - 1``. A ``Conv2d`` on a shared batch is one convolution with the
+    members' weights viewed as ``(K * out, in, kh, kw)`` (on the CPU one matrix product of the batch's
+    patches, ``_shared_conv``); every later one is a grouped convolution with
+    ``groups=K`` (each member's output channels see only its own input channels). ``BatchNorm2d`` is one
+    ``F.batch_norm`` over ``K * C`` channels; pooling and activations are per channel, so they run as they
+    are. ``Flatten`` turns ``(B, K * C, H, W)`` into the feature-major ``(K, C * H * W, B)``. With
+    ``channels_last`` the image activations are kept in NHWC memory (``_conv_layout`` measures whether that
+    is faster: on the CPU, max pooling of NCHW maps is many times slower than of NHWC ones).
     """
 
     def __init__(self, model: nn.Module, loss: Loss) -> None:
@@ -185,6 +207,7 @@ class _StackedSequential:
         self.layers = list(model.named_children())
         self.plan = _fuse_relus(self.layers)
         self.training = True
+        self.channels_last = False
 
     def train(self) -> None:
         self.training = True
@@ -210,13 +233,27 @@ class _StackedSequential:
         """Inputs ``(B, ...)`` shared by every member (``shared``) or ``(K, B, ...)`` -> logits ``(K, C, B)``.
 
         ``form`` tracks the activation's layout: ``shared`` ``(B, ...)``, ``rows`` ``(K, B, ...)`` (a member's
-        own batch, before the first layer with parameters) or ``cols`` ``(K, F, B)``.
+        own batch, before the first layer with parameters), ``maps`` ``(B, K * C, H, W)`` (channel-stacked
+        images) or ``cols`` ``(K, F, B)``. A shared batch reaching a ``BatchNorm2d`` or a padded-by-name
+        ``Conv2d`` first is copied for every member (``_to_maps``).
         """
         k = next(iter(p.values())).shape[0]
         form = "shared" if shared else "rows"
         for name, module, relu in self.plan:
             if isinstance(module, nn.Flatten):
-                x = x if form == "cols" else x.flatten(1 if form == "shared" else 2)
+                if form == "maps":
+                    x, form = x.reshape(x.shape[0], k, -1).permute(1, 2, 0), "cols"
+                else:
+                    x = x if form == "cols" else x.flatten(1 if form == "shared" else 2)
+            elif isinstance(module, nn.Conv2d):
+                x, form = self._conv(module, p, name, x, form, k), "maps"
+            elif isinstance(module, nn.BatchNorm2d):
+                x, form = self._batch_norm(module, p, b, name, _to_maps(x, form, k, name)), "maps"
+            elif isinstance(module, SPATIAL):
+                if form == "cols":  # flat features: not an image (a solo run would refuse them too)
+                    raise ValueError(f"{name} needs (C, H, W) images per example")
+                x = module(x if form == "shared" else _to_maps(x, form, k, name))
+                form = "shared" if form == "shared" else "maps"
             elif isinstance(module, nn.Linear):
                 x = self._linear(p, name, _flat(x, form, name), form, relu)
                 form = "cols"
@@ -258,20 +295,37 @@ class _StackedSequential:
                 y = y + p[f"{name}.bias"].unsqueeze(1)
         return y.transpose(1, 2)
 
-    def _batch_norm(self, module: nn.BatchNorm1d, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                    name: str, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, module: nn.Conv2d, p: Mapping[str, torch.Tensor], name: str, x: torch.Tensor, form: str,
+              k: int) -> torch.Tensor:
+        """One ``Conv2d`` for all members -> ``(B, K * out, H', W')``: on a shared ``(B, in, H, W)`` batch one
+        convolution with ``K * out`` output channels, otherwise a grouped one (``groups=K``) on the
+        channel-stacked input."""
+        w, bias = p[f"{name}.weight"], p.get(f"{name}.bias")
+        flat_w = w.view(k * w.shape[1], *w.shape[2:])
+        flat_b = None if bias is None else bias.view(-1)
+        if form == "shared" and x.dim() == 4 and not isinstance(module.padding, str) and x.device.type == "cpu":
+            y = _shared_conv(x, flat_w, flat_b, module)
+        else:
+            x = _to_maps(x, form, k, name)
+            x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+            y = F.conv2d(x, flat_w, flat_b, module.stride, module.padding, module.dilation, k)
+        return y.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def _batch_norm(self, module: nn.BatchNorm1d | nn.BatchNorm2d, p: Mapping[str, torch.Tensor],
+                    b: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
         """Per member and feature: ``(K, H, B)`` is ``(1, K * H, B)``, one ``F.batch_norm`` over ``K * H``
-        channels (statistics over the B examples of each, as a solo ``BatchNorm1d`` computes them)."""
-        k, h, batch = x.shape
+        channels (statistics over the B examples of each, as a solo ``BatchNorm1d`` computes them); a
+        channel-stacked ``(B, K * C, H, W)`` map is normalized over its ``K * C`` channels as it is."""
         mean, var = b.get(f"{name}.running_mean"), b.get(f"{name}.running_var")
         use_batch_stats = self.training or mean is None
         if self.training and module.track_running_stats and f"{name}.num_batches_tracked" in b:
             b[f"{name}.num_batches_tracked"].add_(1)
         weight, bias = p.get(f"{name}.weight"), p.get(f"{name}.bias")
-        out = F.batch_norm(x.reshape(1, k * h, batch), None if mean is None else mean.view(-1),
+        flat = x if x.dim() == 4 else x.reshape(1, x.shape[0] * x.shape[1], x.shape[2])
+        out = F.batch_norm(flat, None if mean is None else mean.view(-1),
                            None if var is None else var.view(-1), None if weight is None else weight.reshape(-1),
                            None if bias is None else bias.reshape(-1), use_batch_stats, module.momentum, module.eps)
-        return out.view(k, h, batch)
+        return out if x.dim() == 4 else out.view(x.shape)
 
     def loss(self, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], xb: torch.Tensor,
              yb: torch.Tensor, shared: bool = False) -> torch.Tensor:
@@ -297,6 +351,35 @@ def _flat(x: torch.Tensor, form: str, name: str) -> torch.Tensor:
         raise ValueError(f"{name} gets a {x.dim() - (form != 'shared') - 1}-d input per example; the stacked "
                          "engine takes flat features")
     return x
+
+
+def _shared_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: nn.Conv2d) -> torch.Tensor:
+    """Every member's first convolution of a shared batch ``x`` ``(B, in, H, W)`` as one matrix product:
+    the patches of ``x`` (``F.unfold``, no gradient needed), ``(B * H' * W', in * kh * kw)``, times the members'
+    weights ``(K * out, in * kh * kw)`` transposed. The result ``(B, H', W', K * out)`` is returned as the
+    ``(B, K * out, H', W')`` channels-last view of it (no copy). On the CPU a convolution with a few input
+    channels and many output channels runs far below the machine's speed; this product does not, and its
+    weight gradient is one product as well. (CPU only: on CUDA, cuDNN runs the convolution itself.)"""
+    batch, _, height, width = x.shape
+    kh, kw = module.kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = module.stride, module.padding, module.dilation
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    patches = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw)).transpose(1, 2).reshape(batch * out_h * out_w, -1)
+    flat = weight.view(weight.shape[0], -1).t()
+    y = torch.mm(patches, flat) if bias is None else torch.addmm(bias, patches, flat)
+    return y.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+def _to_maps(x: torch.Tensor, form: str, k: int, name: str) -> torch.Tensor:
+    """An image activation in the channel-stacked layout ``(B, K * C, H, W)``, else ``ValueError``."""
+    if form == "maps":
+        return x
+    if form == "shared" and x.dim() == 4:
+        return x.repeat(1, k, 1, 1)
+    if form == "rows" and x.dim() == 5:
+        return x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
+    raise ValueError(f"{name} needs (C, H, W) images per example")
 
 
 def _to_cols(x: torch.Tensor, form: str, k: int) -> torch.Tensor:
@@ -519,10 +602,10 @@ def choose_mode(models: Sequence[nn.Module], mode: str = "auto", device: torch.d
                 ) -> tuple[str, str | None]:
     """The engine for these models on ``device`` and, for ``loop``, why.
 
-    ``auto``: ``stacked`` for plain MLP Sequentials; ``vmap`` for other models without dropout on CUDA;
-    ``loop`` otherwise: for dropout, a single member, and for ``vmap`` models on the CPU, where the batched
-    convolutions ran slower than one model at a time (docs/performance.md). Any other ``mode`` insists on
-    that engine and raises ``ValueError`` when the models cannot take it.
+    ``auto``: ``stacked`` for plain Sequentials (MLPs, VGG-style CNNs); ``vmap`` for other models without
+    dropout on CUDA; ``loop`` otherwise: for dropout, a single member, and for ``vmap`` models on the CPU,
+    where vmap's batched convolutions ran slower than one model at a time (docs/performance.md). Any other
+    ``mode`` insists on that engine and raises ``ValueError`` when the models cannot take it.
     """
     if mode not in POPULATION_MODES:
         raise ValueError(f"mode must be one of {', '.join(POPULATION_MODES)}, got {mode!r}")
@@ -545,9 +628,29 @@ def choose_mode(models: Sequence[nn.Module], mode: str = "auto", device: torch.d
     return "vmap", None
 
 
+@dataclass
+class PopulationResult:
+    """What ``train_population`` did: one ``Curve`` per member (in the caller's order), the engine that
+    actually ran them (``stacked``, ``vmap`` or ``loop``: one after another with ``train_run``), why it was
+    ``loop`` (``None`` otherwise), and whether the image activations were kept channels-last."""
+
+    curves: list[Curve]
+    engine: str
+    reason: str | None = None
+    channels_last: bool = False
+
+    def describe(self) -> str:
+        """One line for the log: the engine, its layout, and why one by one."""
+        if self.engine == "loop":
+            return f"one by one ({self.reason})"
+        return self.engine + (", channels-last" if self.channels_last else "")
+
+
 def train_population(models: Sequence[nn.Module], data: TrainData, cfg: TrainConfig, *, seeds: Sequence[int],
-                     on_checkpoint: Sequence[Callback | None] | None = None, mode: str = "auto") -> list[Curve]:
-    """Train every model in place, member ``i`` with ``seeds[i]`` and ``on_checkpoint[i]``; one Curve each.
+                     on_checkpoint: Sequence[Callback | None] | None = None, mode: str = "auto"
+                     ) -> PopulationResult:
+    """Train every model in place, member ``i`` with ``seeds[i]`` and ``on_checkpoint[i]``; one Curve each,
+    and the engine that ran them (``PopulationResult``).
 
     Equivalent to ``[train_run(m, data, cfg, seed=s, on_checkpoint=cb) for m, s, cb in ...]`` (see the
     module docstring for how, and for the models that fall back to exactly that loop). ``mode``: ``auto``,
@@ -558,7 +661,7 @@ def train_population(models: Sequence[nn.Module], data: TrainData, cfg: TrainCon
     check_data(data)
     callbacks = list(on_checkpoint) if on_checkpoint is not None else [None] * len(models)
     if not models:
-        return []
+        return PopulationResult(curves=[], engine="loop", reason="no members")
     _check_members(models, seeds, callbacks)
     device = data.x_train.device
     how, reason = choose_mode(models, mode, device)
@@ -568,11 +671,15 @@ def train_population(models: Sequence[nn.Module], data: TrainData, cfg: TrainCon
         stack = _build_stack(models, seeds, cfg, device, engine)
         reason = _probe(stack, data)
         if reason is None:
-            return _train_stacked(stack, models, data, cfg, callbacks)
+            if isinstance(engine, _StackedSequential):
+                engine.channels_last = _conv_layout(stack, data, cfg)
+            curves = _train_stacked(stack, models, data, cfg, callbacks)
+            return PopulationResult(curves=curves, engine=how, channels_last=getattr(engine, "channels_last", False))
         if mode != "auto":
             raise ValueError(f"train_population: {reason}")
     log.debug("population of %d trained one by one: %s", len(models), reason)
-    return [train_run(m, data, cfg, seed=int(s), on_checkpoint=cb) for m, s, cb in zip(models, seeds, callbacks)]
+    curves = [train_run(m, data, cfg, seed=int(s), on_checkpoint=cb) for m, s, cb in zip(models, seeds, callbacks)]
+    return PopulationResult(curves=curves, engine="loop", reason=reason)
 
 
 def _train_stacked(stack: _Stack, models: Sequence[nn.Module], data: TrainData, cfg: TrainConfig,
@@ -632,6 +739,7 @@ class RouteKey:
     params: tuple[tuple[str, tuple[int, ...], str, bool], ...]
     buffers: tuple[tuple[str, tuple[int, ...], str], ...]
     inputs: tuple[tuple[int, ...], str]
+    channels_last: bool = False
 
 
 def _route_key(stack: _Stack, data: TrainData, cfg: TrainConfig) -> RouteKey:
@@ -641,6 +749,7 @@ def _route_key(stack: _Stack, data: TrainData, cfg: TrainConfig) -> RouteKey:
         params=tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in stack.params.items()),
         buffers=tuple((n, tuple(b.shape), str(b.dtype)) for n, b in stack.buffers.items()),
         inputs=(tuple(data.x_train.shape[1:]), str(data.x_train.dtype)),
+        channels_last=bool(getattr(stack.engine, "channels_last", False)),
     )
 
 
@@ -660,6 +769,17 @@ def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
     verdict = known_route(key)
     if verdict is not None:
         return verdict
+    step = _synthetic_step(stack, data, cfg)
+
+    # Speed is timed once per family of stacks that differ only in their row count (2 or more: a round's
+    # members leave at checkpoints, and each new row count needs only the exactness check, 2 steps).
+    return choose_route(step, key, speed_key=replace(key, rows=min(key.rows, 2)))
+
+
+def _synthetic_step(stack: _Stack, data: TrainData, cfg: TrainConfig) -> Callable[[], list[torch.Tensor]]:
+    """One training step of the stack's engine on synthetic operands of its shapes (see ``_onednn_route``),
+    on copies: the losses and gradients it returns, nothing of the stack's changed."""
+    device = data.x_train.device
     gen = torch.Generator(device=device).manual_seed(0)
     idx = torch.arange(cfg.batch_size, device=device) % len(data.x_train)
     if not stack.shared:
@@ -676,9 +796,44 @@ def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
         losses.sum().backward()
         return [losses.detach(), *(p.grad for p in params.values() if p.grad is not None)]
 
-    # Speed is timed once per family of stacks that differ only in their row count (2 or more: a round's
-    # members leave at checkpoints, and each new row count needs only the exactness check, 2 steps).
-    return choose_route(step, key, speed_key=replace(key, rows=min(key.rows, 2)))
+    return step
+
+
+_LAYOUTS: dict[RouteKey, bool] = {}  # per stack key (layout field False): channels-last timed faster
+
+
+def _conv_layout(stack: _Stack, data: TrainData, cfg: TrainConfig, repeats: int = 3, min_gain: float = 0.05
+                 ) -> bool:
+    """Whether the stacked engine keeps this stack's image activations channels-last (NHWC).
+
+    Only for models with convolutions. On CUDA: yes (as ``train_run`` does there). On the CPU it is measured
+    once per stack key (engine, shapes, batch, threads): the best of ``repeats`` synthetic training steps
+    each way, channels-last taken when at least ``min_gain`` faster. Both layouts compute the same sums;
+    only the kernels and their rounding order differ."""
+    engine = stack.engine
+    if not isinstance(engine, _StackedSequential) or not any(isinstance(m, nn.Conv2d) for _, m, _ in engine.plan):
+        return False
+    if data.x_train.device.type != "cpu":
+        return True
+    engine.channels_last = False
+    key = _route_key(stack, data, cfg)
+    if key not in _LAYOUTS:
+        step = _synthetic_step(stack, data, cfg)
+        best = {False: math.inf, True: math.inf}
+        for layout in (False, True, False, True):  # the first of each pays one-time costs
+            engine.channels_last = layout
+            step()
+        for _ in range(repeats):
+            for layout in (False, True):
+                engine.channels_last = layout
+                start = time.perf_counter()
+                step()
+                best[layout] = min(best[layout], time.perf_counter() - start)
+        _LAYOUTS[key] = best[True] < (1.0 - min_gain) * best[False]
+        log.debug("conv layout for %s: %s (%.2f ms NCHW, %.2f ms NHWC)", key,
+                  "channels-last" if _LAYOUTS[key] else "contiguous", best[False] * 1e3, best[True] * 1e3)
+    engine.channels_last = _LAYOUTS[key]
+    return engine.channels_last
 
 
 def _synthetic(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

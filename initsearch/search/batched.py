@@ -39,11 +39,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from initsearch.proxy.popsize import auto_population_size
 from initsearch.proxy.population import train_population
 from initsearch.proxy.train import Curve
 from initsearch.search.outcome import Tracker, TrialOutcome, safely
 from initsearch.search.settings import StudySettings, is_rdb
-from initsearch.search.trial import Proxy, TrialRun
+from initsearch.search.trial import Proxy, TrialRun, fresh_model
 from initsearch.search.workers import Heartbeat, StaleTrials, StudyLock, counted, mark_worker, running
 
 log = logging.getLogger("initsearch")
@@ -61,14 +62,27 @@ def run_batched(study: optuna.Study, settings: StudySettings, proxy: Proxy, trac
     total = len(settings.baselines) + settings.n_trials
     left = total - counted(study.get_trials(deepcopy=False))
     started = time.perf_counter()
+    engines: set[str] = set()  # the engines logged so far (each once per study)
     while left > 0:
         if settings.timeout is not None and time.perf_counter() - started >= settings.timeout:
             break
         trials = admit(study, lock, stale, total, min(k, left))
         if not trials:
             break
-        run_round(settings, proxy, tracker, study, trials)
+        run_round(settings, proxy, tracker, study, trials, engines=engines)
         left -= len(trials)
+
+
+def trials_per_round(settings: StudySettings, proxy: Proxy) -> int:
+    """``batch_trials`` as a number: itself, or for ``auto`` the K ``popsize.auto_population_size`` picks
+    for this proxy on its device (logged)."""
+    if settings.batch_trials != "auto":
+        return int(settings.batch_trials)
+    model = fresh_model(settings.model, proxy.data, proxy.device, seed=0)
+    k = auto_population_size(model, tuple(proxy.data.x_train.shape[1:]), settings.train.batch_size,
+                             settings.train.optimizer, proxy.device)
+    log.info("batch_trials=auto: %d trial(s) per round on %s", k, proxy.device)
+    return k
 
 
 def lie_about_running_trials(sampler: optuna.samplers.BaseSampler) -> None:
@@ -96,15 +110,17 @@ def admit(study: optuna.Study, lock: StudyLock, stale: StaleTrials, total: int, 
 
 
 def run_round(settings: StudySettings, proxy: Proxy, tracker: Tracker, study: optuna.Study,
-              trials: Sequence[optuna.Trial]) -> list[TrialOutcome]:
-    """Evaluate ``trials`` together and tell Optuna and the tracker how each one ended."""
+              trials: Sequence[optuna.Trial], engines: set[str] | None = None) -> list[TrialOutcome]:
+    """Evaluate ``trials`` together and tell Optuna and the tracker how each one ended. The engine that
+    trained a population is logged (info) unless ``engines`` already holds its description; it is added."""
+    engines = set() if engines is None else engines
     runs = [TrialRun(settings, proxy, trial, Heartbeat(settings.heartbeat_interval)) for trial in trials]
     with _heartbeats(study, trials):
         try:
             for run in runs:
                 _step(run, run.begin)
             for i, seed in enumerate(settings.eval_seeds):
-                _train_seed(settings, proxy, [r for r in runs if r.open], i, seed)
+                _train_seed(settings, proxy, [r for r in runs if r.open], i, seed, engines)
             for run in runs:
                 if run.open:
                     _step(run, run.conclude)
@@ -139,8 +155,10 @@ def _guarded(run: TrialRun, callback: Callable[[int, Curve], bool]) -> Callable[
     return on_checkpoint
 
 
-def _train_seed(settings: StudySettings, proxy: Proxy, runs: list[TrialRun], i: int, seed: int) -> None:
-    """Initialize every open member for evaluation seed ``seed``, train them as one population, score each."""
+def _train_seed(settings: StudySettings, proxy: Proxy, runs: list[TrialRun], i: int, seed: int,
+                engines: set[str]) -> None:
+    """Initialize every open member for evaluation seed ``seed``, train them as one population, score each;
+    log the engine that ran them when it is new to ``engines``."""
     ready: list[TrialRun] = []
     models: list[torch.nn.Module] = []
     for run in runs:
@@ -154,13 +172,16 @@ def _train_seed(settings: StudySettings, proxy: Proxy, runs: list[TrialRun], i: 
         return
     callbacks = [_guarded(run, run.on_checkpoint(i)) for run in ready]
     try:
-        curves = train_population(models, proxy.data, settings.train, seeds=[seed] * len(models),
+        result = train_population(models, proxy.data, settings.train, seeds=[seed] * len(models),
                                   on_checkpoint=callbacks)
     except Exception as exc:
         for run in ready:
             run.end_by(exc)
         return
-    for run, model, curve in zip(ready, models, curves):
+    if len(models) > 1 and result.describe() not in engines:
+        engines.add(result.describe())
+        log.info("Population training: %d members on %s, engine: %s", len(models), proxy.device, result.describe())
+    for run, model, curve in zip(ready, models, result.curves):
         _step(run, functools.partial(run.record, seed, curve, model))
 
 

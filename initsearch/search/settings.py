@@ -94,8 +94,9 @@ class StudySettings:
     space: SearchSpace
     sampler: dict[str, Any]
     pruner: dict[str, Any]
-    # speed: trials asked from Optuna and trained together as one stacked population; 1 = one by one
-    batch_trials: int = 1
+    # speed: trials asked from Optuna and trained together as one stacked population; 1 = one by one;
+    # "auto": chosen for the proxy and device when the study starts (``batched.trials_per_round``)
+    batch_trials: int | str = 1
     # several workers: processes on this machine; heartbeat seconds and the silence after which a
     # RUNNING trial counts as abandoned (its worker died) and is failed and retried once
     n_workers: int = 1
@@ -253,7 +254,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         space=_joint_fits(space_from_config(c.get("search_space") or {}, c.get("arch")), c),
         sampler=sampler,
         pruner=pruner,
-        batch_trials=_int(c.get("batch_trials", 1), "batch_trials", 1),
+        batch_trials=_batch_trials(c.get("batch_trials", 1)),
         n_workers=_int(c.get("n_workers", 1), "n_workers", 1),
         heartbeat_interval=_int(c.get("heartbeat_interval", 60), "heartbeat_interval", 1),
         grace_period=_grace_period(c.get("grace_period", 180), c.get("heartbeat_interval", 60)),
@@ -283,6 +284,15 @@ def _select(s: Mapping[str, Any]) -> SelectSettings:
         raise ConfigError(f"select: must be a mapping, got {s!r}")
     return SelectSettings(top_k=_int(s.get("top_k", 3), "select.top_k", 0), seeds=_int(s.get("seeds", 3), "select.seeds", 1),
                           baselines=_int(s.get("baselines", 2), "select.baselines", 0))
+
+
+def _batch_trials(value: Any) -> int | str:
+    """``auto`` (K chosen for the proxy and device at start) or a whole number >= 1."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"batch_trials: must be auto or a whole number >= 1, got {value!r}")
+    return value
 
 
 def _threads(value: Any) -> int | str:

@@ -18,7 +18,7 @@ import torch
 
 from initsearch.errors import ConfigError, StudyInterrupted
 from initsearch.proxy.models import target_name
-from initsearch.search.batched import run_batched
+from initsearch.search.batched import run_batched, trials_per_round
 from initsearch.search.outcome import NullTracker, Tracker, safely
 from initsearch.search.sequential import optimize
 from initsearch.search.settings import StudySettings, is_rdb
@@ -219,8 +219,9 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
             stale.check(study)
         total = len(settings.baselines) + settings.n_trials
         done = counted(study.get_trials(deepcopy=False))
-        if done < total and settings.batch_trials > 1:  # population training: K trials at a time
-            run_batched(study, settings, proxy, tracker, settings.batch_trials, lock=lock, stale=stale)
+        k = trials_per_round(settings, proxy) if done < total else 1
+        if done < total and k > 1:  # population training: K trials at a time
+            run_batched(study, settings, proxy, tracker, k, lock=lock, stale=stale)
         elif done < total:
             optimize(study, settings, proxy, tracker, lock, stale, total - done)
     except KeyboardInterrupt as exc:
