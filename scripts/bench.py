@@ -141,7 +141,7 @@ def _targets() -> list[tuple[Any, str, str]]:
         (optuna.study.Study, "get_trials", "Optuna"),
         (optuna.study._optimize, "_tell_with_warning", "Optuna"),
         (optuna.trial.Trial, "report", "Optuna"), (optuna.trial.Trial, "should_prune", "Optuna"),
-        (optuna.trial.Trial, "set_user_attr", "Optuna"),
+        (optuna.trial.Trial, "set_user_attr", "Optuna"), (R, "set_user_attrs", "Optuna"),
         (R, "complete_twin", "Optuna"),
         (T, "study_started", "MLflow"), (T, "trial_finished", "MLflow"), (T, "flush", "MLflow"),
         (T, "_log_trial", "MLflow logging thread"), (T, "_start", "MLflow logging thread"),
