@@ -519,6 +519,16 @@ class MlflowTracker:
                 log.warning("MLflow tracking: logging the trials earlier runs left out failed (%s)", short_error(exc))
         return True
 
+    def open_store_now(self, timeout: float = 30.0) -> None:
+        """Open the store here and now, and wait (up to ``timeout`` s) for the writer to open it too: what
+        the thread does first otherwise. For ``scripts/bench.py``, which times a study without the store's
+        opening (as it times the hand-written loop)."""
+        if self.client is None:
+            with StudyLock(self.uri, None, "mlflow") if self.starts_alone else contextlib.nullcontext():
+                self.client = open_client(self.uri)
+            if self.writer is not None:
+                self.writer.open_store(timeout)
+
     @property
     def starts_alone(self) -> bool:
         """Whether the study's start (creating the store, finding or creating the parent run, the backfill)
