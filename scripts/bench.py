@@ -141,7 +141,7 @@ def _targets() -> list[tuple[Any, str, str]]:
         (optuna.study.Study, "get_trials", "Optuna"),
         (optuna.study._optimize, "_tell_with_warning", "Optuna"),
         (optuna.trial.Trial, "report", "Optuna"), (optuna.trial.Trial, "should_prune", "Optuna"),
-        (optuna.trial.Trial, "set_user_attr", "Optuna"),
+        (optuna.trial.Trial, "set_user_attr", "Optuna"), (R, "set_user_attrs", "Optuna"),
         (R, "complete_twin", "Optuna"),
         (T, "study_started", "MLflow"), (T, "trial_finished", "MLflow"), (T, "flush", "MLflow"),
         (T, "_log_trial", "MLflow logging thread"), (T, "_start", "MLflow logging thread"),
@@ -280,7 +280,8 @@ def initsearch_study(cfg: Any, settings: StudySettings, proxy: Proxy, tmp: Path,
     uri = f"sqlite:///{folder}/mlflow.db" if tracking else "none"
     s = dataclasses.replace(settings, storage=str(folder / "study.journal"), tracking_uri=uri,
                             study_name=f"bench-k{k}", batch_trials=k)
-    tracker = tracking_mod.make_tracker(s)  # opening (creating) the store: not timed
+    tracker = tracking_mod.make_tracker(s)
+    getattr(tracker, "open_store_now", lambda: None)()  # opening (creating) the store: not timed
     timers = Timers()
     with instrumented(timers):
         start = time.perf_counter()

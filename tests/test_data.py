@@ -16,6 +16,7 @@ from initsearch.errors import DataError
 from initsearch.proxy.data import (
     CIFAR10_FOLDER,
     Dataset,
+    digits_arrays,
     load_cifar10,
     load_dataset,
     read_cifar_batch,
@@ -84,6 +85,16 @@ def test_digits_unnormalized_is_scaled_to_unit_interval() -> None:
     assert ds.x_train.min().item() == 0.0 and ds.x_train.max().item() == 1.0
     values = torch.unique(ds.x_train * 16)  # pixel counts 0..16
     assert torch.equal(values, torch.arange(17, dtype=torch.float32))
+
+
+def test_digits_read_without_sklearn_are_sklearns_digits() -> None:
+    """The digits are read from the file scikit-learn ships, without importing it: the same arrays."""
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    images, labels = digits_arrays()
+    bunch = sklearn_load_digits()
+    assert images.dtype == np.float32 and labels.dtype == np.int64
+    assert np.array_equal(images, bunch.images.astype(np.float32)) and np.array_equal(labels, bunch.target)
 
 
 def test_subset_keeps_nested_seeded_prefix() -> None:

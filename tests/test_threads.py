@@ -35,7 +35,7 @@ def test_candidates_double_up_to_the_cores():
     ({1: 1.00, 2: 0.95, 4: 0.50, 8: 0.40}, 1),  # 2 does not win: 4 and 8 are not tried
 ])
 def test_auto_keeps_the_fastest_count_and_ties_go_to_fewer_threads(timings, chosen, monkeypatch):
-    settings = settings_of()
+    settings = settings_of("n_trials=1000")  # long enough to be worth measuring
     proxy = prepare(settings)
     monkeypatch.setattr(threads_module, "available_cores", lambda n_workers=1: 8)
     monkeypatch.setattr(threads_module, "time_proxy", lambda s, p, n, **kw: timings[n])
@@ -112,5 +112,19 @@ def test_a_proxy_that_cannot_train_leaves_the_error_to_its_trials(monkeypatch):
 
     monkeypatch.setattr(threads_module, "train_run", broken)
     monkeypatch.setattr(threads_module, "available_cores", lambda n_workers=1: 2)
-    settings = settings_of()
+    settings = settings_of("n_trials=1000")
     assert choose_threads(settings, prepare(settings)) == ThreadChoice(1)
+
+
+def test_a_short_study_is_not_measured(monkeypatch):
+    """The measurement would cost more than PROBE_SHARE of the study's training: one thread, said why."""
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(threads_module, "time_proxy", never)
+    monkeypatch.setattr(threads_module, "available_cores", lambda n_workers=1: 2)
+    settings = settings_of()  # 2 trials + 2 baselines, 1 seed, 20 steps: 80 steps planned
+    choice = choose_threads(settings, prepare(settings))
+    assert choice.threads == 1 and not choice.seconds
+    assert choice.describe() == "threads: 1 (auto; a short study (80 steps planned): not measured)"
+    assert threads_module.probe_steps(2) > threads_module.PROBE_SHARE * threads_module.planned_steps(settings)

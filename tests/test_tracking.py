@@ -296,6 +296,45 @@ def test_unreachable_server_is_one_warning_and_a_tracker_that_keeps_the_trials(t
     tracker.close()
 
 
+def test_a_local_store_that_is_not_a_database_is_one_line_before_any_training(tmp_path, monkeypatch):
+    """The store is opened on the tracker's thread; what can be checked without MLflow fails at once."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.db").write_bytes(b"this is not a database" * 100)
+    settings = settings_from_config(tiny(tmp_path, f"tracking_uri=sqlite:///{tmp_path}/bad.db"))
+    with pytest.raises(ConfigError, match=r"^tracking_uri: cannot open MLflow store sqlite:///.*bad\.db: DatabaseError: "):
+        tracking.make_tracker(settings)
+
+
+def test_a_local_store_is_opened_by_the_thread_and_the_study_does_not_wait_for_it(tmp_path, monkeypatch):
+    """A SQLite store starts alone (under its own lock): make_tracker opens no client; the thread does."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = settings_from_config(tiny(tmp_path, f"tracking_uri={uri}", "study_name=alone"))
+    tracker = tracking.make_tracker(settings)
+    try:
+        assert tracker.client is None and tracker.starts_alone
+        tracker.study_started(settings, "study_name: alone\n", SimpleNamespace(study_name="alone"))
+        assert tracker.flush()
+        assert tracker.client is not None and tracker.parent_id is not None
+    finally:
+        tracker.close()
+    assert [r.info.run_id for r in MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("alone").experiment_id])] == [tracker.parent_id]
+
+
+def test_open_store_now_opens_it_before_the_study_starts(tmp_path, monkeypatch):
+    """What scripts/bench.py uses to keep a fresh store's opening out of a study's timing."""
+    monkeypatch.chdir(tmp_path)
+    settings = settings_from_config(tiny(tmp_path, f"tracking_uri=sqlite:///{tmp_path}/mlflow.db"))
+    tracker = tracking.make_tracker(settings)
+    try:
+        tracker.open_store_now()
+        assert tracker.client is not None and tracker.parent_id is None
+        assert tracker.writer is not None and tracker.writer.wait_acknowledged(stall_timeout=0.1)  # opened there too
+    finally:
+        tracker.close()
+
+
 def test_tracking_none_turns_it_off(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = settings_from_config(tiny(tmp_path, "tracking_uri=none"))

@@ -260,18 +260,42 @@ def normalize_dataset(ds: Dataset) -> Dataset:
 DIGITS_MAX_VALUE = 16.0
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digits as ``(N, 8, 8)`` float32 pixel counts and ``(N,)`` int64 labels.
+
+    Read from the CSV file scikit-learn ships (what ``sklearn.datasets.load_digits`` reads), found without
+    importing scikit-learn: that import takes about a second, most of a short study's start. Through
+    ``load_digits`` itself when the file is not where this version keeps it.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise DataError("digits needs scikit-learn (pip install scikit-learn); it ships the images")
+    for folder in spec.submodule_search_locations or []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            import gzip
+
+            with gzip.open(path, "rt") as handle:
+                table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
+            return table[:, :-1].reshape(-1, 8, 8).astype(np.float32), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    bunch = sklearn_load_digits()
+    return np.asarray(bunch.images, dtype=np.float32), np.asarray(bunch.target, dtype=np.int64)
+
+
 def load_digits(*, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's digits as ``(N, 1, 8, 8)`` float32 in [0, 1] (pixel counts 0..16 divided by 16).
 
     Split by :func:`stratified_split`; on CPU, not normalized (``load_dataset`` does that).
     """
-    try:
-        from sklearn.datasets import load_digits as sklearn_load_digits
-    except ImportError:
-        raise DataError("digits needs scikit-learn (pip install scikit-learn); it ships the images") from None
-    bunch = sklearn_load_digits()
-    images = np.asarray(bunch.images, dtype=np.float32) / DIGITS_MAX_VALUE
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    images, labels = digits_arrays()
+    images = images / DIGITS_MAX_VALUE
     train, val = stratified_split(labels, val_fraction, seed)
     x = torch.from_numpy(images).unsqueeze(1)
     y = torch.from_numpy(labels)

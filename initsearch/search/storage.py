@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import optuna
@@ -80,6 +80,29 @@ def storage_problem(exc: Exception, url: str) -> str:
         return f"its database driver is not installed (no module {missing.name!r}; pip install '{hint}')"
     hide_password_of(url)
     return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """Several user attributes of a running trial: on a journal file in one append (one file lock and one
+    ``fsync`` instead of one per key), each key its own record, exactly as ``Trial.set_user_attr`` writes
+    and Optuna replays them; on any other storage (or an Optuna without these internals), one call per key.
+    The trial reads them back at once either way."""
+    storage = getattr(trial, "storage", None)
+    replay = getattr(storage, "_replay_result", None)
+    lock = getattr(storage, "_thread_lock", None)
+    if (len(attrs) < 2 or type(storage) is not JournalStorage or replay is None or lock is None
+            or not hasattr(storage, "_backend") or not hasattr(storage, "_sync_with_backend")):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages.journal._storage import JournalOperation
+
+    logs = [{"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": replay.worker_id,
+             "trial_id": trial._trial_id, "user_attr": {key: value}} for key, value in attrs.items()]
+    with lock:
+        storage._backend.append_logs(logs)
+        storage._sync_with_backend()
+    trial._cached_frozen_trial.user_attrs.update(attrs)
 
 
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:

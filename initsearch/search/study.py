@@ -214,8 +214,8 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
                 study.set_user_attr("network", describe_network(proxy.layers))
             safely(tracker.study_started, settings, config_yaml, study)
             flush = getattr(tracker, "flush", None)
-            if flush is not None:
-                safely(flush)
+            if flush is not None and not getattr(tracker, "starts_alone", False):
+                safely(flush)  # its start under this lock: one parent run per study
             stale.check(study)
         total = len(settings.baselines) + settings.n_trials
         done = counted(study.get_trials(deepcopy=False))

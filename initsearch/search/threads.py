@@ -6,7 +6,8 @@ to pay off, and on a small or busy CPU the threads mostly wait for each other (d
 thread and with each doubling up to the cores this worker has, and keeps the fastest; a count only wins
 when it takes at most ``MARGIN`` of the time of the best fewer, so a tie goes to fewer threads, and the
 trying stops at the first count that does not win. On a GPU the
-count does not matter and nothing is measured.
+count does not matter and nothing is measured; nor in a short study, where the measurement would cost more
+than ``PROBE_SHARE`` of the training it plans (one thread then, what small proxies train fastest on).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ log = logging.getLogger("initsearch")
 MEASURE_STEPS = 30
 REPEATS = 2
 MARGIN = 0.9  # more threads must take at most 90% of the time of fewer to be chosen
+PROBE_SHARE = 0.05  # auto measures only when its steps are at most this share of the study's planned steps
 
 
 @dataclass
@@ -38,10 +40,11 @@ class ThreadChoice:
 
     threads: int
     seconds: dict[int, float] = field(default_factory=dict)
+    note: str = ""  # why ``auto`` measured nothing
 
     def describe(self) -> str:
         if not self.seconds:
-            return f"threads: {self.threads}"
+            return f"threads: {self.threads}" + (f" (auto; {self.note})" if self.note else "")
         timed = ", ".join(f"{n}: {1000 * s:.0f} ms" for n, s in sorted(self.seconds.items()))
         return f"threads: {self.threads} (auto; {MEASURE_STEPS} proxy steps took {timed})"
 
@@ -62,6 +65,17 @@ def candidates(cores: int) -> list[int]:
         out.append(n)
         n *= 2
     return out + [cores]
+
+
+def probe_steps(cores: int) -> int:
+    """Training steps ``auto`` runs at most on ``cores`` cores: a warm-up and the repeats on one thread,
+    the repeats on each larger count."""
+    return MEASURE_STEPS * (1 + REPEATS * len(candidates(cores)))
+
+
+def planned_steps(settings: StudySettings) -> int:
+    """Training steps the study plans: its searched trials and baselines, each on every evaluation seed."""
+    return (settings.n_trials + len(settings.baselines)) * settings.score.seeds * settings.train.steps
 
 
 def time_proxy(settings: StudySettings, proxy: Proxy, threads: int, repeats: int = REPEATS,
@@ -97,6 +111,8 @@ def choose_threads(settings: StudySettings, proxy: Proxy) -> ThreadChoice:
         return ThreadChoice(int(settings.threads))
     if proxy.device.type != "cpu" or cores == 1:
         return ThreadChoice(cores)
+    if probe_steps(cores) > PROBE_SHARE * planned_steps(settings):
+        return ThreadChoice(1, note=f"a short study ({planned_steps(settings)} steps planned): not measured")
     seconds: dict[int, float] = {}
     chosen = 1
     try:

@@ -41,6 +41,7 @@ from initsearch.proxy.userdata import load_user_data
 from initsearch.search.outcome import TrialOutcome, safely, trial_score
 from initsearch.search.settings import StudySettings, resolve_device
 from initsearch.search.space import Pretrained
+from initsearch.search.storage import set_user_attrs
 from initsearch.search.workers import enqueue_retry
 
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
@@ -252,16 +253,14 @@ class TrialRun:
             policy = self.s.space.sample(trial, self.proxy.layers, self.proxy.pretrained)
         self.outcome.params = dict(trial.params)
         self.outcome.policy = policy.to_dict()
-        trial.set_user_attr("kind", "baseline" if baseline else "search")
-        trial.set_user_attr("policy", self.outcome.policy)
+        set_user_attrs(trial, {"kind": "baseline" if baseline else "search", "policy": self.outcome.policy})
         twin = None if baseline else complete_twin(trial)
         if twin is None:
             self.policy = policy
             return True
         self.outcome.seed_scores = list(twin.user_attrs.get("seed_scores") or [])
-        for key in ("seed_scores", "seeds"):
-            trial.set_user_attr(key, twin.user_attrs.get(key))
-        trial.set_user_attr("duplicate_of", twin.number)
+        set_user_attrs(trial, {"seed_scores": twin.user_attrs.get("seed_scores"), "seeds": twin.user_attrs.get("seeds"),
+                               "duplicate_of": twin.number})
         self.end(TrialState.COMPLETE, f"same policy as trial {twin.number}", trial_score(twin))
         return False
 
@@ -340,8 +339,7 @@ class TrialRun:
     def conclude(self) -> float:
         """Aggregate the seed scores into the trial's value and end it complete."""
         s, outcome = self.s, self.outcome
-        self.trial.set_user_attr("seed_scores", outcome.seed_scores)
-        self.trial.set_user_attr("seeds", outcome.seeds)
+        set_user_attrs(self.trial, {"seed_scores": outcome.seed_scores, "seeds": outcome.seeds})
         value = aggregate(outcome.seed_scores, s.score.aggregate, s.score.direction)
         if not math.isfinite(value):
             raise optuna.TrialPruned(f"non-finite score {value}")

@@ -207,12 +207,13 @@ class WriterProcess:
         """Send one trial; ``False`` when the writer is gone (the caller logs it itself)."""
         return self._send("trial", payload)
 
-    def open_store(self, timeout: float) -> bool:
+    def open_store(self, timeout: float | None) -> bool:
         """Have the writer open its client on the store (after this process created it); wait for that up
-        to ``timeout`` s. ``False`` when it is not done by then (the trials then wait in the pipe)."""
+        to ``timeout`` s (``None``: do not wait). ``False`` when it is not done by then (the trials then
+        wait in the pipe)."""
         if not self._send("open", None):
             return False
-        return self.wait_acknowledged(stall_timeout=timeout)
+        return True if timeout is None else self.wait_acknowledged(stall_timeout=timeout)
 
     def _send(self, op: str, payload: dict[str, Any] | None) -> bool:
         with self._cond:

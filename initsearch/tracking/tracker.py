@@ -26,6 +26,7 @@ fails early on a bad one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from typing import Any
 from initsearch.errors import ConfigError, first_line, hide_password_of, redact_url
 from initsearch.search.outcome import NullTracker, Tracker, TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings, TrackingSettings
-from initsearch.search.workers import worker_alive, worker_id
+from initsearch.search.workers import StudyLock, worker_alive, worker_id
 from initsearch.tracking.delivery import STALL_TIMEOUT_S, LoggingThread, WriterProcess, writer_running_for
 from initsearch.tracking.payload import (
     SIGNALS_TABLE,
@@ -66,6 +67,7 @@ from initsearch.tracking.uri import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     check_reachable,
+    check_sqlite_store,
     default_artifact_location,
     is_http,
     make_parent_dir,
@@ -92,7 +94,6 @@ CLOSE_TIMEOUT_S = 60.0  # close() (interrupted, atexit): the longest wait for th
 FINISH_TIMEOUT_S = 600.0  # study_finished: the same, with the end-of-study artifacts and plots
 WRITER_EXIT_TIMEOUT_S = 45.0  # of which at most this long for the writer to log what it was sent
 STEAL_BACKLOG = 2  # while the study waits: log a trial here when the writer holds this many unacknowledged
-WRITER_READY_TIMEOUT_S = 30.0  # make_tracker: the longest wait for the writer to import MLflow and open the store
 PROBE_S = 3.0  # an HTTP server's /health, asked before trying again after an outage
 _RETRY_ENV_SET: set[str] = set()  # the MLflow retry variables this process set (the user's own are left alone)
 
@@ -112,10 +113,11 @@ def make_tracker(settings: StudySettings) -> Tracker:
     A bad local store fails here, before any training (one ``ConfigError`` line). An HTTP server that does
     not answer is one warning and the study runs: its trials wait in the spool and are logged when the
     server answers again (this run tries every ``RETRY_EVERY_S``, and the next run of the command logs
-    what is left). A store that answers is opened (created and migrated on first use: this is also what
-    makes the later per-trial calls cheap). The writer process is started first, so that its MLflow
-    import overlaps the opening; it opens the store after this process has (``MlflowTracker`` waits for
-    that, bounded).
+    what is left). A server that answers is opened here. A local SQLite store is only checked here, with
+    the standard library (``check_sqlite_store``): the tracker's thread imports MLflow and opens it (created
+    and migrated on first use, under the store's lock) while the first trials train, so a short study does
+    not wait for MLflow at start. The writer process is started first, so that its MLflow import overlaps
+    all this; it opens the store after this process has (nobody waits for that: the trials wait in the pipe).
     """
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:
@@ -132,6 +134,9 @@ def make_tracker(settings: StudySettings) -> Tracker:
             return _offline(settings, uri, str(exc))
     elif uri.startswith("sqlite:///"):
         make_parent_dir(uri)
+        check_sqlite_store(uri)
+        writer = WriterProcess.launch(uri)  # importing MLflow there while the thread opens the store
+        return MlflowTracker(None, uri, default_artifact_location(uri), writer=writer if writer is not None else False)
     writer = WriterProcess.launch(uri)  # importing MLflow there while this process opens the store
     try:
         client = open_client(uri)
@@ -177,8 +182,9 @@ class MlflowTracker:
                  writer: bool | WriterProcess = True, down: bool = False) -> None:
         """``writer``: a started ``WriterProcess`` (``make_tracker`` starts it before opening the store, so
         its MLflow import overlaps that; it opens the store once this process has), ``True`` to start one
-        when the study starts, ``False`` to log the trials on the thread. ``down``: the server did not
-        answer at start (``client`` is ``None``; it is opened when the server answers)."""
+        when the study starts, ``False`` to log the trials on the thread. ``client`` ``None``: the thread
+        opens it first (``_connected``). ``down``: the server did not answer at start (the client is opened
+        when the server answers)."""
         self.client = client
         self.uri = uri
         self.artifact_location = artifact_location
@@ -210,10 +216,13 @@ class MlflowTracker:
         self._draining = False  # the study waits for the logs: the thread helps the writer (``_log_trial``)
         self.logged_here = 0  # trials this process logged itself (no writer, its orphans, or helping it)
         self.backfilled = 0  # trials an earlier run left out, logged by this one
+        self._queued: set[int] = set()  # trials this tracker was given (``trial_finished``): never backfilled
+        self._backfilled_numbers: set[int] = set()  # a trial given after its backfill is not logged twice
         atexit.register(self.close)
         if isinstance(writer, WriterProcess):
             self._attach_writer(writer)
-            writer.open_store(WRITER_READY_TIMEOUT_S)
+            if client is not None:  # else once the thread has opened the store (``_connected``)
+                writer.open_store(None)
 
     # -- hooks (the study's thread) --
     def study_started(self, settings: StudySettings, config_yaml: str, study: Any) -> None:
@@ -239,6 +248,7 @@ class MlflowTracker:
             return
         finally:
             self._payload_cpu_s += time.thread_time() - started
+        self._queued.add(outcome.number)
         self._thread.submit(self._log_trial, payload)
 
     def study_finished(self, study: Any, summary: Any, policy_path: Any) -> None:
@@ -413,6 +423,10 @@ class MlflowTracker:
             self.spool.keep(payload, self._worker_tag, self._owner)
         if not self._connected():
             return
+        if payload["number"] in self._backfilled_numbers:  # a dead worker's trial, failed here and backfilled
+            if self.spool is not None:
+                self.spool.drop(payload["number"])
+            return
         probe = self.outage.down
         if probe and not self._store_answers():
             return
@@ -488,21 +502,40 @@ class MlflowTracker:
             return True
         if self._start_args is None or not self._store_answers():
             return False
-        try:
-            if self.client is None:
-                self.client = open_client(self.uri)
-                if self.writer is not None:
-                    self.writer.open_store(WRITER_READY_TIMEOUT_S)
-            self._start(*self._start_args)
-        except Exception as exc:
-            self._went_down("logging the study's start", short_error(exc))
-            return False
-        self._recovered()
-        try:
-            self._backfill(self._study)
-        except Exception as exc:  # the trials not logged stay where they are, for the next run
-            log.warning("MLflow tracking: logging the trials earlier runs left out failed (%s)", short_error(exc))
+        with StudyLock(self.uri, None, "mlflow") if self.starts_alone else contextlib.nullcontext():
+            try:
+                if self.client is None:
+                    self.client = open_client(self.uri)
+                    if self.writer is not None:
+                        self.writer.open_store(None)  # the trials wait in the pipe until it has
+                self._start(*self._start_args)
+            except Exception as exc:
+                self._went_down("logging the study's start", short_error(exc))
+                return False
+            self._recovered()
+            try:
+                self._backfill(self._study)
+            except Exception as exc:  # the trials not logged stay where they are, for the next run
+                log.warning("MLflow tracking: logging the trials earlier runs left out failed (%s)", short_error(exc))
         return True
+
+    def open_store_now(self, timeout: float = 30.0) -> None:
+        """Open the store here and now, and wait (up to ``timeout`` s) for the writer to open it too: what
+        the thread does first otherwise. For ``scripts/bench.py``, which times a study without the store's
+        opening (as it times the hand-written loop)."""
+        if self.client is None:
+            with StudyLock(self.uri, None, "mlflow") if self.starts_alone else contextlib.nullcontext():
+                self.client = open_client(self.uri)
+            if self.writer is not None:
+                self.writer.open_store(timeout)
+
+    @property
+    def starts_alone(self) -> bool:
+        """Whether the study's start (creating the store, finding or creating the parent run, the backfill)
+        is kept to one process at a time by the store's own lock: a local SQLite store, which only this
+        machine's workers share. Then the study need not wait for it under the study lock (``flush`` in
+        ``run_study``): its first trials train while the thread imports MLflow and opens the store."""
+        return self.uri.startswith("sqlite:///")
 
     def _redeliver(self) -> None:
         """At the end of the study: this process's trials still in the spool (the store was down), logged
@@ -723,8 +756,9 @@ class MlflowTracker:
         states = {"COMPLETE": "complete", "PRUNED": "pruned"}
         for t in study.get_trials(deepcopy=False) if hasattr(study, "get_trials") else []:
             worker = t.user_attrs.get("worker")
-            if str(t.number) in logged or t.number in spooled or not t.state.is_finished() or not isinstance(worker, str):
-                continue
+            if (str(t.number) in logged or t.number in spooled or t.number in self._queued or not t.state.is_finished()
+                    or not isinstance(worker, str)):
+                continue  # (a trial given to this tracker is logged from its payload)
             if not gone(worker):
                 continue  # a live (or remote) worker logs its own trials
             outcome = TrialOutcome(t.number, t.user_attrs.get("baseline"), dict(t.params), policy=t.user_attrs.get("policy"),
@@ -734,6 +768,7 @@ class MlflowTracker:
             end = t.datetime_complete or t.datetime_start
             if t.datetime_start is not None and t.datetime_complete is not None:
                 outcome.seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+            self._backfilled_numbers.add(t.number)
             self._log_backfill(trial_payload(outcome, int(end.timestamp() * 1000) if end is not None else _now_ms(), worker))
 
     def _log_backfill(self, payload: dict[str, Any]) -> None:
