@@ -232,6 +232,33 @@ def _identity(weight: torch.Tensor, p: SchemeParams) -> None:
     weight.mul_(p.gain)
 
 
+def _partial_identity(weight: torch.Tensor, p: SchemeParams) -> None:
+    """Partial identity (airbench, Jordan 2024; ZerO/IDInit's padded identity): identity on the first
+    channels, He-normal on the rest.
+
+    Every weight is first drawn N(0, gain^2 / fan) (``kaiming_normal``, ``mode``'s fan); then, within each
+    group, the first m = min(out/groups, in/groups) output channels are overwritten by the identity
+    (Linear: ``eye``; Conv: a Dirac delta at the kernel centre, ``torch.nn.init.dirac_``), so output channel
+    i copies input channel i (i < m) and the other out - m channels are random features. The identity part
+    is not multiplied by ``gain`` (it maps a signal to itself). Where ``identity`` leaves the extra output
+    channels of a widening layer (out > in) at zero, dead from the start, this keeps them alive.
+    """
+    if weight.dim() > 2:
+        _check_conv_rank(weight, "partial_identity")
+        _check_groups(weight, "partial_identity", p.groups)
+    _fill_normal(weight, _fan_std(weight, p))
+    eye = torch.zeros_like(weight)
+    if weight.dim() == 2:
+        torch.nn.init.eye_(eye)
+        rows = torch.arange(min(weight.shape))
+    else:
+        torch.nn.init.dirac_(eye, groups=p.groups)
+        out_per_group = weight.shape[0] // p.groups
+        m = min(out_per_group, weight.shape[1])
+        rows = torch.cat([torch.arange(g * out_per_group, g * out_per_group + m) for g in range(p.groups)])
+    weight[rows] = eye[rows]
+
+
 def _delta_orthogonal(weight: torch.Tensor, p: SchemeParams) -> None:
     """Delta-orthogonal (Xiao et al. 2018): zero kernel except the centre tap, gain * an orthogonal matrix.
 
@@ -299,6 +326,7 @@ SCHEME_SPECS: dict[str, SchemeSpec] = {
         _spec("kaiming_uniform", _kaiming_uniform, params=("gain", "mode"), default_gain="auto"),
         _spec("orthogonal", _orthogonal, params=("gain",), default_gain=1.0),
         _spec("identity", _identity, params=("gain",), default_gain=1.0),
+        _spec("partial_identity", _partial_identity, params=("gain", "mode"), default_gain="auto"),
         _spec("delta_orthogonal", _delta_orthogonal, frozenset({"conv"}), params=("gain",), default_gain=1.0),
     )
 }
