@@ -1,6 +1,7 @@
 """Reproduce docs/results.md: for each case, run the study, then validate its best policy on fresh seeds.
 
-    python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp] [--n-trials 30] [--seeds 5] [--out results]
+    python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits]
+        [--n-trials 30] [--seeds 5] [--out results]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit. The search scores
 candidates on the study's own seeds; `validate` then trains the full-size model from the best policy and from
@@ -32,6 +33,9 @@ CASES: dict[str, list[str]] = {
     "deep_mlp": ["study=deep_mlp"],
     # a tanh network: 8 tanh layers on digits
     "tanh_mlp": ["study=digits_mlp", "study_name=tanh_mlp", "model.activation=tanh", "model.depth=8", "model.width=64"],
+    # without normalization: a deep plain CNN (16 convs) and a residual CNN (8 blocks)
+    "deep_cnn_digits": ["study=deep_cnn_digits"],
+    "residual_digits": ["study=residual_digits"],
 }
 
 
