@@ -221,7 +221,8 @@ def _identity(weight: torch.Tensor, p: SchemeParams) -> None:
     Linear: ``torch.nn.init.eye_`` (ones on the main diagonal, zeros elsewhere, so a non-square weight is
     an identity padded with zeros). Conv: ``torch.nn.init.dirac_(w, groups)``, a Dirac delta at the kernel
     centre (index k // 2) mapping, within each group, channel i to channel i; with padding k // 2 and
-    out = in the conv is the identity map.
+    out = in the conv is the identity map. With out > in the extra output channels are all zero (dead until
+    trained); ``partial_identity`` draws them random instead.
     """
     if weight.dim() == 2:
         torch.nn.init.eye_(weight)
