@@ -1,11 +1,15 @@
 """Export a trial's init policy as a policy file (``python -m initsearch.export``).
 
     python -m initsearch.export study_name=digits_mlp [storage=initsearch.journal] [out=policy.json] [trial=N] [force=true]
+    python -m initsearch.export study_name=deep_mlp portable=true
     python -m initsearch.export list=true [tracking_uri=sqlite:///mlflow.db]
 
 Without ``trial`` it exports the best complete trial (a baseline, if one won); of a multi-objective study
 (score and parameters) the Pareto front's trial with the best score (``trial=N`` picks another). A chosen trial must be
 complete: a pruned one (its score is partial), a failed or a running one is refused unless ``force=true``.
+``portable=true`` writes the policy with role selectors (first / last / residual branch ends / hidden layers
+by type and activation), which apply unchanged to a deeper or wider variant of the network, when every layer
+of each role got the same init; otherwise it says which role differs and writes nothing.
 ``list=true`` lists the winners of earlier studies logged to MLflow, with the network each one searched
 (depth, activation mix, layer types), to pick ``warm_start`` sources.
 """
@@ -29,7 +33,10 @@ from initsearch.errors import (
     first_line,
     wants_help,
 )
+from initsearch.init.layers import LayerDiscovery, discover_layers
 from initsearch.init.policy import InitPolicy, save_policy
+from initsearch.init.portable import portable_policy
+from initsearch.proxy.models import build_model
 from initsearch.search.outcome import score_direction, trial_score
 from initsearch.search.report import format_seconds
 from initsearch.search.settings import DEFAULT_STORAGE, is_rdb
@@ -94,15 +101,43 @@ def pick_trial(study: optuna.Study, number: int | None = None, force: bool = Fal
     return pick(sorted(front, key=lambda t: t.values[1]), key=trial_score)
 
 
-def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None, force: bool = False) -> Path:
+def export_policy(study: optuna.Study, out: str | Path, trial: int | None = None, force: bool = False,
+                  portable: bool = False) -> Path:
     """Write the trial's policy to ``out``; for a joint search's trial also its network, as ``best_model.yaml``
     in the same folder (a model config: ``validate ... model=<folder>/best_model.yaml``)."""
-    return export_trial(study, pick_trial(study, trial, force), out)
+    return export_trial(study, pick_trial(study, trial, force), out, portable)
 
 
-def export_trial(study: optuna.Study, chosen: FrozenTrial, out: str | Path) -> Path:
+# The example shape of the built-in data sets, to rebuild a study's proxy for portable=true.
+BUILTIN_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}
+
+
+def proxy_layers(study: optuna.Study, chosen: FrozenTrial) -> LayerDiscovery:
+    """The discovered layers of the network the trial trained (rebuilt from the study's records)."""
+    model_cfg = chosen.user_attrs.get("model") or study.user_attrs.get("model")
+    data = study.user_attrs.get("data")
+    if not isinstance(model_cfg, dict) or data not in BUILTIN_SHAPES:
+        raise ConfigError(f"portable: needs the study's network on a built-in data set ({', '.join(BUILTIN_SHAPES)}), "
+                          f"got data {data!r}; from Python: initsearch.init.portable.portable_policy(policy, layers)")
+    shape = BUILTIN_SHAPES[data]
+    model = build_model(model_cfg, shape, 10)
+    return discover_layers(model, torch.zeros(2, *shape))
+
+
+def make_portable(policy: InitPolicy, layers: LayerDiscovery) -> InitPolicy:
+    """The role-based form of ``policy``; ``ConfigError`` naming the role whose layers differ."""
+    result = portable_policy(policy, layers.layers)
+    if result.policy is None:
+        raise ConfigError(f"portable: {result.differing[0]}; export without portable=true for per-layer rules")
+    return result.policy
+
+
+def export_trial(study: optuna.Study, chosen: FrozenTrial, out: str | Path, portable: bool = False) -> Path:
     """``export_policy`` of a trial already picked."""
-    path = save_policy(trial_policy(study, chosen), out)
+    policy = trial_policy(study, chosen)
+    if portable:
+        policy = make_portable(policy, proxy_layers(study, chosen))
+    path = save_policy(policy, out)
     if chosen.user_attrs.get("model"):
         export_model(chosen.user_attrs["model"], path.parent / "best_model.yaml")
     return path
@@ -170,16 +205,20 @@ Usage: python -m initsearch.export study_name=NAME [key=value ...]
   out=PATH          the file to write (default best_policy.json)
   trial=N           that trial instead of the best complete one
   force=true        export trial=N even when it is not complete (pruned, failed, running)
+  portable=true     role selectors (first/last/branch ends/hidden by type and activation) instead of layer
+                    names, to apply to deeper or wider variants; refused, naming the role, when a role's
+                    layers got different inits
   list=true         list the winners of earlier studies in the MLflow store (tracking_uri=...) instead
 
 Examples:
   python -m initsearch.export study_name=digits_mlp out=policy.json
   python -m initsearch.export study_name=digits_mlp out=policy.json trial=12
+  python -m initsearch.export study_name=deep_mlp out=policy.json portable=true
   python -m initsearch.export list=true
 
 Then apply it in your training code: initsearch.apply_policy(model, "policy.json", example_batch=x).
 """
-KEYS = ("study_name", "storage", "out", "trial", "force", "list", "tracking_uri")
+KEYS = ("study_name", "storage", "out", "trial", "force", "portable", "list", "tracking_uri")
 
 
 def _parse_args(argv: list[str]) -> dict[str, str]:
@@ -220,6 +259,9 @@ def _export(argv: list[str]) -> int:
         force = args.get("force", "false").lower()
         if force not in ("true", "false"):
             raise ConfigError(f"force: must be true or false, got {args['force']!r}")
+        portable = args.get("portable", "false").lower()
+        if portable not in ("true", "false"):
+            raise ConfigError(f"portable: must be true or false, got {args['portable']!r}")
         storage = args.get("storage") or DEFAULT_STORAGE
         if not is_rdb(storage) and not Path(storage).exists():
             raise ConfigError(f"storage: no study storage at {storage!r} (run the study first, or pass storage=...)")
@@ -228,7 +270,7 @@ def _export(argv: list[str]) -> int:
         except KeyError:
             raise ConfigError(f"study_name: no study {args['study_name']!r} in {storage}") from None
         chosen = pick_trial(study, None if trial is None else int(trial), force == "true")
-        path = export_trial(study, chosen, args.get("out") or "best_policy.json")
+        path = export_trial(study, chosen, args.get("out") or "best_policy.json", portable == "true")
     except InitSearchError as exc:
         print(f"initsearch.export: error: {exc}", file=sys.stderr)
         return 2

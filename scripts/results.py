@@ -1,7 +1,7 @@
 """Reproduce docs/results.md: for each case, run the study, then validate its best policy on fresh seeds.
 
-    python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp] [--n-trials 30] [--seeds 5] [--out results]
-                              [--equal-compute]
+    python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits]
+        [--n-trials 30] [--seeds 5] [--out results] [--equal-compute]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
 proxies and at their papers' settings (``gradinit_paper``, ``metainit_paper``). The search scores candidates on
@@ -46,6 +46,9 @@ CASES: dict[str, list[str]] = {
     "deep_mlp": ["study=deep_mlp"],
     # a tanh network: 8 tanh layers on digits
     "tanh_mlp": ["study=digits_mlp", "study_name=tanh_mlp", "model.activation=tanh", "model.depth=8", "model.width=64"],
+    # without normalization: a deep plain CNN (16 convs) and a residual CNN (8 blocks)
+    "deep_cnn_digits": ["study=deep_cnn_digits"],
+    "residual_digits": ["study=residual_digits"],
 }
 
 

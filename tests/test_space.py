@@ -9,6 +9,8 @@ from initsearch import apply_policy, discover_layers
 from initsearch.contenders.baselines import BASELINE_NAMES, BASELINES, baseline_policy
 from initsearch.contenders.names import ALL_BASELINES, LEARNED_BASELINES, PRETRAINED_BASELINES
 from initsearch.errors import ConfigError
+from initsearch.init.policy import plan
+from initsearch.init.schemes import SCHEME_SPECS
 from initsearch.proxy.models import build_model
 from initsearch.search.space import space_from_config
 from tests.conftest import compose_config
@@ -49,12 +51,70 @@ def test_hybrid_offers_schemes_that_fit_the_activation_and_shape():
     s = _space("hybrid")
     _, layers = _layers(MLP)
     by_name = {layer.name: layer for layer in layers}
-    assert set(s.choices(by_name["fc2"])) == {"xavier_normal", "xavier_uniform", "lecun_normal", "orthogonal", "identity"}  # tanh, 32x32
-    assert set(s.choices(by_name["fc1"])) == {"kaiming_normal", "kaiming_uniform", "orthogonal"}  # relu, 32x64: not square
+    textbook = {"pytorch_default", "xavier_uniform", "lecun_normal", "kaiming_normal", "orthogonal"}  # every baseline's
+    assert set(s.choices(by_name["fc2"])) == textbook | {"xavier_normal", "identity"}  # tanh, 32x32
+    assert set(s.choices(by_name["fc1"])) == textbook | {"kaiming_uniform"}  # relu, 32x64: neither square nor widening
     assert "zeros" in s.choices(by_name["out"]) and "delta_orthogonal" not in s.choices(by_name["fc3"])
     _, conv_layers = _layers(CNN)
     conv2 = {layer.name: layer for layer in conv_layers}["conv2"]
     assert "delta_orthogonal" in s.choices(conv2) and "identity" in s.choices(conv2)
+    conv3 = {layer.name: layer for layer in conv_layers}["conv3"]  # 8 -> 16 channels: widening
+    assert "partial_identity" in s.choices(conv3) and "identity" not in s.choices(conv3)
+    assert "partial_identity" not in s.choices(conv2) and "zeros" not in s.choices(conv2)
+
+
+RESCNN = {"name": "rescnn", "channels": [8, 16], "blocks_per_stage": 2}
+DEEP_MLP = {"name": "mlp", "depth": 12, "width": 16, "activation": "relu"}
+
+
+def _layer_specs(policy, layers):
+    """What a policy does to each layer, as data: scheme, the gain as a number, scale, mode, bias."""
+    return [(layer.name, spec.scheme, spec.resolved_gain(layer.activation, layer.activation_param)
+             if "gain" in SCHEME_SPECS[spec.scheme].params else None, spec.scale, spec.mode, spec.bias)
+            for layer, _, spec in plan(policy, layers)]
+
+
+@pytest.mark.parametrize("space", ["hybrid", "grouped"])
+@pytest.mark.parametrize("model_cfg", [MLP, CNN, RESCNN, DEEP_MLP], ids=["mlp", "cnn", "rescnn", "deep_mlp"])
+def test_every_baseline_is_a_point_of_the_shipped_spaces(space, model_cfg):
+    """For each textbook baseline, the parameters ``params_for`` finds make ``sample`` draw the baseline's
+    policy: the same init per layer, the same LSUV settings, and the same weights from the same seed."""
+    s = _space(space)
+    model, layers = _layers(model_cfg)
+    batch = torch.randn(32, 1, 8, 8)
+    for name in BASELINE_NAMES:
+        expected = baseline_policy(name)
+        drawn = s.sample(optuna.trial.FixedTrial(s.params_for(expected, layers)), layers)
+        assert _layer_specs(drawn, layers) == _layer_specs(expected, layers), name
+        assert drawn.lsuv == expected.lsuv, name
+        a, b = build_model(model_cfg, (1, 8, 8), 10), build_model(model_cfg, (1, 8, 8), 10)
+        apply_policy(a, expected, example_batch=batch, seed=3)
+        apply_policy(b, drawn, example_batch=batch, seed=3)
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values())), name
+
+
+@pytest.mark.parametrize("space", ["hybrid", "grouped"])
+def test_residual_branch_ends_may_start_at_zero(space):
+    """Fixup/SkipInit: the branch ends of a ResCNN may draw zeros, and only they (with the last layer)."""
+    s = _space(space)
+    model, layers = _layers(RESCNN)
+    ends = [layer for layer in layers if layer.branch_last]
+    assert len(ends) == 4 and all("zeros" in s.choices(layer) for layer in ends)
+    assert not any("zeros" in s.choices(layer) for layer in layers if not layer.branch_last and layer.position != "last")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_zero = False
+    for _ in range(30):
+        trial = study.ask()
+        policy = s.sample(trial, layers)
+        report = apply_policy(model, policy, example_batch=torch.randn(8, 1, 8, 8), seed=0)
+        zeroed = {r.name for r in report.layers if r.scheme == "zeros"}
+        assert zeroed <= {layer.name for layer in ends} | {"out"}
+        seen_zero |= any(layer.name in zeroed for layer in ends)
+        if space == "grouped":  # the branch ends are a role, and its rule comes before the hidden layers'
+            positions = [r.position for r in policy.rules]
+            assert positions.index("branch_last") < positions.index("hidden") and policy.version == 2
+        study.tell(trial, 0.0)
+    assert seen_zero
 
 
 def test_rescale_off_or_lsuv_on_gives_exact_unit_scales():

@@ -12,12 +12,14 @@ import torch
 import initsearch
 from initsearch.cli import run
 from initsearch.errors import ConfigError, DataError
+from initsearch.init.layers import discover_layers
 from initsearch.proxy.models import build_model
 from initsearch.search.settings import settings_from_config
 from initsearch.search.storage import open_storage
 from tests.conftest import PYTHON, TINY, compose_config, subprocess_env
 
-PRESETS = ["digits_mlp", "digits_cnn", "cifar_cnn", "cifar_mlp", "deep_mlp"]
+PRESETS = ["digits_mlp", "digits_cnn", "cifar_cnn", "cifar_mlp", "deep_mlp", "deep_cnn_digits", "residual_digits",
+           "deep_cnn_cifar", "residual_cifar"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -27,7 +29,7 @@ def test_every_preset_composes_into_valid_settings(preset):
     assert s.study_name == preset
     assert s.n_trials >= 1 and s.train.steps >= 1
     assert s.model["name"] in ("mlp", "cnn", "rescnn")
-    assert s.data["name"] == ("cifar10" if preset.startswith("cifar") else "digits")
+    assert s.data["name"] == ("cifar10" if "cifar" in preset else "digits")
 
 
 @pytest.mark.parametrize(("group", "pruner"), [("median", optuna.pruners.MedianPruner),
@@ -213,3 +215,21 @@ def test_searched_trials_report_to_the_pruner_only_when_there_is_one(in_tmp, bat
     assert reported["median"] and all(n == 2 for n in reported["median"])  # 20 steps, a checkpoint every 10
     assert reported["hyperband"] and all(1 <= n <= 2 for n in reported["hyperband"])  # it may stop one at step 10
     assert reported["none"] and all(n == 0 for n in reported["none"])
+
+
+@pytest.mark.parametrize("preset", ["deep_cnn_digits", "residual_digits", "deep_cnn_cifar", "residual_cifar"])
+def test_deep_and_residual_presets_are_unnormalized_and_deep(preset):
+    """The deep plain presets have >= 16 convs and no skip; the residual ones have a branch end per block;
+    none has a norm layer."""
+    s = settings_from_config(compose_config([], study=preset))
+    shape = (3, 32, 32) if "cifar" in preset else (1, 8, 8)
+    model = build_model(s.model, shape, 10)
+    layers = discover_layers(model, torch.randn(2, *shape)).layers
+    convs = [layer for layer in layers if layer.family == "conv"]
+    ends = [layer.name for layer in layers if layer.branch_last]
+    assert not any(layer.family == "norm" for layer in layers)
+    if preset.startswith("deep"):
+        assert len(convs) >= 16 and not ends
+    else:
+        blocks = len(s.model["channels"]) * s.model["blocks_per_stage"]
+        assert len(ends) == blocks >= 8 and all(name.endswith("conv2") for name in ends)

@@ -3,8 +3,8 @@
 Spaces (``conf/search_space/``):
 
 - ``hybrid`` (default): per linear/conv layer, a scheme among those that fit the activation after it;
-- ``grouped``: one choice per role (first / hidden by type and activation / last), written as role selectors
-  so the policy transfers to deeper or wider variants of the model;
+- ``grouped``: one choice per role (first / residual branch ends / hidden by type and activation / last),
+  written as role selectors so the policy transfers to deeper or wider variants of the model;
 - ``free``: any scheme per layer;
 - ``scales_only``: one base scheme, searched per-layer multipliers (the GradInit idea);
 - ``joint``: the network's shape (``arch``, under ``arch.max_params``): the MLP's depth and width, or for a
@@ -20,6 +20,12 @@ is searched at all (LSUV sets the scale). Only when ``rescale`` is on does each 
 With pre-trained weights (``Pretrained``), every unit whose layers all fit the file may also draw
 ``checkpoint``: its layers are copied from the file (bias included; times the unit's scale when ``rescale``
 is on), and norm layers always are, so a fresh layer's neighbours keep their trained statistics.
+
+Every textbook baseline is a point of the shipped ``hybrid`` and ``grouped`` spaces (their scheme lists hold
+each baseline's scheme for every activation, and ``gain: textbook`` gives each scheme the gain its baseline
+uses), so a search can match any baseline and only add to them. Residual branch ends (``branch_last``)
+may also draw ``zeros`` (Fixup, Zhang et al. 2019; SkipInit, De & Smith 2020: each block starts as its
+shortcut), and a widening layer ``partial_identity``.
 """
 from __future__ import annotations
 
@@ -41,6 +47,18 @@ JOINT_TARGETS = {"mlp": "initsearch.proxy.models.JointMLP", "cnn": "initsearch.p
 JOINT_TARGET = JOINT_TARGETS["mlp"]  # what a joint trial builds (and best_model.yaml names) for an MLP study
 ARCH_NORMS = ("none", "batch", "layer")
 CONV_MODELS = ("cnn", "rescnn")  # built-in models whose joint study draws a JointCNN
+TEXTBOOK = "textbook"  # search_space.gain: each scheme's gain as the textbook baseline using it sets it
+
+
+def textbook_gain(scheme: str, lsuv: bool) -> float | str:
+    """The gain ``gain: textbook`` writes for ``scheme``: the activation's (``"auto"``) for the schemes whose
+    papers scale by it (He et al. 2015; Saxe et al. 2014 for orthogonal, as the ``orthogonal`` baseline;
+    Xiao et al. 2018's critical delta-orthogonal), 1 for Xavier, LeCun and identity (as published); with
+    LSUV on, orthogonal gets 1 (Mishkin & Matas 2016's pre-init; LSUV sets the scale anyway)."""
+    if scheme == "orthogonal":
+        return 1.0 if lsuv else "auto"
+    default = SCHEME_SPECS[scheme].default_gain
+    return "auto" if scheme == "delta_orthogonal" else default
 
 
 @dataclass(frozen=True)
@@ -173,13 +191,14 @@ class SearchSpace:
             if scheme == CHECKPOINT:
                 rule["checkpoint"] = PRETRAINED
             elif "gain" in SCHEME_SPECS[scheme].params:
-                rule["gain"] = self.gain
+                rule["gain"] = textbook_gain(scheme, lsuv) if self.gain == TEXTBOOK else self.gain
             if rescale and scheme != "zeros":
                 rule["scale"] = round(2.0 ** trial.suggest_float(f"log2_scale:{unit}", lo, hi), 6)
             if scheme != CHECKPOINT:
                 rule["bias"] = bias
             rules.append(rule)
-        data: dict[str, Any] = {"format": "initsearch-policy", "version": 1, "rules": rules, "default": {"scheme": "keep"}}
+        version = 2 if any(rule.get("position") == "branch_last" for rule in rules) else 1
+        data: dict[str, Any] = {"format": "initsearch-policy", "version": version, "rules": rules, "default": {"scheme": "keep"}}
         if pretrained is not None:
             rules[:0] = _pretrained_norm_rules(layers, pretrained)
             if any(rule["scheme"] == CHECKPOINT for rule in rules):
@@ -236,7 +255,9 @@ class SearchSpace:
         return params
 
     def _units(self, weighted: Sequence[LayerInfo]) -> list[tuple[str, dict[str, str], list[LayerInfo]]]:
-        """(parameter suffix, rule selectors, member layers) per searched unit: a layer, or a role."""
+        """(parameter suffix, rule selectors, member layers) per searched unit: a layer, or a role. Residual
+        branch ends are a role of their own in ``grouped``, whose rules come before the hidden layers' (a
+        branch end is also hidden, and the first matching rule wins)."""
         if self.name not in ("grouped", "joint"):  # joint: layer names change with depth, roles do not
             return [(layer.name, {"layer": layer.name}, [layer]) for layer in weighted]
         groups: dict[str, tuple[dict[str, str], list[LayerInfo]]] = {}
@@ -245,11 +266,15 @@ class SearchSpace:
                 key, sel = layer.position, {"position": layer.position}
                 if self.name == "joint":  # its choices depend on the activation, which a joint trial draws
                     key = f"{layer.position}_{layer.activation}"
+            elif layer.branch_last and self.name == "grouped":
+                key = f"branch_last_{layer.family}_{layer.activation}"
+                sel = {"position": "branch_last", "type": layer.family, "activation": layer.activation}
             else:
                 key = f"hidden_{layer.family}_{layer.activation}"
                 sel = {"position": "hidden", "type": layer.family, "activation": layer.activation}
             groups.setdefault(key, (sel, []))[1].append(layer)
-        order = sorted(groups, key=lambda k: {"first": 0, "last": 2}.get(k.split("_")[0], 1))
+        rank = {"first": 0, "branch": 1, "hidden": 2, "last": 3}
+        order = sorted(groups, key=lambda k: rank[k.split("_")[0]])
         return [(k, groups[k][0], groups[k][1]) for k in order]
 
     @staticmethod
@@ -267,14 +292,18 @@ def _pretrained_norm_rules(layers: Sequence[LayerInfo], pretrained: Pretrained) 
 
 
 def _fits(scheme: str | None, layer: LayerInfo) -> bool:
-    """Whether ``scheme`` can initialize ``layer``: its family fits, identity only for square layers, and
-    zeros only for the last layer (a zero hidden layer blocks every gradient below it)."""
+    """Whether ``scheme`` can initialize ``layer``: its family fits, identity only for square layers,
+    partial_identity only for widening ones (out > in; elsewhere it equals identity), and zeros only for the
+    last layer or a residual branch end (a zero layer elsewhere blocks every gradient below it; a zero branch
+    end leaves the skip path, Fixup/SkipInit)."""
     if scheme is None or layer.family not in SCHEME_SPECS[scheme].families:
         return False
     out_features, in_features = layer.weight_shape[0], layer.weight_shape[1]
     if scheme == "identity" and out_features != in_features:
         return False
-    if scheme == "zeros" and layer.position != "last":
+    if scheme == "partial_identity" and out_features <= in_features:
+        return False
+    if scheme == "zeros" and not (layer.position == "last" or layer.branch_last):
         return False
     return True
 
@@ -305,8 +334,8 @@ def space_from_config(cfg: Mapping[str, Any], arch: Any = None) -> SearchSpace:
     elif not schemes:
         raise ConfigError("search_space.schemes: must list candidate schemes")
     gain = cfg.get("gain", "auto")
-    if gain != "auto" and not (is_finite_number(gain) and 0 < gain <= 100):
-        raise ConfigError(f"search_space.gain: must be 'auto' or a number in (0, 100], got {gain!r}")
+    if gain not in ("auto", TEXTBOOK) and not (is_finite_number(gain) and 0 < gain <= 100):
+        raise ConfigError(f"search_space.gain: must be 'auto', 'textbook' or a number in (0, 100], got {gain!r}")
     scale = cfg.get("scale_log2", (0.0, 0.0))
     if not (isinstance(scale, Sequence) and len(scale) == 2 and all(is_finite_number(v) for v in scale)
             and -10 <= scale[0] <= scale[1] <= 10):
