@@ -293,37 +293,18 @@ def test_identity_conv1d_conv3d(conv):
 
 
 @pytest.mark.parametrize(("in_ch", "out_ch", "groups"), [(8, 32, 1), (16, 64, 2), (8, 8, 1)])
-def test_partial_identity_conv_copies_the_first_channels(in_ch, out_ch, groups):
-    """A widening conv keeps its input in the first channels of each group (padding k // 2)."""
+def test_identity_on_a_widening_conv_copies_the_input_into_the_first_channels(in_ch, out_ch, groups):
+    """Dirac on the first channels (airbench's partial identity): a widening conv keeps its input in the first
+    channels of each group (padding k // 2), times gain; the other channels are zero (torch's ``dirac_``)."""
     w = _fresh((out_ch, in_ch // groups, 3, 3))
-    init_weight(w, "partial_identity", gain=math.sqrt(2.0), groups=groups)
+    init_weight(w, "identity", gain=2.0, groups=groups)
     x = torch.randn(2, in_ch, 6, 5)
     y = F.conv2d(x, w, padding=1, groups=groups)
     out_pg, in_pg = out_ch // groups, in_ch // groups
     for g in range(groups):
-        torch.testing.assert_close(y[:, g * out_pg:g * out_pg + in_pg], x[:, g * in_pg:(g + 1) * in_pg])
-
-
-def test_partial_identity_rest_is_he_normal():
-    """The channels beyond the identity are N(0, gain^2 / fan_in): their empirical std within 3%."""
-    w = _fresh((512, 16, 3, 3))
-    gain = math.sqrt(2.0)
-    init_weight(w, "partial_identity", gain=gain)
-    rest = w[16:]
-    expected = gain / math.sqrt(16 * 9)
-    assert abs(rest.mean().item()) < 4 * expected / math.sqrt(rest.numel())
-    assert rest.std().item() == pytest.approx(expected, rel=0.03)
-    assert torch.equal(w[:16], nn.init.dirac_(torch.empty(16, 16, 3, 3)))
-
-
-def test_partial_identity_linear():
-    w = _fresh((48, 12))
-    init_weight(w, "partial_identity", gain=1.0, mode="fan_in")
-    assert torch.equal(w[:12], torch.eye(12))
-    assert w[12:].std().item() == pytest.approx(1 / math.sqrt(12), rel=0.15)
-    narrow = _fresh((4, 12))
-    init_weight(narrow, "partial_identity")
-    assert torch.equal(narrow, nn.init.eye_(torch.empty(4, 12)))  # out < in: all rows are identity rows
+        torch.testing.assert_close(y[:, g * out_pg:g * out_pg + in_pg], 2.0 * x[:, g * in_pg:(g + 1) * in_pg])
+        assert torch.equal(y[:, g * out_pg + in_pg:(g + 1) * out_pg], torch.zeros_like(y[:, g * out_pg + in_pg:(g + 1) * out_pg]))
+    torch.testing.assert_close(w, 2.0 * nn.init.dirac_(torch.empty_like(w), groups=groups))
 
 
 # ---------------------------------------------------------------------------------------------- delta orthogonal

@@ -221,8 +221,8 @@ def _identity(weight: torch.Tensor, p: SchemeParams) -> None:
     Linear: ``torch.nn.init.eye_`` (ones on the main diagonal, zeros elsewhere, so a non-square weight is
     an identity padded with zeros). Conv: ``torch.nn.init.dirac_(w, groups)``, a Dirac delta at the kernel
     centre (index k // 2) mapping, within each group, channel i to channel i; with padding k // 2 and
-    out = in the conv is the identity map. With out > in the extra output channels are all zero (dead until
-    trained); ``partial_identity`` draws them random instead.
+    out = in the conv is the identity map. With out > in only the first ``in`` output channels copy the
+    input (the partial identity of airbench's convolutions, Jordan 2024); the extra ones are all zero.
     """
     if weight.dim() == 2:
         torch.nn.init.eye_(weight)
@@ -231,33 +231,6 @@ def _identity(weight: torch.Tensor, p: SchemeParams) -> None:
         _check_groups(weight, "identity", p.groups)
         torch.nn.init.dirac_(weight, groups=p.groups)
     weight.mul_(p.gain)
-
-
-def _partial_identity(weight: torch.Tensor, p: SchemeParams) -> None:
-    """Partial identity (airbench, Jordan 2024; ZerO/IDInit's padded identity): identity on the first
-    channels, He-normal on the rest.
-
-    Every weight is first drawn N(0, gain^2 / fan) (``kaiming_normal``, ``mode``'s fan); then, within each
-    group, the first m = min(out/groups, in/groups) output channels are overwritten by the identity
-    (Linear: ``eye``; Conv: a Dirac delta at the kernel centre, ``torch.nn.init.dirac_``), so output channel
-    i copies input channel i (i < m) and the other out - m channels are random features. The identity part
-    is not multiplied by ``gain`` (it maps a signal to itself). Where ``identity`` leaves the extra output
-    channels of a widening layer (out > in) at zero, dead from the start, this keeps them alive.
-    """
-    if weight.dim() > 2:
-        _check_conv_rank(weight, "partial_identity")
-        _check_groups(weight, "partial_identity", p.groups)
-    _fill_normal(weight, _fan_std(weight, p))
-    eye = torch.zeros_like(weight)
-    if weight.dim() == 2:
-        torch.nn.init.eye_(eye)
-        rows = torch.arange(min(weight.shape))
-    else:
-        torch.nn.init.dirac_(eye, groups=p.groups)
-        out_per_group = weight.shape[0] // p.groups
-        m = min(out_per_group, weight.shape[1])
-        rows = torch.cat([torch.arange(g * out_per_group, g * out_per_group + m) for g in range(p.groups)])
-    weight[rows] = eye[rows]
 
 
 def _delta_orthogonal(weight: torch.Tensor, p: SchemeParams) -> None:
@@ -327,7 +300,6 @@ SCHEME_SPECS: dict[str, SchemeSpec] = {
         _spec("kaiming_uniform", _kaiming_uniform, params=("gain", "mode"), default_gain="auto"),
         _spec("orthogonal", _orthogonal, params=("gain",), default_gain=1.0),
         _spec("identity", _identity, params=("gain",), default_gain=1.0),
-        _spec("partial_identity", _partial_identity, params=("gain", "mode"), default_gain="auto"),
         _spec("delta_orthogonal", _delta_orthogonal, frozenset({"conv"}), params=("gain",), default_gain=1.0),
     )
 }

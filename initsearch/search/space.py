@@ -25,7 +25,7 @@ Every textbook baseline is a point of the shipped ``hybrid`` and ``grouped`` spa
 each baseline's scheme for every activation, and ``gain: textbook`` gives each scheme the gain its baseline
 uses), so a search can match any baseline and only add to them. Residual branch ends (``branch_last``)
 may also draw ``zeros`` (Fixup, Zhang et al. 2019; SkipInit, De & Smith 2020: each block starts as its
-shortcut), and a widening layer ``partial_identity``.
+shortcut), and identity for square and widening layers.
 """
 from __future__ import annotations
 
@@ -292,16 +292,14 @@ def _pretrained_norm_rules(layers: Sequence[LayerInfo], pretrained: Pretrained) 
 
 
 def _fits(scheme: str | None, layer: LayerInfo) -> bool:
-    """Whether ``scheme`` can initialize ``layer``: its family fits, identity only for square layers,
-    partial_identity only for widening ones (out > in; elsewhere it equals identity), and zeros only for the
+    """Whether ``scheme`` can initialize ``layer``: its family fits, identity only for square and widening
+    layers (out >= in: each input channel copied once; a narrowing one would drop inputs), zeros only for the
     last layer or a residual branch end (a zero layer elsewhere blocks every gradient below it; a zero branch
     end leaves the skip path, Fixup/SkipInit)."""
     if scheme is None or layer.family not in SCHEME_SPECS[scheme].families:
         return False
     out_features, in_features = layer.weight_shape[0], layer.weight_shape[1]
-    if scheme == "identity" and out_features != in_features:
-        return False
-    if scheme == "partial_identity" and out_features <= in_features:
+    if scheme == "identity" and out_features < in_features:
         return False
     if scheme == "zeros" and not (layer.position == "last" or layer.branch_last):
         return False
