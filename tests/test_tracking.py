@@ -305,6 +305,16 @@ def test_a_local_store_that_is_not_a_database_is_one_line_before_any_training(tm
         tracking.make_tracker(settings)
 
 
+def test_an_optuna_database_as_the_mlflow_store_is_one_line_before_any_training(tmp_path, monkeypatch):
+    """Optuna and MLflow never share one SQLite file: a database without MLflow's tables is refused at once."""
+    monkeypatch.chdir(tmp_path)
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path}/optuna.db")
+    settings = settings_from_config(tiny(tmp_path, f"tracking_uri=sqlite:///{tmp_path}/optuna.db"))
+    with pytest.raises(ConfigError, match=r"^tracking_uri: sqlite:///.*optuna\.db is a database but not an MLflow "
+                                          r"store \(no experiments table; it has .*\); give MLflow a file of its own$"):
+        tracking.make_tracker(settings)
+
+
 def test_a_local_store_is_opened_by_the_thread_and_the_study_does_not_wait_for_it(tmp_path, monkeypatch):
     """A SQLite store starts alone (under its own lock): make_tracker opens no client; the thread does."""
     monkeypatch.chdir(tmp_path)

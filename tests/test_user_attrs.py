@@ -40,3 +40,18 @@ def test_other_storages_get_one_call_per_attribute(tmp_path, storage, monkeypatc
     monkeypatch.setattr(optuna.trial.Trial, "set_user_attr", lambda self, k, v: calls.append(k) or real(self, k, v))
     set_user_attrs(trial, {"a": 1, "b": [2]})
     assert calls == ["a", "b"] and study.trials[0].user_attrs == {"a": 1, "b": [2]}
+
+
+def test_a_trial_ended_by_another_worker_raises_once_and_leaves_no_error_behind(tmp_path):
+    """Another worker failed the trial (its heartbeat went stale): the write raises, as ``set_user_attr``
+    does, and every record of the append is replayed, so no later storage call raises for one of them."""
+    path = str(tmp_path / "s.journal")
+    mine = JournalStorage(JournalFileBackend(path))
+    theirs = JournalStorage(JournalFileBackend(path))
+    study = optuna.create_study(study_name="x", storage=mine)
+    trial = study.ask()
+    theirs.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        set_user_attrs(trial, {"seed_scores": [1.0], "seeds": [0], "duplicate_of": 3})
+    for _ in range(3):
+        assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL]

@@ -101,7 +101,15 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
              "trial_id": trial._trial_id, "user_attr": {key: value}} for key, value in attrs.items()]
     with lock:
         storage._backend.append_logs(logs)
-        storage._sync_with_backend()
+        first_error = None
+        for _ in range(len(logs) + 1):  # a record that fails (the trial already ended elsewhere) stops Optuna's replay there:
+            try:        # replay the rest now, so no later, unrelated storage call raises for them
+                storage._sync_with_backend()
+                break
+            except optuna.exceptions.UpdateFinishedTrialError as exc:
+                first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
     trial._cached_frozen_trial.user_attrs.update(attrs)
 
 

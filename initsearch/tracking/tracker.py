@@ -110,7 +110,8 @@ def bound_retries(seconds: float) -> None:
 def make_tracker(settings: StudySettings) -> Tracker:
     """The tracker of ``settings.tracking_uri``: ``NullTracker`` when off, else an ``MlflowTracker``.
 
-    A bad local store fails here, before any training (one ``ConfigError`` line). An HTTP server that does
+    A local store that is not a readable MLflow database fails here, before any training (one ``ConfigError``
+    line; one MLflow itself refuses later, e.g. of a newer schema, is an outage). An HTTP server that does
     not answer is one warning and the study runs: its trials wait in the spool and are logged when the
     server answers again (this run tries every ``RETRY_EVERY_S``, and the next run of the command logs
     what is left). A server that answers is opened here. A local SQLite store is only checked here, with

@@ -117,8 +117,9 @@ def make_parent_dir(uri: str) -> None:
 
 def check_sqlite_store(uri: str) -> None:
     """Before any training, without importing MLflow (a second of a short study's start): a local SQLite
-    store that exists must be a database this process can read (one ``ConfigError`` line if not). A new
-    one is created by the first ``open_client``."""
+    store that exists must be a database this process can read and, when it holds any table, MLflow's (its
+    ``experiments`` table: an Optuna database, say, is refused): one ``ConfigError`` line if not. A new or
+    empty one is created by the first ``open_client``."""
     path = uri[len("sqlite:///"):].partition("?")[0]
     if not path or path == ":memory:" or not Path(path).exists():
         return
@@ -127,10 +128,13 @@ def check_sqlite_store(uri: str) -> None:
 
     try:
         with closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=10.0)) as conn:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
         raise ConfigError(f"tracking_uri: cannot open MLflow store {redact_url(uri)}: {type(exc).__name__}: "
                           f"{first_line(exc)}") from None
+    if tables and "experiments" not in tables:
+        raise ConfigError(f"tracking_uri: {redact_url(uri)} is a database but not an MLflow store (no experiments "
+                          f"table; it has {', '.join(sorted(tables)[:4])}); give MLflow a file of its own")
 
 
 def open_client(uri: str) -> Any:
