@@ -233,3 +233,20 @@ def test_deep_and_residual_presets_are_unnormalized_and_deep(preset):
     else:
         blocks = len(s.model["channels"]) * s.model["blocks_per_stage"]
         assert len(ends) == blocks >= 8 and all(name.endswith("conv2") for name in ends)
+
+
+def test_resuming_with_other_scheme_choices_is_one_line_and_writes_nothing(in_tmp):
+    """Optuna refuses a categorical parameter whose choices changed (every new trial would fail): a study
+    resumed with a space that offers other schemes stops at once, naming the parameter."""
+    storage = str(in_tmp / "s.journal")
+    base = TINY + [f"storage={storage}", "study_name=space", "search_space=grouped"]
+    run(compose_config(base), in_tmp / "out")
+    before = len(_study(storage, "space").get_trials())
+    with pytest.raises(ConfigError, match=r"^search_space: study 'space' searched scheme:\S+ over \[.*\], and this "
+                                          r"command's space offers \['kaiming_normal', 'orthogonal'\]; give the new "
+                                          r"study a name of its own"):
+        run(compose_config(base + ["n_trials=4", "search_space.schemes.relu=[kaiming_normal,orthogonal]"]),
+            in_tmp / "out2")
+    assert len(_study(storage, "space").get_trials()) == before
+    run(compose_config(base + ["n_trials=3"]), in_tmp / "out3")  # the same space resumes
+    assert len(_study(storage, "space").get_trials()) == before + 1

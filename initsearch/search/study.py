@@ -102,6 +102,33 @@ def open_study(settings: StudySettings, storage: optuna.storages.BaseStorage | N
     return study
 
 
+def check_space_unchanged(study: optuna.Study, settings: StudySettings, proxy: Proxy, probes: int = 8) -> None:
+    """A resumed study's searched choices must be the ones this command's space offers: Optuna refuses a
+    categorical parameter whose choices changed (a space edited, or shipped with more schemes), which would
+    fail every new trial. A few random draws of the space, in memory, give its parameters; the first that
+    differs from the study's is one ``ConfigError`` line, before anything is written. Joint studies draw a
+    network per trial, so their parameters depend on it: not checked."""
+    if settings.space.arch is not None:
+        return
+    recorded: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in trial.distributions.items():
+            recorded.setdefault(name, dist)
+    if not recorded:
+        return
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(probes):
+        trial = probe.ask()
+        settings.space.sample(trial, proxy.layers, proxy.pretrained)
+        for name, dist in trial.distributions.items():
+            old = recorded.get(name)
+            if isinstance(old, optuna.distributions.CategoricalDistribution) and old != dist:
+                raise ConfigError(
+                    f"search_space: study {settings.study_name!r} searched {name} over {list(old.choices)}, and this "
+                    f"command's space offers {list(getattr(dist, 'choices', []))}; give the new study a name of its "
+                    "own (study_name=...)")
+
+
 def recorded_model(model: dict[str, Any]) -> dict[str, Any]:
     """The model config as the study records it (JSON): a class given from Python as its dotted name."""
     return {key: target_name(value) if key == "_target_" and value is not None else value for key, value in model.items()}
@@ -205,6 +232,7 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
     torch.set_flush_denormal(True)
     try:
         study = open_study(settings, storage)
+        check_space_unchanged(study, settings, proxy)
         lock = StudyLock(settings.storage, storage, settings.study_name)
         with lock:
             seed_this_start(study, settings)
