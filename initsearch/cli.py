@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,41 +186,46 @@ def draw_policy(policy_path: Path, proxy: Any, target: Path) -> Path | None:
     """``best_policy.png``: what the exported policy does to each layer of the proxy (scheme, scale, LSUV),
     as ``apply_policy`` would resolve it. ``None`` (and a debug log) when it cannot be drawn."""
     from initsearch.init.policy import load_policy, plan
-    from initsearch.tracking.plots import plot_policy, save_figure
+    from initsearch.tracking.plots import plot_policy
 
-    try:
+    def figure() -> Any:
         policy = load_policy(policy_path)
         lsuv = policy.lsuv is not None and policy.lsuv.enabled
         rows = [{"name": layer.name, "activation": layer.activation, "scheme": spec.scheme, "scale": spec.scale,
                  "gain": spec.gain, "lsuv": lsuv and spec.lsuv and spec.scheme != "keep"}
                 for layer, _, spec in plan(policy, proxy.layers, strict=False) if layer.family != "norm"]
         prov = policy.provenance or {}
-        fig = plot_policy(rows, f"Best policy: trial {prov.get('trial')} ({prov.get('kind')}), "
-                                f"{prov.get('metric')} {prov.get('score', float('nan')):.4g}")
-        if fig is None:
-            return None
-        save_figure(fig, target)
-        return target
-    except Exception as exc:  # a picture is a courtesy: never fails the study
-        log.debug("best_policy.png not drawn (%s)", first_line(exc, with_type=True))
-        return None
+        return plot_policy(rows, f"Best policy: trial {prov.get('trial')} ({prov.get('kind')}), "
+                                 f"{prov.get('metric')} {prov.get('score', float('nan')):.4g}")
+
+    return save_courtesy_figure(figure, target)
 
 
 def draw_pareto_front(summary: StudySummary, target: Path) -> Path | None:
     """``pareto_front.png`` of a multi-objective study (score and parameters; the tracker logs it to MLflow
     too); ``None`` for a single-objective study, or (with a debug log) when it cannot be drawn."""
-    from initsearch.tracking.plots import plot_pareto_front, save_figure
+    from initsearch.tracking.plots import plot_pareto_front
 
     if not summary.front:
         return None
+    return save_courtesy_figure(
+        lambda: plot_pareto_front(summary.table, [t.number for t in summary.front], summary.metric, summary.direction),
+        target)
+
+
+def save_courtesy_figure(figure: Callable[[], Any], target: Path) -> Path | None:
+    """Draw ``figure()`` and save it as ``target``; ``None`` when it has nothing to draw or fails (a debug
+    log): a picture is a courtesy and never fails the study."""
+    from initsearch.tracking.plots import save_figure
+
     try:
-        fig = plot_pareto_front(summary.table, [t.number for t in summary.front], summary.metric, summary.direction)
+        fig = figure()
         if fig is None:
             return None
         save_figure(fig, target)
         return target
-    except Exception as exc:  # a picture is a courtesy: never fails the study
-        log.debug("pareto_front.png not drawn (%s)", first_line(exc, with_type=True))
+    except Exception as exc:
+        log.debug("%s not drawn (%s)", target.name, first_line(exc, with_type=True))
         return None
 
 

@@ -55,6 +55,15 @@ class ContenderResult:
     def diverged(self) -> int:
         return sum(1 for c in self.curves if c.diverged)
 
+    def add(self, seed: int, curve: Curve, metric: str, budget: int, target_acc: float) -> None:
+        """Record one seed's run: its curve, score (nan when it did not train), steps to ``target_acc`` and
+        final validation accuracy."""
+        self.seeds.append(seed)
+        self.curves.append(curve)
+        self.scores.append(score_or_nan(curve, metric, budget=budget, target_acc=target_acc))
+        self.steps_to_target.append(_steps_to_target(curve, target_acc))
+        self.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
+
     def mean_score(self) -> float:
         ok = [s for s in self.scores if math.isfinite(s)]
         return statistics.fmean(ok) if ok else math.nan
@@ -172,12 +181,7 @@ def run_validation(
         for seed in fresh:
             curve = train_contender(target_model, data, device, pol, None if name == POLICY else name, seed, train_cfg,
                                     example[0])
-            result.seeds.append(seed)
-            result.curves.append(curve)
-            result.scores.append(score_or_nan(curve, settings.score.metric, budget=budget,
-                                              target_acc=settings.score.target_acc))
-            result.steps_to_target.append(_steps_to_target(curve, settings.score.target_acc))
-            result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
+            result.add(seed, curve, settings.score.metric, budget, settings.score.target_acc)
             progress.step(f"{name}, seed {seed}")
         results.append(result)
     return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc,

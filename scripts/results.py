@@ -16,7 +16,6 @@ under --out).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,6 @@ from initsearch.cli import config_dir, run
 from initsearch.contenders.learned import run_learned_baseline
 from initsearch.export import pick_trial, trial_policy
 from initsearch.init.policy import load_policy, save_policy
-from initsearch.proxy.scoring import score_or_nan
 from initsearch.proxy.train import train_run
 from initsearch.search.report import summarize
 from initsearch.search.settings import settings_from_config
@@ -138,13 +136,7 @@ def learned_at(settings, report: ValidationReport, method: str, iterations: int)
         run_learned_baseline(method, model, proxy.data.x_train, proxy.data.y_train, seed=seed,
                              batch_size=train.batch_size, options=options)
         curve = train_run(model, proxy.data, train, seed=seed)
-        result.seeds.append(seed)
-        result.curves.append(curve)
-        result.scores.append(score_or_nan(curve, settings.score.metric, budget=report.steps,
-                                          target_acc=settings.score.target_acc))
-        result.steps_to_target.append(next((s for s, a in zip(curve.val_steps, curve.val_acc)
-                                            if a >= settings.score.target_acc), None))
-        result.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
+        result.add(seed, curve, settings.score.metric, report.steps, settings.score.target_acc)
     return result
 
 

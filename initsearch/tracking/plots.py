@@ -38,6 +38,11 @@ def save_figure(fig: Any, path: Path) -> None:
         plt.close(fig)
 
 
+def score_label(metric: str, direction: str) -> str:
+    """A score axis's label: the metric and which way is better."""
+    return f"{metric} ({'lower' if direction == 'minimize' else 'higher'} is better)"
+
+
 def plot_importances(study: Any, metric: str = "Objective Value") -> Any:
     """Optuna's parameter importances over the complete *searched* trials (baselines have no params), or
     ``None`` when there are fewer than two of them with params (importances need at least two)."""
@@ -147,7 +152,7 @@ def plot_scores(table: Any, metric: str, direction: str) -> Any:
             ax.annotate(str(row["kind"]), (1.0, row[metric]), xycoords=("axes fraction", "data"), fontsize=7,
                         color="tab:red" if top else "tab:gray", xytext=(3, 0), textcoords="offset points", va="center")
     ax.set_xlabel("trial number")
-    ax.set_ylabel(f"{metric} ({'lower' if direction == 'minimize' else 'higher'} is better)")
+    ax.set_ylabel(score_label(metric, direction))
     ax.set_title(f"{metric} by trial, against the baselines")
     ax.legend(fontsize="small", loc="best")
     ax.grid(True, alpha=0.3)
@@ -241,7 +246,7 @@ def plot_pareto_front(table: Any, front: Sequence[int], metric: str, direction: 
                         xytext=(3, -9), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"{metric} ({'lower' if direction == 'minimize' else 'higher'} is better)")
+    ax.set_ylabel(score_label(metric, direction))
     ax.set_title(f"{metric} against network size: the Pareto front")
     ax.legend(fontsize="small", loc="best")
     ax.grid(True, alpha=0.3)
