@@ -23,7 +23,13 @@ from initsearch.cli import (
     run,
     with_custom_groups,
 )
-from initsearch.errors import InitSearchError, StudyInterrupted, exit_quietly_on_broken_pipe, wants_help
+from initsearch.errors import (
+    InitSearchError,
+    StudyInterrupted,
+    exit_quietly_on_broken_pipe,
+    exit_without_teardown,
+    wants_help,
+)
 
 # Hydra's flags that take a value (the next argument), left out when the overrides are checked.
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -79,5 +85,11 @@ def main() -> None:
     exit_quietly_on_broken_pipe(start)
 
 
+def program() -> None:
+    """The console script and ``python -m initsearch``: ``main``, then exit without the interpreter's
+    teardown (``errors.exit_without_teardown``)."""
+    exit_without_teardown(main)
+
+
 if __name__ == "__main__":
-    main()
+    program()

@@ -6,13 +6,16 @@ the MLflow writer process, uses it.
 """
 from __future__ import annotations
 
+import atexit
 import difflib
+import logging
 import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 
@@ -158,3 +161,46 @@ def exit_quietly_on_broken_pipe(main: Callable[[], Any]) -> Any:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's flush of stdout at exit would fail again
         sys.exit(141)
+
+
+def exit_code(status: Any) -> int:
+    """The exit status ``sys.exit(status)`` gives: ``None`` 0, an int itself, anything else printed to
+    stderr and 1."""
+    if status is None:
+        return 0
+    if isinstance(status, int):
+        return status
+    print(status, file=sys.stderr)
+    return 1
+
+
+def exit_without_teardown(main: Callable[[], Any]) -> NoReturn:
+    """Run a command's ``main`` as the whole life of the process, then end the process without the
+    interpreter's teardown.
+
+    After a study, Python's finalization frees torch's, MLflow's, SQLAlchemy's and pandas' modules one
+    object at a time: over a second (docs/performance.md) that the user waits for and nothing needs. The
+    steps a normal exit takes first are taken here, in the same order: non-daemon threads joined, the
+    ``atexit`` handlers run (the MLflow tracker's close, ``weakref.finalize`` and temporary folders,
+    logging's flush), stdout and stderr flushed; then ``os._exit`` with ``main``'s status (its return
+    value or ``SystemExit``, as ``sys.exit`` reads it). An exception other than ``SystemExit`` propagates
+    and the process exits as Python always does (traceback, status 1). For a command run as a program
+    only: in-process callers (the tests, the API) call ``main`` itself.
+    """
+    try:
+        status = main()
+    except SystemExit as exc:
+        status = exc.code
+    code = exit_code(status)
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what a normal exit runs (the tracker's close, logging's shutdown...)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            code = 141 if stream is sys.stdout and code == 0 else code
+    os._exit(code)

@@ -300,4 +300,6 @@ def describe_trial(study: optuna.Study, trial: FrozenTrial) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from initsearch.errors import exit_without_teardown
+
+    exit_without_teardown(main)

@@ -381,4 +381,6 @@ def _validate(args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from initsearch.errors import exit_without_teardown
+
+    exit_without_teardown(main)
