@@ -76,6 +76,7 @@ import initsearch.proxy.train as train_mod  # noqa: E402
 import initsearch.search.batched as batched_mod  # noqa: E402
 import initsearch.search.sequential as sequential_mod  # noqa: E402
 import initsearch.search.space as space_mod  # noqa: E402
+import initsearch.search.storage as storage_mod  # noqa: E402
 import initsearch.search.trial as trial_mod  # noqa: E402
 import initsearch.tracking.tracker as tracking_mod  # noqa: E402
 from initsearch.cli import config_dir  # noqa: E402
@@ -142,7 +143,7 @@ def _targets() -> list[tuple[Any, str, str]]:
         (optuna.study._optimize, "_tell_with_warning", "Optuna"),
         (optuna.trial.Trial, "report", "Optuna"), (optuna.trial.Trial, "should_prune", "Optuna"),
         (optuna.trial.Trial, "set_user_attr", "Optuna"), (R, "set_user_attrs", "Optuna"),
-        (R, "complete_twin", "Optuna"),
+        (R, "complete_twin", "Optuna"), (storage_mod, "_write_records", "Optuna"),
         (T, "study_started", "MLflow"), (T, "trial_finished", "MLflow"), (T, "flush", "MLflow"),
         (T, "_log_trial", "MLflow logging thread"), (T, "_start", "MLflow logging thread"),
     ]

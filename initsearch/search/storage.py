@@ -6,6 +6,7 @@ into a single ``ConfigError`` line with the password hidden.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
@@ -13,7 +14,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import optuna
@@ -82,35 +83,116 @@ def storage_problem(exc: Exception, url: str) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
+def _journal_internals(storage: Any) -> bool:
+    """Whether ``storage`` is Optuna's ``JournalStorage`` with the internals ``one_append`` relies on."""
+    return (type(storage) is JournalStorage and getattr(storage, "_replay_result", None) is not None
+            and getattr(storage, "_thread_lock", None) is not None and hasattr(storage, "_backend")
+            and hasattr(storage, "_sync_with_backend"))
+
+
+def _append(storage: JournalStorage, logs: list[dict[str, Any]]) -> None:
+    """Write ``logs`` in one append (one file lock, one ``fsync``), then replay them. A record that fails
+    (the trial already ended elsewhere) stops Optuna's replay there: the rest is replayed now, so no later,
+    unrelated storage call raises for them; the first failure is raised."""
+    with storage._thread_lock:
+        storage._backend.append_logs(logs)
+        first_error = None
+        for _ in range(len(logs) + 1):
+            try:
+                storage._sync_with_backend()
+                break
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+                first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+
+
 def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     """Several user attributes of a running trial: on a journal file in one append (one file lock and one
     ``fsync`` instead of one per key), each key its own record, exactly as ``Trial.set_user_attr`` writes
     and Optuna replays them; on any other storage (or an Optuna without these internals), one call per key.
     The trial reads them back at once either way."""
     storage = getattr(trial, "storage", None)
-    replay = getattr(storage, "_replay_result", None)
-    lock = getattr(storage, "_thread_lock", None)
-    if (len(attrs) < 2 or type(storage) is not JournalStorage or replay is None or lock is None
-            or not hasattr(storage, "_backend") or not hasattr(storage, "_sync_with_backend")):
+    if isinstance(storage, _Deferring):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    if len(attrs) < 2 or not _journal_internals(storage):
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
     from optuna.storages.journal._storage import JournalOperation
 
-    logs = [{"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": replay.worker_id,
-             "trial_id": trial._trial_id, "user_attr": {key: value}} for key, value in attrs.items()]
-    with lock:
-        storage._backend.append_logs(logs)
-        first_error = None
-        for _ in range(len(logs) + 1):  # a record that fails (the trial already ended elsewhere) stops Optuna's replay there:
-            try:        # replay the rest now, so no later, unrelated storage call raises for them
-                storage._sync_with_backend()
-                break
-            except optuna.exceptions.UpdateFinishedTrialError as exc:
-                first_error = first_error or exc
-    if first_error is not None:
-        raise first_error
+    worker = storage._replay_result.worker_id
+    _append(storage, [{"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker,
+                       "trial_id": trial._trial_id, "user_attr": {key: value}} for key, value in attrs.items()])
     trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+class _Deferring:
+    """The trial's storage while ``one_append`` is open: its parameters and user attributes are kept as
+    the journal records Optuna would write (same fields, same order); every other call goes through."""
+
+    def __init__(self, storage: JournalStorage, trial_id: int) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self.records: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any) -> None:
+        if trial_id != self._trial_id:
+            self._storage.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+            return
+        from optuna.distributions import distribution_to_json
+        from optuna.storages.journal._storage import JournalOperation
+
+        self.records.append({"op_code": JournalOperation.SET_TRIAL_PARAM, "trial_id": trial_id,
+                             "param_name": param_name, "param_value_internal": param_value_internal,
+                             "distribution": distribution_to_json(distribution)})
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if trial_id != self._trial_id:
+            self._storage.set_trial_user_attr(trial_id, key, value)
+            return
+        from optuna.storages.journal._storage import JournalOperation
+
+        self.records.append({"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "trial_id": trial_id,
+                             "user_attr": {key: value}})
+
+
+@contextlib.contextmanager
+def one_append(trial: optuna.Trial) -> Iterator[None]:
+    """Within it, the parameters ``trial`` samples and the user attributes it is given reach a journal file
+    in one append when the block ends (one file lock and one ``fsync`` instead of one per parameter and
+    attribute): what a trial writes before it trains. The block ends before training starts, so they are
+    as durable as before when training starts; other workers' samplers read finished trials only, and the
+    trial reads its own values from its cache. On another storage (an RDB, or an Optuna without these
+    internals) it changes nothing. When the block raises, what it recorded is still written (as one call
+    per value would have), and a failure to write it is left behind the block's own error."""
+    storage = getattr(trial, "storage", None)
+    if isinstance(storage, _Deferring) or not _journal_internals(storage):
+        yield
+        return
+    deferring = _Deferring(storage, trial._trial_id)
+    trial.storage = deferring
+    try:
+        yield
+    except BaseException:
+        trial.storage = storage
+        with contextlib.suppress(Exception):
+            _write_records(storage, deferring.records)
+        raise
+    trial.storage = storage
+    _write_records(storage, deferring.records)
+
+
+def _write_records(storage: JournalStorage, records: list[dict[str, Any]]) -> None:
+    if records:
+        worker = storage._replay_result.worker_id
+        _append(storage, [{"op_code": r["op_code"], "worker_id": worker, **{k: v for k, v in r.items() if k != "op_code"}}
+                          for r in records])
 
 
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:

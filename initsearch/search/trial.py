@@ -41,7 +41,7 @@ from initsearch.proxy.userdata import load_user_data
 from initsearch.search.outcome import TrialOutcome, safely, trial_score
 from initsearch.search.settings import StudySettings, resolve_device
 from initsearch.search.space import Pretrained
-from initsearch.search.storage import set_user_attrs
+from initsearch.search.storage import one_append, set_user_attrs
 from initsearch.search.workers import enqueue_retry
 
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
@@ -239,21 +239,22 @@ class TrialRun:
         """Pick the policy (sampled, or the baseline's) and record it; ``False`` when the trial ended at once
         because a complete searched trial already scored these parameters (same seeds, same score)."""
         trial, baseline = self.trial, self.outcome.baseline
-        if baseline:
-            policy = contender_policy(baseline, self.s.pretrained)
-            if self.s.space.arch is not None:  # a joint study's baselines train the configured network
-                self.n_params = count_parameters(
-                    build_model(self.s.model, self.proxy.data.input_shape, self.proxy.data.num_classes))
-                trial.set_user_attr("model", self.s.model)
-                trial.set_user_attr("n_params", self.n_params)
-                self.outcome.n_params = self.n_params
-        elif self.s.space.arch is not None:
-            policy = self.sample_joint()
-        else:
-            policy = self.s.space.sample(trial, self.proxy.layers, self.proxy.pretrained)
-        self.outcome.params = dict(trial.params)
-        self.outcome.policy = policy.to_dict()
-        set_user_attrs(trial, {"kind": "baseline" if baseline else "search", "policy": self.outcome.policy})
+        with one_append(trial):  # the parameters, kind and policy: one journal write before training
+            if baseline:
+                policy = contender_policy(baseline, self.s.pretrained)
+                if self.s.space.arch is not None:  # a joint study's baselines train the configured network
+                    self.n_params = count_parameters(
+                        build_model(self.s.model, self.proxy.data.input_shape, self.proxy.data.num_classes))
+                    trial.set_user_attr("model", self.s.model)
+                    trial.set_user_attr("n_params", self.n_params)
+                    self.outcome.n_params = self.n_params
+            elif self.s.space.arch is not None:
+                policy = self.sample_joint()
+            else:
+                policy = self.s.space.sample(trial, self.proxy.layers, self.proxy.pretrained)
+            self.outcome.params = dict(trial.params)
+            self.outcome.policy = policy.to_dict()
+            set_user_attrs(trial, {"kind": "baseline" if baseline else "search", "policy": self.outcome.policy})
         twin = None if baseline else complete_twin(trial)
         if twin is None:
             self.policy = policy
