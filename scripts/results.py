@@ -1,7 +1,7 @@
 """Reproduce docs/results.md: for each case, run the study, then validate its best policy on fresh seeds.
 
     python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits]
-        [--n-trials 30] [--seeds 5] [--out results] [--equal-compute]
+        [--n-trials 30] [--seeds 5] [--out results] [--baselines "[he,lsuv,...]"] [--equal-compute]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
 proxies and at their papers' settings (``gradinit_paper``, ``metainit_paper``). The search scores candidates on
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default="results")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--baselines", default=ALL_BASELINES,
+                    help="the baselines, as a Hydra list (default: all ten); e.g. without the slow paper settings")
     ap.add_argument("--equal-compute", action="store_true", help="add GradInit/MetaInit rows given the search's compute")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,7 +67,7 @@ def main() -> None:
         folder = out / case
         folder.mkdir(parents=True, exist_ok=True)
         overrides = CASES[case] + [
-            f"n_trials={args.n_trials}", f"baselines={ALL_BASELINES}", f"storage={folder}/study.journal", "tracking_uri=none",
+            f"n_trials={args.n_trials}", f"baselines={args.baselines}", f"storage={folder}/study.journal", "tracking_uri=none",
         ]
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -91,6 +93,7 @@ def main() -> None:
         table = report.table()
         table.to_csv(folder / "validation.csv", index=False)
         command = (f"python scripts/results.py --cases {case} --n-trials {args.n_trials} --seeds {args.seeds}"
+                   + (f" --baselines '{args.baselines}'" if args.baselines != ALL_BASELINES else "")
                    + (" --equal-compute" if args.equal_compute else ""))
         md = [
             f"### {case}",
