@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from initsearch.errors import ConfigError
 from initsearch.proxy.models import CNN, MLP, ResCNN
@@ -31,11 +32,14 @@ def test_population_size_fits_half_the_free_memory_between_one_and_the_cap():
 def test_auto_size_per_engine_and_device():
     cnn, res = CNN((3, 16, 16), 10, channels=[32, 64]), ResCNN((3, 16, 16), 10, channels=[8, 16])
     assert auto_population_size(cnn, (3, 16, 16), 128, "adam", torch.device("cpu")) == CPU_K
-    assert auto_population_size(res, (3, 16, 16), 128, "adam", torch.device("cpu")) == 1  # trained one by one
+    assert auto_population_size(res, (3, 16, 16), 128, "adam", torch.device("cpu")) == CPU_K  # stacked too
+    own = nn.Sequential(nn.Conv2d(3, 4, 3, groups=1, padding_mode="circular"), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
+    assert auto_population_size(own, (3, 16, 16), 128, "adam", torch.device("cpu")) == 1  # vmap: one by one on the CPU
     per = member_bytes(cnn, (3, 16, 16), 128, "adam")
     cuda = torch.device("cuda")  # the device is only named: the free memory is given
     assert auto_population_size(cnn, (3, 16, 16), 128, "adam", cuda, free_bytes=20 * per) == 10
-    assert auto_population_size(res, (3, 16, 16), 128, "adam", cuda, free_bytes=10**15) == MAX_K  # vmap on CUDA
+    assert auto_population_size(res, (3, 16, 16), 128, "adam", cuda, free_bytes=10**15) == MAX_K
+    assert auto_population_size(own, (3, 16, 16), 128, "adam", cuda, free_bytes=10**15) == MAX_K  # vmap on CUDA
 
 
 def test_batch_trials_takes_auto_or_a_whole_number():

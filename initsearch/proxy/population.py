@@ -17,6 +17,8 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     (``Conv2d``, ``BatchNorm2d``, pooling; the VGG-style proxies) run on it too: their image activations are
     channel-stacked, ``(B, K * C, H, W)``, every convolution after the first is one grouped convolution
     (``groups=K``), and the memory layout (channels-last or not) is measured per stack (``_conv_layout``).
+    The residual ``ResCNN`` proxy runs on it as well: each of its basic blocks is run as one unit, its
+    branch and shortcut on the same channel-stacked maps, added per channel.
   * **Shared batches.** When every member has the same seed (what batched studies pass: one evaluation
     seed for the K trials of a round), every member would draw the same indices, so one generator draws
     them once, ``x[idx]`` is gathered once as ``(B, ...)``, and the first ``Linear`` of all members is one
@@ -30,7 +32,7 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     path, the matrix products dominate a stacked step and oneDNN computes the same float32 products faster;
     on a single model the oneDNN route can be slower, which is one reason it is measured per stack (the
     figures are in docs/performance.md).
-  * ``vmap`` (any other model, the residual CNN proxy included): a copy of the first model on the ``meta`` device
+  * ``vmap`` (any other model, e.g. a user's own ``nn.Module``): a copy of the first model on the ``meta`` device
     is the stateless skeleton that ``torch.func.functional_call`` runs with member ``k``'s slice, mapped
     over K by ``torch.func.vmap`` (convolutions become grouped convolutions by torch.func's batching rules).
 - **Each member its own batches.** Member ``k`` draws its batch indices from a ``torch.Generator`` seeded with
@@ -94,6 +96,7 @@ from initsearch.errors import first_line
 from initsearch.proxy.kernels import Route, choose_route
 from initsearch.proxy.kernels import known as known_route
 from initsearch.proxy.losses import Loss, resolve_loss
+from initsearch.proxy.models import BasicBlock, ResCNN
 from initsearch.proxy.train import (
     Curve,
     TrainConfig,
@@ -156,29 +159,59 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 )
 SPATIAL: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # per channel, as-is
 _STACKABLE: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Linear, nn.LayerNorm, nn.BatchNorm1d, nn.Conv2d,
-                                           nn.BatchNorm2d, *SPATIAL, *ELEMENTWISE)
+                                           nn.BatchNorm2d, nn.Identity, *SPATIAL, *ELEMENTWISE)
+
+
+def stacked_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The layers the stacked engine runs, in order, as ``(dotted name, module)``: a plain ``nn.Sequential``'s
+    children, or ``ResCNN``'s stem, its ``BasicBlock`` s (each run as one unit) and its head; ``None`` for
+    any other model."""
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        return list(model.named_children())
+    if type(model) is ResCNN:
+        blocks = [(f"stages.{s}.{b}", block) for s, stage in enumerate(model.stages) for b, block in enumerate(stage)]
+        return [("stem", model.stem), ("stem_norm", model.stem_norm), ("stem_act", model.stem_act), *blocks,
+                ("gap", model.gap), ("flatten", model.flatten), ("out", model.out)]
+    return None
 
 
 def stacked_blocker(model: nn.Module) -> str | None:
     """Why the ``stacked`` engine cannot run ``model``, or ``None``: it takes a plain ``nn.Sequential`` (its
-    own ``forward``) of ``Flatten(1, -1)``, ``Linear``, ``LayerNorm`` over the last dimension, ``BatchNorm1d``
-    on 2-d inputs and ``BatchNorm2d``, both with a momentum, ungrouped zero-padded ``Conv2d``, ``MaxPool2d``
-    (without indices), ``AvgPool2d``, ``AdaptiveAvgPool2d`` and element-wise activations."""
-    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
-        return "not a plain nn.Sequential"
-    for name, module in model.named_children():
-        if type(module) not in _STACKABLE:  # exact types: a subclass may compute something else
-            return f"{name} is a {type(module).__name__}"
-        if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
-            return f"{name} flattens dims {module.start_dim}..{module.end_dim}"
-        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
-            return f"{name} normalizes over {len(module.normalized_shape)} dims"
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.momentum is None:
-            return f"{name} keeps a cumulative average (momentum=None)"
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
-            return f"{name} is a grouped or {module.padding_mode}-padded convolution"
-        if isinstance(module, nn.MaxPool2d) and module.return_indices:
-            return f"{name} returns its indices"
+    own ``forward``), or the residual ``ResCNN`` proxy (exact types), of ``Flatten(1, -1)``, ``Linear``,
+    ``LayerNorm`` over the last dimension, ``BatchNorm1d`` on 2-d inputs and ``BatchNorm2d``, both with a
+    momentum, ungrouped zero-padded ``Conv2d``, ``MaxPool2d`` (without indices), ``AvgPool2d``,
+    ``AdaptiveAvgPool2d``, ``Identity`` and element-wise activations (in ``ResCNN``'s basic blocks too)."""
+    layers = stacked_layers(model)
+    if layers is None:
+        return "not a plain nn.Sequential or the ResCNN proxy"
+    for name, module in layers:
+        if type(module) is BasicBlock:
+            inner = [(f"{name}.{n}", m) for n, m in module.named_children()]
+            if any(type(m) is BasicBlock for _, m in inner):
+                return f"{name} nests a block"
+        else:
+            inner = [(name, module)]
+        for inner_name, inner_module in inner:
+            reason = _unstackable(inner_name, inner_module)
+            if reason is not None:
+                return reason
+    return None
+
+
+def _unstackable(name: str, module: nn.Module) -> str | None:
+    """Why the stacked engine cannot run this one layer, or ``None``."""
+    if type(module) not in _STACKABLE:  # exact types: a subclass may compute something else
+        return f"{name} is a {type(module).__name__}"
+    if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
+        return f"{name} flattens dims {module.start_dim}..{module.end_dim}"
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        return f"{name} normalizes over {len(module.normalized_shape)} dims"
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.momentum is None:
+        return f"{name} keeps a cumulative average (momentum=None)"
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+        return f"{name} is a grouped or {module.padding_mode}-padded convolution"
+    if isinstance(module, nn.MaxPool2d) and module.return_indices:
+        return f"{name} returns its indices"
     return None
 
 
@@ -204,7 +237,7 @@ class _StackedSequential:
 
     def __init__(self, model: nn.Module, loss: Loss) -> None:
         self.loss_fn = loss
-        self.layers = list(model.named_children())
+        self.layers = stacked_layers(model) or []
         self.plan = _fuse_relus(self.layers)
         self.training = True
         self.channels_last = False
@@ -247,6 +280,8 @@ class _StackedSequential:
                     x = x if form == "cols" else x.flatten(1 if form == "shared" else 2)
             elif isinstance(module, nn.Conv2d):
                 x, form = self._conv(module, p, name, x, form, k), "maps"
+            elif isinstance(module, BasicBlock):
+                x, form = self._block(module, p, b, name, _to_maps(x, form, k, name), k), "maps"
             elif isinstance(module, nn.BatchNorm2d):
                 x, form = self._batch_norm(module, p, b, name, _to_maps(x, form, k, name)), "maps"
             elif isinstance(module, SPATIAL):
@@ -310,6 +345,23 @@ class _StackedSequential:
             x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
             y = F.conv2d(x, flat_w, flat_b, module.stride, module.padding, module.dilation, k)
         return y.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def _block(self, block: BasicBlock, p: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], name: str,
+               x: torch.Tensor, k: int) -> torch.Tensor:
+        """One residual ``BasicBlock`` for all members on channel-stacked maps, as its ``forward`` computes it:
+        ``act2(norm2(conv2(act1(norm1(conv1(x))))) + shortcut)``, the shortcut ``x`` or ``proj_norm(proj(x))``;
+        the sum is per channel, so member ``k``'s branch meets member ``k``'s shortcut."""
+        def norm(module: nn.Module, suffix: str, h: torch.Tensor) -> torch.Tensor:
+            return self._batch_norm(module, p, b, f"{name}.{suffix}", h) if isinstance(module, nn.BatchNorm2d) else module(h)
+
+        h = block.act1(norm(block.norm1, "norm1", self._conv(block.conv1, p, f"{name}.conv1", x, "maps", k)))
+        h = norm(block.norm2, "norm2", self._conv(block.conv2, p, f"{name}.conv2", h, "maps", k))
+        shortcut = x
+        if block.proj is not None:
+            shortcut = self._conv(block.proj, p, f"{name}.proj", x, "maps", k)
+            if block.proj_norm is not None:
+                shortcut = norm(block.proj_norm, "proj_norm", shortcut)
+        return block.act2(h + shortcut)
 
     def _batch_norm(self, module: nn.BatchNorm1d | nn.BatchNorm2d, p: Mapping[str, torch.Tensor],
                     b: Mapping[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
@@ -602,8 +654,8 @@ def choose_mode(models: Sequence[nn.Module], mode: str = "auto", device: torch.d
                 ) -> tuple[str, str | None]:
     """The engine for these models on ``device`` and, for ``loop``, why.
 
-    ``auto``: ``stacked`` for plain Sequentials (MLPs, VGG-style CNNs); ``vmap`` for other models without
-    dropout on CUDA; ``loop`` otherwise: for dropout, a single member, and for ``vmap`` models on the CPU,
+    ``auto``: ``stacked`` for plain Sequentials (MLPs, VGG-style CNNs) and the residual ``ResCNN`` proxy;
+    ``vmap`` for other models without dropout on CUDA; ``loop`` otherwise: for dropout, a single member, and for ``vmap`` models on the CPU,
     where vmap's batched convolutions ran slower than one model at a time (docs/performance.md). Any other
     ``mode`` insists on that engine and raises ``ValueError`` when the models cannot take it.
     """
