@@ -22,6 +22,7 @@ Prints one markdown table per study. ``top_k = 0`` is "no selection stage": expo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import statistics
@@ -67,8 +68,15 @@ def main() -> None:
     complete = [t for t in study.get_trials(deepcopy=False)
                 if t.state == optuna.trial.TrialState.COMPLETE and trial_score(t) is not None]
     best_first = sorted(complete, key=lambda t: sign * trial_score(t))
-    searched = [t for t in best_first if not t.user_attrs.get("baseline") and t.user_attrs.get("policy")
-                and not t.user_attrs.get("duplicate_of")][: args.top]
+    searched, seen = [], set()
+    for t in best_first:  # distinct policies, as the stage takes them (selection.front_runners)
+        key = json.dumps(t.user_attrs.get("policy"), sort_keys=True)
+        if t.user_attrs.get("baseline") or not t.user_attrs.get("policy") or t.user_attrs.get("duplicate_of") is not None \
+                or key in seen:
+            continue
+        seen.add(key)
+        searched.append(t)
+    searched = searched[: args.top]
     baselines = [t for t in best_first if t.user_attrs.get("baseline")][: args.baselines]
     seeds = [settings.seed * 1000 + REFERENCE_SEED_OFFSET + i for i in range(args.reference_seeds)]
 

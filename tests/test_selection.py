@@ -11,7 +11,7 @@ import pytest
 
 from initsearch.cli import run_settings
 from initsearch.export import pick_trial
-from initsearch.search.selection import run_selection, selection_seeds
+from initsearch.search.selection import front_runners, run_selection, selection_seeds
 from initsearch.search.settings import settings_from_config
 from initsearch.search.study import open_study
 from initsearch.search.trial import prepare
@@ -89,3 +89,24 @@ def test_select_top_k_0_turns_the_stage_off(tmp_path) -> None:
     finished = run_settings(settings, cfg, tmp_path / "out")
     assert "selected_trial" not in finished.study.user_attrs
     assert selection_seeds(settings) == [500, 501, 502]
+
+
+def test_front_runners_are_distinct_policies(tmp_path) -> None:
+    """Re-proposals of the best policy (``duplicate_of``, the twin's score reused) and a policy trained twice
+    take one place among the front-runners, not three: the stage compares different policies."""
+    _, settings = _settings(tmp_path)
+    study = optuna.create_study(study_name="sel")
+    def searched(value, policy, **attrs):
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"policy": policy, "seed_scores": [value],
+                                                                           "kind": "search", **attrs}))
+        return study.trials[-1].number
+    best = {**ZEROS, "default": {"scheme": "he_normal"}}
+    first = searched(0.5, best)
+    searched(0.5, best, duplicate_of=first)  # re-proposed: its score is the first one's
+    searched(0.5, dict(best))  # the same policy trained again (not marked)
+    second = searched(0.6, {**ZEROS, "default": {"scheme": "xavier_normal"}})
+    third = searched(0.7, ZEROS)
+    study.add_trial(optuna.trial.create_trial(value=0.8, user_attrs={"baseline": "he", "seed_scores": [0.8]}))
+    runners = front_runners(study, settings)
+    assert [(t.number, kind) for t, kind in runners] == [(first, "search"), (second, "search"), (5, "he")]
+    assert third not in [t.number for t, _ in runners]  # top_k=2

@@ -11,6 +11,7 @@ exported, and the summary says so.
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -88,10 +89,18 @@ def selection_seeds(settings: StudySettings) -> list[int]:
 
 
 def front_runners(study: optuna.Study, settings: StudySettings) -> list[tuple[FrozenTrial, str]]:
-    """The ``top_k`` best complete searched trials and the ``baselines`` best complete baselines, with kinds."""
+    """The ``top_k`` best complete searched trials with distinct policies (a re-proposed policy once, as its
+    first trial) and the ``baselines`` best complete baselines, with kinds."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and trial_score(t) is not None]
     best_first = sorted(complete, key=trial_score, reverse=settings.score.direction == "maximize")
-    searched = [t for t in best_first if not t.user_attrs.get("baseline") and t.user_attrs.get("policy")]
+    searched, seen = [], set()
+    for t in best_first:  # distinct policies only: a re-proposal (``duplicate_of``) repeats its twin's score
+        policy = t.user_attrs.get("policy")
+        key = json.dumps(policy, sort_keys=True)
+        if t.user_attrs.get("baseline") or not policy or t.user_attrs.get("duplicate_of") is not None or key in seen:
+            continue
+        seen.add(key)
+        searched.append(t)
     baselines = [t for t in best_first if t.user_attrs.get("baseline")]
     return ([(t, "search") for t in searched[: settings.select.top_k]]
             + [(t, t.user_attrs["baseline"]) for t in baselines[: settings.select.baselines]])
