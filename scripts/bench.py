@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-check", action="store_true", help="also time a training step eager vs torch.compile")
     parser.add_argument("--engine-check", type=int, default=0, metavar="K",
                         help="also time K candidates one by one against the population engines")
-    parser.add_argument("--out", default="bench.json", help="where the figures go (JSON)")
+    parser.add_argument("--out", default="results/bench/latest.json", help="where the figures go (JSON; results/ is git-ignored)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data=synthetic")
     args = parser.parse_args(argv)
     logging.getLogger("initsearch").setLevel(logging.ERROR)
@@ -665,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile_check:
             report["torch_compile"] = compile_check(settings, proxy)
         report["load_avg_end"] = load_avg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(f"figures: {Path(args.out).resolve()}  (load at the end {report['load_avg_end']})")
     return 0
