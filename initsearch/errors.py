@@ -180,8 +180,8 @@ def exit_without_teardown(main: Callable[[], Any]) -> NoReturn:
 
     After a study, Python's finalization frees torch's, MLflow's, SQLAlchemy's and pandas' modules one
     object at a time: over a second (docs/performance.md) that the user waits for and nothing needs. The
-    steps a normal exit takes first are taken here, in the same order: non-daemon threads joined, the
-    ``atexit`` handlers run (the MLflow tracker's close, ``weakref.finalize`` and temporary folders,
+    steps a normal exit takes first are taken here, in the same order: ``threading._shutdown`` (idle
+    ``concurrent.futures`` workers woken, non-daemon threads joined), the ``atexit`` handlers run (the MLflow tracker's close, ``weakref.finalize`` and temporary folders,
     logging's flush), stdout and stderr flushed; then ``os._exit`` with ``main``'s status (its return
     value or ``SystemExit``, as ``sys.exit`` reads it). An exception other than ``SystemExit`` propagates
     and the process exits as Python always does (traceback, status 1). For a command run as a program
@@ -192,15 +192,21 @@ def exit_without_teardown(main: Callable[[], Any]) -> NoReturn:
     except SystemExit as exc:
         status = exc.code
     code = exit_code(status)
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what a normal exit runs (the tracker's close, logging's shutdown...)
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:  # what a normal exit runs first: wakes idle pool workers, joins non-daemon threads
+        shutdown()
+    else:
+        current = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is not current and not thread.daemon:
+                thread.join()
+    atexit._run_exitfuncs()  # then the atexit handlers (the tracker's close, logging's shutdown...)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
         try:
             stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
+        except (BrokenPipeError, ValueError, OSError):  # a reader gone: the status of SIGPIPE, not Python's 120
             code = 141 if stream is sys.stdout and code == 0 else code
     os._exit(code)

@@ -79,6 +79,13 @@ def main() -> None:
     searched = searched[: args.top]
     baselines = [t for t in best_first if t.user_attrs.get("baseline")][: args.baselines]
     seeds = [settings.seed * 1000 + REFERENCE_SEED_OFFSET + i for i in range(args.reference_seeds)]
+    if not searched or not baselines:
+        raise SystemExit(f"{args.journal}: needs complete searched trials and baselines (found {len(searched)} and "
+                         f"{len(baselines)})")
+    grid = [int(v) for v in args.seeds.split(",")]
+    if max(grid) >= len(seeds):
+        raise SystemExit(f"--seeds {args.seeds}: each must be below --reference-seeds {len(seeds)}, so that some "
+                         "reference seeds judge the choice")
 
     started = time.perf_counter()
     rows = []  # (label, kind, search scores, reference scores)
@@ -105,7 +112,7 @@ def main() -> None:
     print("| select.top_k | select.seeds | mean regret | worse than best baseline | chose a baseline | cost (share of the search's trainings) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for top_k in [int(v) for v in args.top_k.split(",")]:
-        for n_seeds in ([0] if top_k == 0 else [int(v) for v in args.seeds.split(",")]):
+        for n_seeds in ([0] if top_k == 0 else grid):
             regrets, worse, chose_baseline = [], 0, 0
             for _ in range(args.draws):
                 drawn = set(rng.sample(range(len(seeds)), n_seeds))

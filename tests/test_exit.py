@@ -54,6 +54,27 @@ def test_same_status_and_every_exit_step(tmp_path: Path, result: str, status: in
     assert (tmp_path / "log.txt").read_text() == "logged\n"
 
 
+def test_an_idle_thread_pool_does_not_hang_the_exit(tmp_path: Path) -> None:
+    """A live ``ThreadPoolExecutor`` (MLflow's artifact repositories keep one) has an idle non-daemon worker:
+    a normal exit wakes it before joining, and so must this one."""
+    script = tmp_path / "pool.py"
+    script.write_text(textwrap.dedent("""
+        from concurrent.futures import ThreadPoolExecutor
+        from initsearch.errors import exit_without_teardown
+
+        POOL = ThreadPoolExecutor(1)
+
+        def main():
+            assert POOL.submit(lambda: 2).result() == 2
+            print("done", end="")
+            return 5
+
+        exit_without_teardown(main)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (5, "done"), proc.stderr
+
+
 def test_an_unexpected_exception_exits_as_python_does(tmp_path: Path) -> None:
     proc = run(tmp_path, "1 / 0")
     assert proc.returncode == 1

@@ -89,8 +89,9 @@ def selection_seeds(settings: StudySettings) -> list[int]:
 
 
 def front_runners(study: optuna.Study, settings: StudySettings) -> list[tuple[FrozenTrial, str]]:
-    """The ``top_k`` best complete searched trials with distinct policies (a re-proposed policy once, as its
-    first trial) and the ``baselines`` best complete baselines, with kinds."""
+    """The ``top_k`` best complete searched trials with distinct policies (a policy scored more than once
+    counts once, as its best-scoring trial; re-proposals, ``duplicate_of``, never) and the ``baselines`` best
+    complete baselines, with kinds."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and trial_score(t) is not None]
     best_first = sorted(complete, key=trial_score, reverse=settings.score.direction == "maximize")
     searched, seen = [], set()

@@ -167,8 +167,8 @@ def one_append(trial: optuna.Trial) -> Iterator[None]:
     """Within it, the parameters ``trial`` samples and the user attributes it is given reach a journal file
     in one append when the block ends (one file lock and one ``fsync`` instead of one per parameter and
     attribute): what a trial writes before it trains. The block ends before training starts, so they are
-    as durable as before when training starts; other workers' samplers read finished trials only, and the
-    trial reads its own values from its cache. On another storage (an RDB, or an Optuna without these
+    as durable as before when training starts, and visible to the next trial's sampling (TPE's constant
+    liar reads running trials); the trial itself reads its own values from its cache. On another storage (an RDB, or an Optuna without these
     internals) it changes nothing. When the block raises, what it recorded is still written (as one call
     per value would have), and a failure to write it is left behind the block's own error."""
     storage = getattr(trial, "storage", None)
