@@ -47,6 +47,9 @@ CASES: dict[str, list[str]] = {
     # without normalization: a deep plain CNN (16 convs) and a residual CNN (8 blocks)
     "deep_cnn_digits": ["study=deep_cnn_digits"],
     "residual_digits": ["study=residual_digits"],
+    # deeper: 32 plain convs of 16 channels (pooling after every 10), where He failed every seed in the depth table
+    "deep_cnn32_digits": ["study=deep_cnn_digits", "study_name=deep_cnn32_digits", f"model.channels=[{','.join(['16'] * 32)}]",
+                          "model.pool_every=10"],
 }
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,19 @@ def plain_mlp(depth: int = 10, width: int = 64, act: type[nn.Module] = nn.ReLU, 
         d_in = width
     mods.append(nn.Linear(d_in, d_out))
     return nn.Sequential(*mods)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def sigint_acts():
+    """The Ctrl-C tests need SIGINT to act. A suite started in the background of a non-interactive shell
+    (``make test &`` in a script) inherits it ignored (POSIX), and initsearch keeps an ignored SIGINT ignored
+    (``nohup``), by design: give this process, and the commands it starts, the default handler back."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(autouse=True)
