@@ -23,7 +23,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${1:-}" == "--cpu" ]]; then
-  DEVICE=cpu; TRIALS=4; STEPS=10; KS=1,2; THREADS=1; N_TRAIN=512; N_VAL=128; TESTS=(-k "cnn_with_batchnorm"); RSTEPS=10
+  DEVICE=cpu; TRIALS=4; STEPS=10; KS=1,2; THREADS=1; N_TRAIN=512; N_VAL=128; TESTS=(-k "cnns_with_batchnorm"); RSTEPS=10
   SMALL=(model.width_multiplier=0.125 lsuv_batch=32 train.eval_every=5)  # seconds on a CPU
 else
   DEVICE=cuda; TRIALS=32; STEPS=300; KS=1,8,32; THREADS=0; N_TRAIN=10000; N_VAL=2000; TESTS=(-k cuda); SMALL=(); RSTEPS=100
