@@ -181,9 +181,10 @@ def exit_without_teardown(main: Callable[[], Any]) -> NoReturn:
     After a study, Python's finalization frees torch's, MLflow's, SQLAlchemy's and pandas' modules one
     object at a time: over a second (docs/performance.md) that the user waits for and nothing needs. The
     steps a normal exit takes first are taken here, in the same order: ``threading._shutdown`` (idle
-    ``concurrent.futures`` workers woken, non-daemon threads joined), the ``atexit`` handlers run (the MLflow tracker's close, ``weakref.finalize`` and temporary folders,
-    logging's flush), stdout and stderr flushed; then ``os._exit`` with ``main``'s status (its return
-    value or ``SystemExit``, as ``sys.exit`` reads it). An exception other than ``SystemExit`` propagates
+    ``concurrent.futures`` workers woken, non-daemon threads joined), the ``atexit`` handlers (the MLflow
+    tracker's close, ``weakref.finalize`` and temporary folders, logging's flush), stdout and stderr
+    flushed; then ``os._exit`` with ``main``'s status (its return value or ``SystemExit``, as ``sys.exit``
+    reads it). An exception other than ``SystemExit`` propagates
     and the process exits as Python always does (traceback, status 1). For a command run as a program
     only: in-process callers (the tests, the API) call ``main`` itself.
     """
