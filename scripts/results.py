@@ -1,6 +1,6 @@
 """Reproduce docs/results.md: for each case, run the study, then validate its best policy on fresh seeds.
 
-    python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits]
+    python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits deep_cnn32_digits]
         [--n-trials 30] [--seeds 5] [--out results] [--baselines "[he,lsuv,...]"] [--equal-compute]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
