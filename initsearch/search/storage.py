@@ -113,20 +113,21 @@ def set_user_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     and Optuna replays them; on any other storage (or an Optuna without these internals), one call per key.
     The trial reads them back at once either way."""
     storage = getattr(trial, "storage", None)
-    if isinstance(storage, _Deferring):
+    if len(attrs) < 2 or not _journal_internals(storage):  # inside ``one_append`` too: it keeps them for its append
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
-    if len(attrs) < 2 or not _journal_internals(storage):
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
+    worker = storage._replay_result.worker_id
+    _append(storage, [_user_attr_record(worker, trial._trial_id, key, value) for key, value in attrs.items()])
+    trial._cached_frozen_trial.user_attrs.update(attrs)
+
+
+def _user_attr_record(worker: str, trial_id: int, key: str, value: Any) -> dict[str, Any]:
+    """The journal record ``Trial.set_user_attr`` writes, fields in Optuna's order."""
     from optuna.storages.journal._storage import JournalOperation
 
-    worker = storage._replay_result.worker_id
-    _append(storage, [{"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker,
-                       "trial_id": trial._trial_id, "user_attr": {key: value}} for key, value in attrs.items()])
-    trial._cached_frozen_trial.user_attrs.update(attrs)
+    return {"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "worker_id": worker, "trial_id": trial_id,
+            "user_attr": {key: value}}
 
 
 class _Deferring:
@@ -136,6 +137,7 @@ class _Deferring:
     def __init__(self, storage: JournalStorage, trial_id: int) -> None:
         self._storage = storage
         self._trial_id = trial_id
+        self._worker = storage._replay_result.worker_id
         self.records: list[dict[str, Any]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -148,18 +150,16 @@ class _Deferring:
         from optuna.distributions import distribution_to_json
         from optuna.storages.journal._storage import JournalOperation
 
-        self.records.append({"op_code": JournalOperation.SET_TRIAL_PARAM, "trial_id": trial_id,
-                             "param_name": param_name, "param_value_internal": param_value_internal,
+        self.records.append({"op_code": JournalOperation.SET_TRIAL_PARAM, "worker_id": self._worker,
+                             "trial_id": trial_id, "param_name": param_name,
+                             "param_value_internal": param_value_internal,
                              "distribution": distribution_to_json(distribution)})
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         if trial_id != self._trial_id:
             self._storage.set_trial_user_attr(trial_id, key, value)
             return
-        from optuna.storages.journal._storage import JournalOperation
-
-        self.records.append({"op_code": JournalOperation.SET_TRIAL_USER_ATTR, "trial_id": trial_id,
-                             "user_attr": {key: value}})
+        self.records.append(_user_attr_record(self._worker, trial_id, key, value))
 
 
 @contextlib.contextmanager
@@ -168,8 +168,8 @@ def one_append(trial: optuna.Trial) -> Iterator[None]:
     in one append when the block ends (one file lock and one ``fsync`` instead of one per parameter and
     attribute): what a trial writes before it trains. The block ends before training starts, so they are
     as durable as before when training starts, and visible to the next trial's sampling (TPE's constant
-    liar reads running trials); the trial itself reads its own values from its cache. On another storage (an RDB, or an Optuna without these
-    internals) it changes nothing. When the block raises, what it recorded is still written (as one call
+    liar reads running trials); the trial itself reads its own values from its cache. On another storage
+    (an RDB, or an Optuna without these internals) it changes nothing. When the block raises, what it recorded is still written (as one call
     per value would have), and a failure to write it is left behind the block's own error."""
     storage = getattr(trial, "storage", None)
     if isinstance(storage, _Deferring) or not _journal_internals(storage):
@@ -189,10 +189,9 @@ def one_append(trial: optuna.Trial) -> Iterator[None]:
 
 
 def _write_records(storage: JournalStorage, records: list[dict[str, Any]]) -> None:
+    """The records ``one_append`` kept, in one append (none: nothing written)."""
     if records:
-        worker = storage._replay_result.worker_id
-        _append(storage, [{"op_code": r["op_code"], "worker_id": worker, **{k: v for k, v in r.items() if k != "op_code"}}
-                          for r in records])
+        _append(storage, records)
 
 
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
