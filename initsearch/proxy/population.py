@@ -185,12 +185,7 @@ def stacked_blocker(model: nn.Module) -> str | None:
     if layers is None:
         return "not a plain nn.Sequential or the ResCNN proxy"
     for name, module in layers:
-        if type(module) is BasicBlock:
-            inner = [(f"{name}.{n}", m) for n, m in module.named_children()]
-            if any(type(m) is BasicBlock for _, m in inner):
-                return f"{name} nests a block"
-        else:
-            inner = [(name, module)]
+        inner = [(f"{name}.{n}", m) for n, m in module.named_children()] if type(module) is BasicBlock else [(name, module)]
         for inner_name, inner_module in inner:
             reason = _unstackable(inner_name, inner_module)
             if reason is not None:
