@@ -54,7 +54,7 @@ class SelectSettings:
     ``baselines`` best baselines again on ``seeds`` new seeds; ``top_k=0`` turns it off."""
 
     top_k: int = 3
-    seeds: int = 3
+    seeds: int = 5
     baselines: int = 2
 
 
@@ -282,8 +282,10 @@ def _tracking(t: Mapping[str, Any]) -> TrackingSettings:
 def _select(s: Mapping[str, Any]) -> SelectSettings:
     if not isinstance(s, Mapping):
         raise ConfigError(f"select: must be a mapping, got {s!r}")
-    return SelectSettings(top_k=_int(s.get("top_k", 3), "select.top_k", 0), seeds=_int(s.get("seeds", 3), "select.seeds", 1),
-                          baselines=_int(s.get("baselines", 2), "select.baselines", 0))
+    d = SelectSettings()  # a key left out takes the dataclass's default
+    return SelectSettings(top_k=_int(s.get("top_k", d.top_k), "select.top_k", 0),
+                          seeds=_int(s.get("seeds", d.seeds), "select.seeds", 1),
+                          baselines=_int(s.get("baselines", d.baselines), "select.baselines", 0))
 
 
 def _batch_trials(value: Any) -> int | str:
