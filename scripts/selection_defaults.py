@@ -22,11 +22,11 @@ Prints one markdown table per study. ``top_k = 0`` is "no selection stage": expo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import optuna
 import torch
@@ -36,7 +36,7 @@ from initsearch.cli import config_dir
 from initsearch.contenders.baselines import contender_policy
 from initsearch.init.policy import InitPolicy
 from initsearch.proxy.scoring import score_or_nan
-from initsearch.search.outcome import trial_score
+from initsearch.search.selection import front_runners
 from initsearch.search.settings import settings_from_config
 from initsearch.search.storage import open_storage
 from initsearch.search.trial import prepare, train_contender
@@ -65,19 +65,11 @@ def main() -> None:
     maximize = settings.score.direction == "maximize"
     sign = -1.0 if maximize else 1.0  # lower signed score is better
 
-    complete = [t for t in study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.COMPLETE and trial_score(t) is not None]
-    best_first = sorted(complete, key=lambda t: sign * trial_score(t))
-    searched, seen = [], set()
-    for t in best_first:  # distinct policies, as the stage takes them (selection.front_runners)
-        key = json.dumps(t.user_attrs.get("policy"), sort_keys=True)
-        if t.user_attrs.get("baseline") or not t.user_attrs.get("policy") or t.user_attrs.get("duplicate_of") is not None \
-                or key in seen:
-            continue
-        seen.add(key)
-        searched.append(t)
-    searched = searched[: args.top]
-    baselines = [t for t in best_first if t.user_attrs.get("baseline")][: args.baselines]
+    # the stage's own front-runners (distinct policies), only more of them
+    runners = front_runners(study, replace(settings, select=replace(settings.select, top_k=args.top,
+                                                                    baselines=args.baselines)))
+    searched = [t for t, kind in runners if kind == "search"]
+    baselines = [t for t, kind in runners if kind != "search"]
     seeds = [settings.seed * 1000 + REFERENCE_SEED_OFFSET + i for i in range(args.reference_seeds)]
     if not searched or not baselines:
         raise SystemExit(f"{args.journal}: needs complete searched trials and baselines (found {len(searched)} and "
