@@ -12,14 +12,19 @@ from optuna.storages.journal import JournalFileBackend
 from initsearch.search.storage import one_append, open_storage, set_user_attrs
 
 
-def test_several_attributes_are_one_append_of_one_record_each(tmp_path, monkeypatch):
-    path = tmp_path / "s.journal"
-    study = optuna.create_study(study_name="attrs", storage=open_storage(str(path)))
-    trial = study.ask()
+def _count_appends(trial, monkeypatch):
     appends = []
     backend = trial.storage._backend
     real = backend.append_logs
     monkeypatch.setattr(backend, "append_logs", lambda logs: appends.append(len(logs)) or real(logs))
+    return appends
+
+
+def test_several_attributes_are_one_append_of_one_record_each(tmp_path, monkeypatch):
+    path = tmp_path / "s.journal"
+    study = optuna.create_study(study_name="attrs", storage=open_storage(str(path)))
+    trial = study.ask()
+    appends = _count_appends(trial, monkeypatch)
     set_user_attrs(trial, {"policy": {"layers": [1, 2]}, "seeds": [0], "kind": "search"})
     assert appends == [3]
     assert trial.user_attrs == {"policy": {"layers": [1, 2]}, "seeds": [0], "kind": "search"}
@@ -56,14 +61,6 @@ def test_a_trial_ended_by_another_worker_raises_once_and_leaves_no_error_behind(
         set_user_attrs(trial, {"seed_scores": [1.0], "seeds": [0], "duplicate_of": 3})
     for _ in range(3):
         assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL]
-
-
-def _count_appends(trial, monkeypatch):
-    appends = []
-    backend = trial.storage._backend
-    real = backend.append_logs
-    monkeypatch.setattr(backend, "append_logs", lambda logs: appends.append(len(logs)) or real(logs))
-    return appends
 
 
 def _sample(trial):
