@@ -160,7 +160,7 @@ WINNER_COLUMNS = {"study": "initsearch.study", "model": "initsearch.net.model", 
 def earlier_winners(tracking_uri: str | None) -> list[dict[str, Any]]:
     """Every finished study's parent run in the MLflow store: its network tags, metric, best score, when it
     ended and where its ``best_policy.json`` is; newest first."""
-    from initsearch.tracking.tracker import search_all
+    from initsearch.tracking.runs import search_all
     from initsearch.tracking.uri import open_client, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)

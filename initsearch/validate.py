@@ -231,8 +231,8 @@ def log_validation(settings: StudySettings, report: ValidationReport, csv_path: 
     """A validation parent run in the study's experiment, one child per contender; returns the parent's id."""
     from mlflow.entities import Metric
 
+    from initsearch.tracking.runs import log_in_batches
     from initsearch.tracking.uri import check_reachable, default_artifact_location, open_client, resolve_tracking_uri
-    from initsearch.tracking.writer import log_in_batches
 
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:

@@ -20,7 +20,7 @@ from initsearch.search.report import summarize
 from initsearch.search.settings import settings_from_config
 from initsearch.search.storage import open_storage
 from initsearch.search.warm import source_policy
-from initsearch.tracking.payload import summary_metrics
+from initsearch.tracking.payload import summary_metric_rows
 from initsearch.tracking.plots import plot_pareto_front
 from initsearch.validate import model_file_override
 from tests.conftest import TINY, compose_config
@@ -151,7 +151,7 @@ def test_a_multi_objective_study_keeps_the_front_and_exports_its_best_score(in_t
     assert (path.parent / "pareto_front.png").stat().st_size > 0
     summary = summarize(study, "auc_loss")  # what MLflow gets at the end: the front's best score
     assert {t.number for t in summary.front} == {t.number for t in front} and summary.best.number == best.number
-    assert {m.key: m.value for m in summary_metrics(summary, 0)}["best_score"] == best.values[0]
+    assert {key: value for key, value, _, _ in summary_metric_rows(summary, 0)}["best_score"] == best.values[0]
     assert "Pareto front (auc_loss against trainable parameters" in summary.format()
     # a later study can warm-start from this one: its best score's policy
     label, policy = source_policy("mo", open_storage(storage), 0)

@@ -20,7 +20,7 @@ from initsearch.init.policy import InitPolicy
 from initsearch.search.report import summarize
 from initsearch.search.settings import settings_from_config
 from initsearch.search.trial import prepare, train_contender
-from initsearch.tracking.payload import summary_metrics
+from initsearch.tracking.payload import summary_metric_rows
 from tests.conftest import TINY, compose_config
 
 BASELINES = ("he", "xavier", "orthogonal")
@@ -81,7 +81,7 @@ def test_summary_best_trials_and_headline_percentage_from_planted_scores(directi
     ordered = summary.table[summary.table.state == "complete"]["trial"].tolist()
     assert ordered == sorted(scores, key=scores.get, reverse=direction == "maximize")  # the table, best first
 
-    logged = {m.key: m.value for m in summary_metrics(summary, now_ms=0)}  # what the parent run receives
+    logged = {key: value for key, value, _, _ in summary_metric_rows(summary, now_ms=0)}  # what the parent run receives
     assert logged["best_score"] == pytest.approx(scores[best])
     assert logged["best_search_score"] == pytest.approx(found)
     assert logged["best_baseline_score"] == pytest.approx(base)

@@ -2,6 +2,7 @@
 the limits every call respects, and that tracking stays off the study's critical path."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -10,6 +11,7 @@ import pickle
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -37,8 +39,7 @@ from initsearch.tracking import tracker as tracking
 from initsearch.tracking.delivery import writer_running_for
 from initsearch.tracking.payload import config_params, redact_text, trial_metrics
 from initsearch.tracking.plots import plot_importances
-from initsearch.tracking.uri import check_reachable, default_artifact_location, resolve_tracking_uri, runs_page_url
-from initsearch.tracking.writer import (
+from initsearch.tracking.runs import (
     MAX_BATCH_BYTES,
     MAX_ENTITIES_PER_BATCH,
     MAX_KEY,
@@ -48,6 +49,7 @@ from initsearch.tracking.writer import (
     MAX_TAG_VALUE,
     batches,
 )
+from initsearch.tracking.uri import check_reachable, default_artifact_location, resolve_tracking_uri, runs_page_url
 from tests.conftest import TINY, compose_config
 
 MLFLOW_BIN = str(Path(sys.executable).with_name("mlflow"))
@@ -56,6 +58,11 @@ STEPS = 20  # train.steps in TINY
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
+def sqlite_tables(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, read, released)."""
     with socket.socket() as s:
@@ -315,8 +322,9 @@ def test_an_optuna_database_as_the_mlflow_store_is_one_line_before_any_training(
         tracking.make_tracker(settings)
 
 
-def test_a_local_store_is_opened_by_the_thread_and_the_study_does_not_wait_for_it(tmp_path, monkeypatch):
-    """A SQLite store starts alone (under its own lock): make_tracker opens no client; the thread does."""
+def test_a_local_store_is_opened_by_the_writer_and_the_study_does_not_wait_for_it(tmp_path, monkeypatch):
+    """A SQLite store starts alone (under its own lock): make_tracker opens no client; the writer process
+    creates the store and the parent run, and this process never opens one."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     settings = settings_from_config(tiny(tmp_path, f"tracking_uri={uri}", "study_name=alone"))
@@ -325,7 +333,7 @@ def test_a_local_store_is_opened_by_the_thread_and_the_study_does_not_wait_for_i
         assert tracker.client is None and tracker.starts_alone
         tracker.study_started(settings, "study_name: alone\n", SimpleNamespace(study_name="alone"))
         assert tracker.flush()
-        assert tracker.client is not None and tracker.parent_id is not None
+        assert tracker.client is None and tracker.parent_id is not None
     finally:
         tracker.close()
     assert [r.info.run_id for r in MlflowClient(uri).search_runs(
@@ -339,10 +347,85 @@ def test_open_store_now_opens_it_before_the_study_starts(tmp_path, monkeypatch):
     tracker = tracking.make_tracker(settings)
     try:
         tracker.open_store_now()
-        assert tracker.client is not None and tracker.parent_id is None
-        assert tracker.writer is not None and tracker.writer.wait_acknowledged(stall_timeout=0.1)  # opened there too
+        assert tracker.client is None and tracker.parent_id is None  # opened in the writer process
+        assert tracker.writer is not None and tracker.writer.wait_acknowledged(stall_timeout=0.1)
+        assert "experiments" in sqlite_tables(tmp_path / "mlflow.db")
     finally:
         tracker.close()
+
+
+MLFLOW_SPY = """import atexit, os, sys
+atexit.register(lambda: open(os.path.join(os.environ["MLFLOW_SPY"], ("writer" if sys.argv[0].endswith("writer.py")
+    else "study") + f"-{os.getpid()}.txt"), "w").write(
+    " ".join(sorted(m for m in sys.modules if m == "mlflow" or m.startswith("mlflow."))[:2]) or "none"))
+"""
+
+
+def test_a_study_with_a_local_store_never_imports_mlflow_in_its_own_process(tmp_path):
+    """The writer process makes every MLflow call of the study (the parent run, the trials, the figures'
+    data, the end): the study's interpreter, which trains, does not import MLflow at all. Yet everything
+    is logged: the parent run FINISHED with its artifacts, one child run per trial."""
+    (tmp_path / "sitecustomize.py").write_text(MLFLOW_SPY)
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])]),
+           "MLFLOW_SPY": str(spy)}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run([sys.executable, "-m", "initsearch", *BASE, f"tracking_uri={uri}", "study_name=no_mlflow_here",
+                           f"storage={tmp_path}/study.journal", f"hydra.run.dir={tmp_path}/out", "progress=false"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    (study,) = spy.glob("study-*.txt")
+    (writer,) = spy.glob("writer-*.txt")  # one writer: started before the config was composed, then adopted
+    assert study.read_text() == "none" and writer.read_text().startswith("mlflow ")
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("no_mlflow_here").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("initsearch.role") == "parent"]
+    assert parent.info.status == "FINISHED" and "best_score" in parent.data.metrics
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_policy.json", "trials.csv", "config.yaml", "training_curves.png", "score_by_trial.png"} <= names
+    assert sorted(r.data.tags["initsearch.trial"] for r in runs if r is not parent) == ["0", "1", "2", "3"]
+    assert (tmp_path / "out" / "training_curves.png").is_file()
+
+
+def test_a_prestarted_writer_is_adopted_by_the_tracker_or_ended_when_the_study_does_not_track(tmp_path, monkeypatch):
+    """``python -m initsearch`` starts the writer before it knows the URI; ``make_tracker`` hands it the URI
+    (and MLflow's settings of this process since) and logs through it; ``tracking_uri=none`` ends it."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = settings_from_config(tiny(tmp_path, f"tracking_uri={uri}", "study_name=adopted"))
+    delivery.prestart_writer()
+    prestarted = delivery._prestarted
+    assert prestarted is not None and prestarted.poll() is None
+    tracker = tracking.make_tracker(settings)
+    try:
+        assert tracker.writer is not None and tracker.writer.pid == prestarted.pid and delivery._prestarted is None
+        tracker.study_started(settings, "study_name: adopted\n", SimpleNamespace(study_name="adopted"))
+        tracker.trial_finished(a_trial(0))
+        assert tracker.flush() and tracker.parent_id is not None and tracker.logged_here == 0
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # what the adopted writer was given too
+    finally:
+        tracker.close()
+    _, _, children = runs_of(MlflowClient(uri), "adopted")
+    assert [c.data.tags["initsearch.trial"] for c in children] == ["0"]
+
+    delivery.prestart_writer()
+    unused = delivery._prestarted
+    assert isinstance(tracking.make_tracker(settings_from_config(tiny(tmp_path, "tracking_uri=none"))), NullTracker)
+    assert unused.wait(60) == 0 and delivery._prestarted is None
+    assert unused.stdout.read() == b""  # ended quietly: not even its ready line
+
+
+@pytest.mark.parametrize(("args", "tracks"), [
+    ([], True), (["study=digits_cnn", "n_trials=3"], True), (["tracking_uri=http://host:5000"], True),
+    (["tracking_uri=none"], False), (["tracking_uri=OFF"], False), (["+tracking_uri='none'"], False),
+    (["--help"], False), (["-h"], False), (["--cfg", "job"], False), (["-m", "seed=0,1"], False),
+    (["--hydra-help"], False),
+])
+def test_the_writer_is_prestarted_only_for_a_study_that_may_track(args, tracks):
+    from initsearch.__main__ import may_track
+
+    assert may_track(args) is tracks
 
 
 def test_tracking_none_turns_it_off(tmp_path, monkeypatch):
@@ -441,12 +524,13 @@ class _BlockingClient:
         return call
 
 
-def test_hooks_only_enqueue_and_worker_failures_are_warnings(caplog):
+def test_hooks_only_enqueue_and_worker_failures_are_warnings(tmp_path, caplog):
     client = _BlockingClient()
-    tracker = tracking.MlflowTracker(client, "http://127.0.0.1:1")
+    tracker = tracking.MlflowTracker(client, "http://127.0.0.1:1", writer=False)  # every call on the thread
     outcome = TrialOutcome(0, "he", {}, state="complete", value=1.0)
+    settings = settings_from_config(tiny(tmp_path, "study_name=s"))
     started = time.monotonic()
-    tracker.study_started(SimpleNamespace(), "", SimpleNamespace(study_name="s"))
+    tracker.study_started(settings, "", SimpleNamespace(study_name="s"))
     tracker.trial_finished(outcome)
     assert time.monotonic() - started < 1 and client.calls == []  # nothing ran on the caller's thread
     client.release.set()
@@ -703,8 +787,12 @@ def test_flush_gives_up_on_a_stopped_writer_whose_pipe_is_full(tmp_path, monkeyp
 
 def test_while_the_study_waits_this_process_helps_the_writer_and_logs_each_trial_once(tmp_path):
     """A batched round ends with K trials at once: when the study waits for them (flush/study_finished),
-    the tracker's thread logs queued trials itself while the writer has a backlog."""
+    the tracker's thread logs queued trials itself while the writer has a backlog, when it has a client
+    of its own (a server's; a local store's is only opened without a writer: importing MLflow for this
+    would cost more than it saves)."""
     tracker, client = sqlite_tracker(tmp_path, "helping")
+    assert tracker.client is None
+    tracker.client = client
     writer = tracker.writer
     os.kill(writer.pid, signal.SIGSTOP)
     result: list[bool] = []

@@ -32,7 +32,7 @@ from typing import Any
 
 from initsearch.errors import first_line
 from initsearch.search.workers import running_with_env, worker_id
-from initsearch.tracking.writer import URI_ENV
+from initsearch.tracking.writer import URI_ENV, URI_ON_STDIN
 
 log = logging.getLogger("initsearch")
 
@@ -131,13 +131,15 @@ def writer_command() -> list[str]:
     return [sys.executable, "-P", "-m", "initsearch.tracking.writer"]
 
 
-def writer_env(uri: str) -> dict[str, str]:
+def writer_env(uri: str | None) -> dict[str, str]:
     """The writer's environment: this process's, plus the URI (``writer.URI_ENV``), this process's
     ``worker_id`` (``WRITER_FOR_ENV``) and, when this ``initsearch`` does not come from a site directory,
     ``PYTHONPATH`` with the folder that holds it first, so the writer imports the same package even when it
     is not installed. A site directory is left where it is: ahead of the standard library, a module there
     (a ``pathlib`` backport, say) would shadow the standard one."""
-    env = {**os.environ, URI_ENV: uri, WRITER_FOR_ENV: worker_id()}
+    env = {**os.environ, WRITER_FOR_ENV: worker_id()}
+    if uri is not None:
+        env[URI_ENV] = uri
     if PACKAGE_ROOT not in _site_dirs():
         path = os.environ.get("PYTHONPATH")
         env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, path]) if path else PACKAGE_ROOT
@@ -148,6 +150,52 @@ def _site_dirs() -> set[str]:
     """This interpreter's site-packages folders (and the user's), as absolute paths."""
     dirs = [*site.getsitepackages(), site.getusersitepackages()]
     return {os.path.abspath(d) for d in dirs}
+
+
+_prestarted: subprocess.Popen | None = None  # a writer started before the study knew its tracking URI
+
+
+def prestart_writer() -> None:
+    """Start a writer now, before the command has composed its config (``python -m initsearch`` calls this
+    first thing): it imports MLflow on another core while this process imports torch and builds the study,
+    so a short study does not wait for that at its end. ``WriterProcess.launch`` adopts it and sends it the
+    URI; a study that does not track closes it (``discard_prestarted_writer``), and so does this process's
+    exit."""
+    global _prestarted
+    if _prestarted is not None:
+        return
+    try:
+        _prestarted = subprocess.Popen([*writer_command(), URI_ON_STDIN], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, close_fds=True, env=writer_env(None))
+    except (OSError, ValueError):
+        _prestarted = None  # WriterProcess.launch tries again, and warns
+
+
+def discard_prestarted_writer() -> None:
+    """End the writer ``prestart_writer`` started (EOF: it exits without logging anything)."""
+    global _prestarted
+    proc, _prestarted = _prestarted, None
+    if proc is not None and proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+
+
+def _adopt_prestarted(uri: str) -> subprocess.Popen | None:
+    """The prestarted writer, told its URI and MLflow's settings in this process's environment now (the
+    retry bounds ``tracker.bound_retries`` set after it started); ``None`` when there is none or it is gone."""
+    global _prestarted
+    proc, _prestarted = _prestarted, None
+    if proc is None or proc.poll() is not None or proc.stdin is None:
+        return None
+    try:
+        env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}  # set since (bound_retries...)
+        proc.stdin.write(json.dumps({"op": "uri", "uri": uri, "env": env}).encode() + b"\n")
+        proc.stdin.flush()
+    except (OSError, ValueError):
+        return None
+    return proc
 
 
 class WriterProcess:
@@ -175,12 +223,17 @@ class WriterProcess:
         self._sent = 0
         self._acked = -1  # seq 0 = the writer imported MLflow and is ready
         self._pending: dict[int, dict[str, Any] | None] = {}
+        self._answers: dict[int, dict[str, Any] | None] = {}  # study calls waiting for their acknowledgement
         self._reader = threading.Thread(target=self._read, name="initsearch-mlflow-acks", daemon=True)
         self._reader.start()
 
     @classmethod
     def launch(cls, uri: str) -> WriterProcess | None:
-        """Start the writer on ``uri``; ``None`` and a warning when it cannot be started at all."""
+        """Start the writer on ``uri`` (or adopt the one ``prestart_writer`` started); ``None`` and a warning
+        when it cannot be started at all."""
+        prestarted = _adopt_prestarted(uri)
+        if prestarted is not None:
+            return cls(prestarted)
         try:
             proc = subprocess.Popen(writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
                                     env=writer_env(uri))
@@ -205,31 +258,61 @@ class WriterProcess:
 
     def send_trial(self, payload: dict[str, Any]) -> bool:
         """Send one trial; ``False`` when the writer is gone (the caller logs it itself)."""
-        return self._send("trial", payload)
+        return self._send("trial", payload) is not None
 
     def open_store(self, timeout: float | None) -> bool:
         """Have the writer open its client on the store (after this process created it); wait for that up
         to ``timeout`` s (``None``: do not wait). ``False`` when it is not done by then (the trials then
         wait in the pipe)."""
-        if not self._send("open", None):
+        if self._send("open", None) is None:
             return False
         return True if timeout is None else self.wait_acknowledged(stall_timeout=timeout)
 
-    def _send(self, op: str, payload: dict[str, Any] | None) -> bool:
+    def call(self, name: str, args: dict[str, Any], stall_timeout: float = STALL_TIMEOUT_S) -> dict[str, Any] | None:
+        """Run ``runs.STUDY_CALLS[name](client, **args)`` in the writer and wait for its acknowledgement
+        (``{"result", "error", "delivered"}``); ``None`` when the writer is gone or goes before answering
+        (the caller then makes the call itself). A writer that answers nothing for ``stall_timeout`` s is a
+        ``TimeoutError``."""
+        seq = self._send("study", {"call": name, "args": args}, keep=False, answer=True)
+        if seq is None:
+            return None
+        with self._cond:
+            since = time.monotonic()
+            while self._answers.get(seq) is None and not self.dead:
+                acked = self._acked
+                self._cond.wait(min(1.0, stall_timeout))
+                if self._acked != acked:
+                    since = time.monotonic()
+                elif time.monotonic() - since >= stall_timeout:
+                    self._answers.pop(seq, None)
+                    raise TimeoutError(f"the writer process (pid {self.pid}) answered nothing for {stall_timeout:.0f} s")
+            return self._answers.pop(seq, None)
+
+    def tell(self, name: str, args: dict[str, Any]) -> bool:
+        """Have the writer run ``runs.STUDY_CALLS[name](client, **args)`` after what it was sent, without
+        waiting for it; ``False`` when the writer is gone."""
+        return self._send("study", {"call": name, "args": args}, keep=False) is not None
+
+    def _send(self, op: str, payload: dict[str, Any] | None, keep: bool = True, answer: bool = False) -> int | None:
+        """Write one message; its ``seq``, or ``None`` when the writer is gone. ``keep``: the payload is
+        handed back (``on_death``) if the writer dies before acknowledging it. ``answer``: its
+        acknowledgement is kept for ``call``."""
         with self._cond:
             if self.dead or self.closing:
-                return False
+                return None
             seq = self._sent + 1
             line = json.dumps({"op": op, "seq": seq, **(payload or {})}).encode() + b"\n"  # may raise: nothing pending
             self._sent = seq
-            self._pending[seq] = payload
+            self._pending[seq] = payload if keep else None
+            if answer:
+                self._answers[seq] = None
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.write(line)
             self.proc.stdin.flush()
         except (OSError, ValueError) as exc:
             self._died(f"cannot be written to ({first_line(exc, with_type=True, limit=300)})")
-        return True
+        return seq
 
     def wait_acknowledged(self, stall_timeout: float = STALL_TIMEOUT_S) -> bool:
         """Block until everything sent so far is acknowledged or the writer is gone; ``False`` when it
@@ -281,12 +364,15 @@ class WriterProcess:
                 continue
             with self._cond:
                 self._pending.pop(ack["seq"], None)
-                self._acked = max(self._acked, ack["seq"])
                 self.cpu_s = float(ack.get("cpu") or 0.0)
                 self.trial_cpu_s = float(ack.get("trial_cpu") or 0.0)
-                self._cond.notify_all()
                 on_ack = self._on_ack
-            on_ack(ack)
+            on_ack(ack)  # (the spool is updated) before anyone waiting for this acknowledgement goes on
+            with self._cond:
+                if ack["seq"] in self._answers:
+                    self._answers[ack["seq"]] = ack
+                self._acked = max(self._acked, ack["seq"])
+                self._cond.notify_all()
         try:
             code = self.proc.wait(5.0)
         except subprocess.TimeoutExpired:

@@ -2,7 +2,7 @@
 
 No MLflow client here: the tracker logs the study-level runs with them, and each trial becomes one plain,
 JSON-able payload (``trial_payload``) that the writer process, or the logging thread, turns into a child
-run (``writer.log_trial``). Keys are cleaned and values clipped to MLflow's limits here, so one odd config
+run (``runs.log_trial``). Keys are cleaned and values clipped to MLflow's limits here, so one odd config
 key or long reason never makes a whole batch fail; the store URLs in the config and the tags are shown
 without their passwords.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from initsearch.errors import redact_url
 from initsearch.search.outcome import TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings, is_rdb, resolve_device
-from initsearch.tracking.writer import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
+from initsearch.tracking.runs import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
 
 log = logging.getLogger("initsearch")
 
@@ -215,7 +215,7 @@ def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any
 
 
 def trial_payload(outcome: TrialOutcome, end_ms: int, worker: str) -> dict[str, Any]:
-    """Everything the child run of a trial holds, as plain JSON-able data (``writer.log_trial``).
+    """Everything the child run of a trial holds, as plain JSON-able data (``runs.log_trial``).
 
     The run ids (``experiment_id``, tag ``mlflow.parentRunId``) are filled in later, once the study's
     start is logged. ``worker`` is the study process's ``worker_id`` (tag ``initsearch.worker``: a resume
@@ -315,11 +315,10 @@ def _json(value: Any) -> str:
     return json.dumps(_plain(value), indent=2)
 
 
-def summary_metrics(summary: Any, now_ms: int) -> list[Any]:
-    """``best_score``, ``best_search_score``, ``best_baseline_score``, ``improvement_pct`` (those that exist),
-    at step = number of trials in the study, so resumed studies draw a history of the headline."""
-    from mlflow.entities import Metric
-
+def summary_metric_rows(summary: Any, now_ms: int) -> list[tuple[str, float, int, int]]:
+    """``best_score``, ``best_search_score``, ``best_baseline_score``, ``improvement_pct`` (those that exist)
+    as ``[key, value, timestamp_ms, step]`` rows, at step = number of trials in the study, so resumed
+    studies draw a history of the headline."""
     step = int(len(summary.table))
     values = {
         "best_score": trial_score(summary.best) if summary.best is not None else None,
@@ -327,7 +326,7 @@ def summary_metrics(summary: Any, now_ms: int) -> list[Any]:
         "best_baseline_score": trial_score(summary.best_baseline) if summary.best_baseline is not None else None,
         "improvement_pct": summary.improvement_pct,
     }
-    return [Metric(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]
+    return [(k, float(v), now_ms, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]
 
 
 def summary_tags(summary: Any) -> dict[str, str]:

@@ -11,11 +11,14 @@ Layout in MLflow (the experiment is named after the study):
 
 ``MlflowTracker`` implements the study's ``Tracker`` hooks. The study's thread only turns each
 ``TrialOutcome`` into a plain payload (``payload.trial_payload``) and queues it; everything else runs on the
-tracker's logging thread (``delivery``), in order: the experiment and parent run (resume, closing dead
-workers' runs, backfill) before any trial is sent; the trials, handed to the writer process; at the end
-of the study, once the writer has acknowledged every trial (the training-curves plot reads them back),
-the results and plots. While the study waits for the logs (``flush``, ``study_finished``) the thread logs a
-queued trial itself whenever the writer already has ``STEAL_BACKLOG`` trials in hand, so the last round of
+tracker's logging thread (``delivery``), in order, and every MLflow call is made by the writer process
+(``runs``: the study's start and end, each trial's run, what the figures read back), so the study's own
+interpreter, which trains, never imports MLflow: the experiment and parent run (resume, closing dead
+workers' runs, backfill) before any trial is sent; the trials; at the end of the study the results and
+plots (drawn here from the curves the writer reads back). Without a writer, or after it died, the thread
+makes the same calls itself with its own client. A tracker that has a client anyway (a server's, opened
+at start to check it) logs a queued trial itself while the study waits for the logs (``flush``,
+``study_finished``) whenever the writer already has ``STEAL_BACKLOG`` trials in hand, so the last round of
 a batched study is logged on both cores. ``close`` (also registered with ``atexit``) waits a bounded time.
 Nothing here raises into the study: a failing MLflow call is one warning per outage (passwords of the
 tracking URI shown as ``***``: MLflow quotes failing URLs); each MLflow call gives up after about
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -38,20 +40,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from initsearch.errors import ConfigError, first_line, hide_password_of, redact_url
+from initsearch.errors import ConfigError, hide_password_of, redact_url
 from initsearch.search.outcome import NullTracker, Tracker, TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings, TrackingSettings
 from initsearch.search.workers import StudyLock, worker_alive, worker_id
-from initsearch.tracking.delivery import STALL_TIMEOUT_S, LoggingThread, WriterProcess, writer_running_for
+from initsearch.tracking.delivery import (
+    STALL_TIMEOUT_S,
+    LoggingThread,
+    WriterProcess,
+    discard_prestarted_writer,
+    writer_running_for,
+)
 from initsearch.tracking.payload import (
     SIGNALS_TABLE,
     TRAIN_LOSS,
-    clip,
     config_params,
     network_tags,
     parent_tags,
     redact_text,
-    summary_metrics,
+    summary_metric_rows,
     summary_tags,
     trial_payload,
 )
@@ -62,6 +69,7 @@ from initsearch.tracking.plots import (
     plot_training_curves,
     save_figure,
 )
+from initsearch.tracking.runs import STUDY_CALLS, ArtifactsNotLogged, log_trial, short_error
 from initsearch.tracking.spool import Spool, spool_folder
 from initsearch.tracking.uri import (
     EXPERIMENT_KIND,
@@ -76,16 +84,7 @@ from initsearch.tracking.uri import (
     runs_page_url,
     ui_base,
 )
-from initsearch.tracking.writer import (
-    MAX_TAG_VALUE,
-    RETRY_EVERY_S,
-    ArtifactsNotLogged,
-    Outage,
-    log_in_batches,
-    log_trial,
-    retry_env,
-    short_error,
-)
+from initsearch.tracking.writer import RETRY_EVERY_S, Outage, retry_env
 
 log = logging.getLogger("initsearch")
 
@@ -122,6 +121,7 @@ def make_tracker(settings: StudySettings) -> Tracker:
     """
     uri = resolve_tracking_uri(settings.tracking_uri)
     if uri is None:
+        discard_prestarted_writer()
         return NullTracker()
     hide_password_of(uri)  # MLflow's errors quote the failing request's URL: warnings show *** instead
     tracking = getattr(settings, "tracking", None) or TrackingSettings()
@@ -165,9 +165,9 @@ def _now_ms() -> int:
 
 
 class MlflowTracker:
-    """Logs a study to MLflow: the study-level runs through an explicit ``MlflowClient`` on a background
-    thread, the trials' child runs through a writer process (``writer=False``, or when the writer cannot
-    start or dies: on the same thread, with the same client).
+    """Logs a study to MLflow through a writer process: the parent run and the trials' child runs
+    (``writer=False``, or when the writer cannot start or dies: on a background thread of this process,
+    with its own ``MlflowClient``).
 
     The three hooks only build plain payloads and enqueue them (with the wall-clock time they were called
     at, so the runs keep the trials' real start and end times); nothing here raises into the study.
@@ -219,6 +219,7 @@ class MlflowTracker:
         self.backfilled = 0  # trials an earlier run left out, logged by this one
         self._queued: set[int] = set()  # trials this tracker was given (``trial_finished``): never backfilled
         self._backfilled_numbers: set[int] = set()  # a trial given after its backfill is not logged twice
+        self._logged_before: set[str] = set()  # trials with a finished run when the study (re)started
         atexit.register(self.close)
         if isinstance(writer, WriterProcess):
             self._attach_writer(writer)
@@ -259,7 +260,6 @@ class MlflowTracker:
         self._draining = True
         self._thread.submit(self._await_writer)
         self._thread.submit(self._redeliver)
-        self._thread.submit(self._eof_writer)  # nothing left to send: it exits while the plots are drawn
         self._thread.submit(self._finish, study, summary, None if policy_path is None else Path(policy_path))
         self._close(FINISH_TIMEOUT_S, patient=True)
 
@@ -310,9 +310,9 @@ class MlflowTracker:
         self._closed = True
         atexit.unregister(self.close)
         limit = timeout if self.flush_timeout is None else min(timeout, self.flush_timeout)
-        self._thread.submit(self._close_writer)
         if not self._finished:
             self._thread.submit(self._abandon)
+        self._thread.submit(self._close_writer)
         started = time.monotonic()
         stopped = self._thread.stop(limit)
         while not stopped and patient and not self.outage.down and time.monotonic() - started < timeout:
@@ -372,13 +372,6 @@ class MlflowTracker:
         self.outage.next_try = time.monotonic() + self.outage.retry_every  # one try per interval
         return True
 
-    def _store_artifact(self, fn: Callable[..., Any], run_id: str, *args: Any) -> None:
-        """Store an artifact of the parent run; an artifact store that refuses it is a warning (once)."""
-        try:
-            fn(run_id, *args)
-        except Exception as exc:
-            self._artifacts_missing(f"artifacts not stored (the study's run: {short_error(exc)})")
-
     def _artifacts_missing(self, error: str) -> None:
         if not self._artifacts_warned:
             self._artifacts_warned = True
@@ -395,7 +388,10 @@ class MlflowTracker:
         writer.bind(self._on_ack, self._on_writer_death)
 
     def _on_ack(self, ack: dict[str, Any]) -> None:
-        """The reader thread: a delivered trial leaves the spool; a failure starts (or continues) an outage."""
+        """The reader thread: a delivered trial leaves the spool; a failure starts (or continues) an outage.
+        (A study call's answer goes to its caller, ``_study_call``.)"""
+        if ack.get("op") == "study":
+            return
         number = ack.get("number")
         if ack.get("delivered", True):
             if number is not None and self.spool is not None:
@@ -434,7 +430,8 @@ class MlflowTracker:
         payload["experiment_id"] = self.experiment_id
         payload["tags"]["mlflow.parentRunId"] = self.parent_id
         self._log_orphans()
-        helping = self._draining and self.writer is not None and self.writer.unacknowledged >= STEAL_BACKLOG
+        helping = (self._draining and self.client is not None and self.writer is not None
+                   and self.writer.unacknowledged >= STEAL_BACKLOG)
         if probe:
             payload["retry"] = True  # tried before the outage was seen? then it may be there
         if self.writer is None or helping or probe or not self.writer.send_trial(payload):
@@ -444,7 +441,7 @@ class MlflowTracker:
         """Log one trial on this thread (``retry``: unless it already has a run); it leaves the spool."""
         started = time.thread_time()
         try:
-            log_trial(self.client, payload, check_existing=bool(payload.get("retry")))
+            log_trial(self._local_client(), payload, check_existing=bool(payload.get("retry")))
         except ArtifactsNotLogged as exc:
             self._artifacts_missing(f"artifacts not stored ({exc})")
         finally:
@@ -475,10 +472,6 @@ class MlflowTracker:
         self._log_orphans()
         self._draining = self._finished  # after a flush, later trials go to the writer again
 
-    def _eof_writer(self) -> None:
-        if self.writer is not None:
-            self.writer.close_input()
-
     def _close_writer(self) -> None:
         """EOF to the writer, then wait (bounded) for it to log what it was sent and exit."""
         writer = self.writer
@@ -505,30 +498,47 @@ class MlflowTracker:
             return False
         with StudyLock(self.uri, None, "mlflow") if self.starts_alone else contextlib.nullcontext():
             try:
-                if self.client is None:
-                    self.client = open_client(self.uri)
-                    if self.writer is not None:
-                        self.writer.open_store(None)  # the trials wait in the pipe until it has
                 self._start(*self._start_args)
             except Exception as exc:
-                self._went_down("logging the study's start", short_error(exc))
+                self._went_down("logging the study's start", _why(exc))
                 return False
             self._recovered()
             try:
-                self._backfill(self._study)
+                if self._backfill(self._study) and self.writer is not None:
+                    self.writer.wait_acknowledged()  # logged before another worker, under the lock, looks
             except Exception as exc:  # the trials not logged stay where they are, for the next run
-                log.warning("MLflow tracking: logging the trials earlier runs left out failed (%s)", short_error(exc))
+                log.warning("MLflow tracking: logging the trials earlier runs left out failed (%s)", _why(exc))
         return True
 
-    def open_store_now(self, timeout: float = 30.0) -> None:
-        """Open the store here and now, and wait (up to ``timeout`` s) for the writer to open it too: what
-        the thread does first otherwise. For ``scripts/bench.py``, which times a study without the store's
-        opening (as it times the hand-written loop)."""
+    def _study_call(self, call: str, /, **args: Any) -> dict[str, Any]:
+        """One of ``runs.STUDY_CALLS`` (the parent run's start and end, the figures' data): made by the
+        writer process, so this one never imports MLflow; here when there is no writer or it died."""
+        if self.writer is not None and not self.writer.dead:
+            ack = self.writer.call(call, args)
+            if ack is not None:
+                if not ack.get("delivered"):
+                    raise WriterCallFailed(str(ack.get("error")))
+                if ack.get("error"):
+                    self._artifacts_missing(str(ack["error"]))
+                return ack.get("result") or {}
+        return STUDY_CALLS[call](self._local_client(), **args)
+
+    def _local_client(self) -> Any:
+        """This process's own ``MlflowClient`` (importing MLflow here), opened on first use: logging without
+        a writer, or after it died. The store exists by then (``_connected`` created it under its lock)."""
         if self.client is None:
-            with StudyLock(self.uri, None, "mlflow") if self.starts_alone else contextlib.nullcontext():
-                self.client = open_client(self.uri)
-            if self.writer is not None:
+            self.client = open_client(self.uri)
+        return self.client
+
+    def open_store_now(self, timeout: float = 30.0) -> None:
+        """Have the writer open the store now and wait for it (up to ``timeout`` s), or open it here when
+        there is no writer: what the start of the study does first otherwise. For ``scripts/bench.py``, which times a study without the store's
+        opening (as it times the hand-written loop)."""
+        with StudyLock(self.uri, None, "mlflow") if self.starts_alone else contextlib.nullcontext():
+            if self.writer is not None and not self.writer.dead:
                 self.writer.open_store(timeout)
+            elif self.client is None:
+                self.client = open_client(self.uri)
 
     @property
     def starts_alone(self) -> bool:
@@ -557,63 +567,27 @@ class MlflowTracker:
     # -- the logging thread's side --
     def _start(self, settings: StudySettings, config_yaml: str, name: str, started_ms: int) -> None:
         """Find or create the experiment and the parent run (started at ``started_ms``, when the study
-        started); log the config (params, tags, config.yaml). On resume, new config keys become params and
-        changed ones are listed in the tag ``initsearch.resumed_with`` (MLflow params cannot change)."""
-        client = self.client
-        self.experiment_id = self._experiment(name)
-        self.runs_url = runs_page_url(ui_base(self.uri), self.experiment_id, settings.score.direction)
-        parent = self._find_parent(name)
-        tags = parent_tags(settings)
+        started) and log the config (``runs.start_study``). On resume, delete the child runs that dead
+        workers left RUNNING, half logged (``_backfill`` then logs those trials again), and note which
+        trials already have a run."""
         yaml_text = redact_text(config_yaml, (settings.storage, settings.tracking_uri or ""))
-        params = config_params(yaml_text)
-        if parent is None:
-            run = client.create_run(self.experiment_id, start_time=started_ms, tags={"initsearch.study": name,
-                                    "initsearch.role": "parent"}, run_name=name)
-            self.parent_id = run.info.run_id
-            log_in_batches(client, self.parent_id, params=params, tags=tags)
-            self._store_artifact(client.log_text, self.parent_id, yaml_text, "config.yaml")
-            log.info("MLflow: study %r -> parent run %s in %s (UI: %s)", name, self.parent_id, redact_url(self.uri),
-                     self.runs_url)
-            return
-        self.parent_id = parent.info.run_id
-        client.update_run(self.parent_id, status="RUNNING")
-        logged = parent.data.params
-        new = [(k, v) for k, v in params if k not in logged]
-        changed = [f"{k}={v}" for k, v in params if k in logged and logged[k] != v]
-        tags["initsearch.resumed_with"] = clip(" ".join(changed) or "(same config)", MAX_TAG_VALUE)
-        log_in_batches(client, self.parent_id, params=new, tags=tags)
-        self._close_dead_children()
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        self._store_artifact(client.log_text, self.parent_id, yaml_text, f"resumes/config-{stamp}.yaml")
-        log.info("MLflow: study %r resumes parent run %s in %s (UI: %s)", name, self.parent_id, redact_url(self.uri),
-                 self.runs_url)
-
-    def _experiment(self, name: str) -> str:
-        """The experiment named after the study: found, restored when it was deleted, or created; marked as
-        model development (``uri.EXPERIMENT_KIND_TAG``) so MLflow's UI shows its runs, not a GenAI page."""
-        client = self.client
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            try:
-                return client.create_experiment(name, artifact_location=self.artifact_location,
-                                                tags={"initsearch.study": name, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-            except Exception:
-                exp = client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
-        if exp.lifecycle_stage == "deleted":
-            log.warning("MLflow: experiment %r was deleted; restoring it to continue the study", name)
-            client.restore_experiment(exp.experiment_id)
-        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before initsearch set it
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return exp.experiment_id
-
-    def _find_parent(self, name: str) -> Any:
-        """The oldest active parent run of study ``name`` in the experiment, or ``None``."""
-        runs = search_all(self.client, self.experiment_id, "tags.`initsearch.role` = 'parent'",
-                          order_by=["attributes.start_time ASC"])
-        matches = [r for r in runs if r.data.tags.get("initsearch.study") == name]
-        return matches[0] if matches else None
+        started = self._study_call(
+            "start_study", name=name, started_ms=started_ms, params=config_params(yaml_text), tags=parent_tags(settings),
+            yaml_text=yaml_text, artifact_location=self.artifact_location,
+            experiment_tags={"initsearch.study": name, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if started.get("artifact_error"):
+            self._artifacts_missing(str(started["artifact_error"]))
+        if started.get("restored"):
+            log.warning("MLflow: experiment %r had been deleted; restored it to continue the study", name)
+        self.experiment_id, self.parent_id = str(started["experiment_id"]), str(started["parent_id"])
+        self.runs_url = runs_page_url(ui_base(self.uri), self.experiment_id, settings.score.direction)
+        self._logged_before = set(started.get("logged") or [])
+        dead = [run_id for run_id, worker in started.get("running_children") or []
+                if worker and worker_alive(worker) is False and not writer_running_for(worker)]
+        if dead:  # runs of live or remote workers stay
+            self._study_call("delete_runs", run_ids=dead)
+        log.info("MLflow: study %r %s parent run %s in %s (UI: %s)", name, "resumes" if started.get("resumed") else "->",
+                 self.parent_id, redact_url(self.uri), self.runs_url)
 
     def _finish(self, study: Any, summary: Any, policy_path: Path | None) -> None:
         """Headline metrics, best_policy.json, trials.csv and the plots on the parent (the plots also next to
@@ -622,9 +596,7 @@ class MlflowTracker:
             raise RuntimeError("the store is down; the next run of this command logs the end of the study")
         if self.parent_id is None:
             raise RuntimeError("no parent run (the study's start was not logged); end of study skipped")
-        client = self.client
         tags = {**summary_tags(summary), **network_tags(study)}
-        log_in_batches(client, self.parent_id, metrics=summary_metrics(summary, _now_ms()), tags=tags)
         with tempfile.TemporaryDirectory(prefix="initsearch-mlflow-") as tmp:
             folder = Path(tmp)
             if policy_path is not None and policy_path.is_file():
@@ -642,16 +614,24 @@ class MlflowTracker:
                         continue
                     target.write_bytes(png.read_bytes())
                     self.figures.append(target)
-            self._store_artifact(client.log_artifacts, self.parent_id, str(folder))
-        client.set_terminated(self.parent_id, status="FINISHED", end_time=_now_ms())
+            self._study_call("finish_study", parent_id=self.parent_id, metrics=summary_metric_rows(summary, _now_ms()),
+                             tags=tags, folder=str(folder), end_ms=_now_ms())
 
     def _plots(self, study: Any, summary: Any, folder: Path) -> None:
-        """Each plot on its own: one that cannot be drawn is skipped (debug log), the others still come."""
-        runs = self._shown_runs(summary)
+        """Each plot on its own: one that cannot be drawn is skipped (debug log), the others still come.
+        The curves and init signals are read back from the child runs (``runs.figure_data``): the best few
+        complete searched trials that trained (one that re-proposed an already scored policy did not) and
+        every baseline, so trials logged by an earlier, resumed process are drawn too."""
+        table = summary.table
+        searched = [int(n) for n in table[(table["kind"] == "search") & (table["state"] == "complete")]["trial"]]
+        baselines = [[f"{kind} (baseline)", int(n)] for n, kind in zip(table["trial"], table["kind"]) if kind != "search"]
+        shown = self._study_call("figure_data", experiment_id=self.experiment_id, parent_id=self.parent_id,
+                                 searched=searched, baselines=baselines, top=CURVES_TOP, curve_key=TRAIN_LOSS,
+                                 signals_file=SIGNALS_TABLE)
         plots: list[tuple[str, Callable[[], Any]]] = [
-            ("score_by_trial.png", lambda: plot_scores(summary.table, summary.metric, summary.direction)),
-            ("training_curves.png", lambda: plot_training_curves(self._curve_histories(runs), summary.metric)),
-            ("init_signals.png", lambda: plot_init_signals(self._signal_rows(runs))),
+            ("score_by_trial.png", lambda: plot_scores(table, summary.metric, summary.direction)),
+            ("training_curves.png", lambda: plot_training_curves(shown["curves"], summary.metric)),
+            ("init_signals.png", lambda: plot_init_signals(shown["signals"])),
             ("param_importances.png", lambda: plot_importances(study, summary.metric)),
         ]
         for name, draw in plots:
@@ -663,76 +643,18 @@ class MlflowTracker:
             if fig is not None:
                 save_figure(fig, folder / name)
 
-    def _shown_runs(self, summary: Any) -> dict[str, Any]:
-        """The runs the figures compare, by legend label: the best few complete searched trials that
-        trained (one that re-proposed an already scored policy did not) and every baseline, read back from
-        MLflow, so trials logged by an earlier, resumed process are drawn too."""
-        table = summary.table
-        children = search_all(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
-                              order_by=["attributes.start_time ASC"])
-        run_of: dict[int, Any] = {}
-        for run in children:  # oldest first: a later run of the same trial number wins
-            number = run.data.tags.get("initsearch.trial")
-            if number is not None and number.isdigit() and TRAIN_LOSS in run.data.metrics:
-                run_of[int(number)] = run
-        shown: dict[str, Any] = {}
-        searched = table[(table["kind"] == "search") & (table["state"] == "complete")]["trial"]
-        for number in searched:  # best first
-            if int(number) in run_of and len(shown) < CURVES_TOP:
-                shown[f"trial {int(number)}"] = run_of[int(number)]
-        for number, kind in zip(table["trial"], table["kind"]):
-            if kind != "search" and int(number) in run_of:
-                shown[f"{kind} (baseline)"] = run_of[int(number)]
-        return shown
-
-    def _curve_histories(self, runs: dict[str, Any]) -> dict[str, list[list[tuple[int, float]]]]:
-        """``curves/train_loss`` of every evaluation seed of each run (``..._s1``, ``..._s2``, ...)."""
-        curves: dict[str, list[list[tuple[int, float]]]] = {}
-        for label, run in runs.items():
-            keys = sorted((k for k in run.data.metrics if k == TRAIN_LOSS or k.startswith(TRAIN_LOSS + "_s")),
-                          key=lambda k: (len(k), k))
-            curves[label] = [sorted((m.step, m.value) for m in self.client.get_metric_history(run.info.run_id, k))
-                             for k in keys]
-        return curves
-
-    def _signal_rows(self, runs: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-        """The per-layer init diagnostics table of each run, as rows (``payload.SIGNALS_TABLE``)."""
-        out: dict[str, list[dict[str, Any]]] = {}
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per small download
-        with tempfile.TemporaryDirectory(prefix="initsearch-signals-") as tmp:
-            for label, run in runs.items():
-                try:
-                    path = self.client.download_artifacts(run.info.run_id, SIGNALS_TABLE, tmp)
-                    table = json.loads(Path(path).read_text())
-                except Exception as exc:  # a run logged without diagnostics (a backfilled trial)
-                    log.debug("MLflow: no %s for %s (%s)", SIGNALS_TABLE, label, first_line(exc))
-                    continue
-                out[label] = [dict(zip(table["columns"], row)) for row in table["data"]]
-        return out
-
     # -- on resume: what earlier runs left behind --
-    def _close_dead_children(self) -> None:
-        """Delete the child runs still RUNNING whose process (tag ``initsearch.worker``) is gone and whose
-        writer is gone too: a process killed, or a store that went down, while it logged a trial leaves
-        one behind, half logged. ``_backfill`` then logs that trial again. Runs of live or remote workers
-        stay."""
-        children = search_all(self.client, self.experiment_id,
-                              f"tags.`mlflow.parentRunId` = '{self.parent_id}' and attributes.status = 'RUNNING'")
-        for run in children:
-            worker = run.data.tags.get("initsearch.worker")
-            if worker and worker_alive(worker) is False and not writer_running_for(worker):
-                self.client.delete_run(run.info.run_id)
-
-    def _backfill(self, study: Any) -> None:
+    def _backfill(self, study: Any) -> int:
         """A child run for each finished trial that has none and whose worker process (and its writer) is
         gone: from the spool when the trial is there (everything, curves included), else from what the study
         stored (state, score, per-seed scores, params, reason, policy; no curves). Each trial once: a spool
-        entry whose trial already has a finished run is only removed. Runs under the study lock, so two
-        workers starting together do not both log one."""
+        entry whose trial already has a finished run is only removed. Runs under the study lock (and waits
+        for the writer to log them), so two workers starting together do not both log one. Returns how many
+        it logged or sent."""
         if self.parent_id is None or study is None:
-            return
-        children = search_all(self.client, self.experiment_id, f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
-        logged = {run.data.tags.get("initsearch.trial") for run in children if run.info.status != "RUNNING"}
+            return 0
+        before = self.backfilled
+        logged = set(self._logged_before)
 
         def gone(worker: str, owner: str = "") -> bool:
             """The process is gone with its writer (or it is this one, and the trial another, closed tracker's)."""
@@ -751,8 +673,8 @@ class MlflowTracker:
                 continue
             spooled.add(number)
             if gone(worker, owner):
-                self._log_backfill(payload)
-                self.spool.drop(number)
+                if not self._log_backfill(payload):  # (the writer's acknowledgement takes it out of the spool)
+                    self.spool.drop(number)
                 logged.add(str(number))
         states = {"COMPLETE": "complete", "PRUNED": "pruned"}
         for t in study.get_trials(deepcopy=False) if hasattr(study, "get_trials") else []:
@@ -771,32 +693,38 @@ class MlflowTracker:
                 outcome.seconds = (t.datetime_complete - t.datetime_start).total_seconds()
             self._backfilled_numbers.add(t.number)
             self._log_backfill(trial_payload(outcome, int(end.timestamp() * 1000) if end is not None else _now_ms(), worker))
+        return self.backfilled - before
 
-    def _log_backfill(self, payload: dict[str, Any]) -> None:
-        """One trial an earlier run left out, logged here (one-time work: not through the writer)."""
+    def _log_backfill(self, payload: dict[str, Any]) -> bool:
+        """One trial an earlier run left out: sent to the writer (``True``) or logged here; in both cases
+        unless it already has a finished run."""
         payload["experiment_id"] = self.experiment_id
         payload["tags"]["mlflow.parentRunId"] = self.parent_id
+        payload["retry"] = True
+        self.backfilled += 1
+        if self.writer is not None and self.writer.send_trial(payload):
+            return True
         try:
-            log_trial(self.client, payload, check_existing=True)
+            log_trial(self._local_client(), payload, check_existing=True)
         except ArtifactsNotLogged as exc:
             self._artifacts_missing(f"artifacts not stored ({exc})")
-        self.backfilled += 1
+        return False
 
     def _abandon(self) -> None:
-        """The process ends without ``study_finished``: mark the parent KILLED (a resume sets it RUNNING)."""
-        if self.parent_id is not None and not self.outage.down:
-            self.client.set_terminated(self.parent_id, status="KILLED", end_time=_now_ms())
+        """The process ends without ``study_finished``: mark the parent KILLED (a resume sets it RUNNING); the
+        writer does it once it has logged the trials it holds, without this process waiting for it."""
+        if self.parent_id is None or self.outage.down:
+            return
+        args = {"parent_id": self.parent_id, "end_ms": _now_ms()}
+        if self.writer is None or not self.writer.tell("abandon_study", args):
+            STUDY_CALLS["abandon_study"](self._local_client(), **args)
 
 
-def search_all(client: Any, experiment_id: str | None, filter_string: str, order_by: list[str] | None = None) -> list[Any]:
-    """Every run matching ``filter_string`` (all pages)."""
-    if experiment_id is None:
-        return []
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000, order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+class WriterCallFailed(Exception):
+    """A study-level call the writer process made failed; the message is its one-line error."""
+
+
+def _why(exc: Exception) -> str:
+    """One line for a failed call: the writer's own line, or ``short_error``'s."""
+    return str(exc) if isinstance(exc, WriterCallFailed) else short_error(exc)
+
