@@ -428,6 +428,26 @@ def test_the_writer_is_prestarted_only_for_a_study_that_may_track(args, tracks):
     assert may_track(args) is tracks
 
 
+def test_end_of_study_files_the_artifact_store_refuses_are_one_warning_and_the_run_still_finishes(tmp_path, monkeypatch,
+                                                                                                  caplog):
+    """(Without a writer, so that the refusal can be planted in this process: the same call runs there.)"""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(delivery.WriterProcess, "launch", classmethod(lambda cls, uri: None))
+
+    def refuse(self, run_id, local_dir, artifact_path=None):
+        raise OSError("the artifact store is read-only")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", refuse)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with caplog.at_level(logging.WARNING, logger="initsearch"):
+        run(tiny(tmp_path, f"tracking_uri={uri}", "study_name=refused"), tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["MLflow tracking: artifacts not stored (the study's run: OSError: the artifact store is "
+                        "read-only); the trials' runs hold everything else"]
+    _, (parent,), children = runs_of(MlflowClient(uri), "refused")
+    assert parent.info.status == "FINISHED" and "best_score" in parent.data.metrics and len(children) == 4
+
+
 def test_tracking_none_turns_it_off(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = settings_from_config(tiny(tmp_path, "tracking_uri=none"))
@@ -755,7 +775,10 @@ def test_close_waits_a_bounded_time_for_a_stuck_writer_which_finishes_on_its_own
             tracker.close()  # the interrupted-study path (also what atexit runs)
         assert time.monotonic() - started < 10
         assert any("still has 1 trials to log" in r.getMessage() for r in caplog.records)
-        assert runs_of(client, "stuck")[2] == []
+        assert any("answered nothing for 1 s; making the study's calls in this process" in r.getMessage()
+                   for r in caplog.records)
+        _, (parent,), children = runs_of(client, "stuck")
+        assert children == [] and parent.info.status == "KILLED"  # marked here when the writer did not answer
     finally:
         os.kill(writer.pid, signal.SIGCONT)
     writer.proc.wait(60)  # it got EOF: it logs the trial, then exits

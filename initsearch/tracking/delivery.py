@@ -288,11 +288,6 @@ class WriterProcess:
                     raise TimeoutError(f"the writer process (pid {self.pid}) answered nothing for {stall_timeout:.0f} s")
             return self._answers.pop(seq, None)
 
-    def tell(self, name: str, args: dict[str, Any]) -> bool:
-        """Have the writer run ``runs.STUDY_CALLS[name](client, **args)`` after what it was sent, without
-        waiting for it; ``False`` when the writer is gone."""
-        return self._send("study", {"call": name, "args": args}, keep=False) is not None
-
     def _send(self, op: str, payload: dict[str, Any] | None, keep: bool = True, answer: bool = False) -> int | None:
         """Write one message; its ``seq``, or ``None`` when the writer is gone. ``keep``: the payload is
         handed back (``on_death``) if the writer dies before acknowledging it. ``answer``: its

@@ -220,6 +220,7 @@ class MlflowTracker:
         self._queued: set[int] = set()  # trials this tracker was given (``trial_finished``): never backfilled
         self._backfilled_numbers: set[int] = set()  # a trial given after its backfill is not logged twice
         self._logged_before: set[str] = set()  # trials with a finished run when the study (re)started
+        self._writer_stalled = False  # the writer answered nothing for a while: study calls are made here
         atexit.register(self.close)
         if isinstance(writer, WriterProcess):
             self._attach_writer(writer)
@@ -469,6 +470,7 @@ class MlflowTracker:
         if self.writer is not None and not self.writer.wait_acknowledged():
             log.warning("MLflow tracking: the writer process (pid %d) answered nothing for %.0f s; not waiting "
                         "for its %d trials", self.writer.pid, STALL_TIMEOUT_S, self.writer.unacknowledged)
+            self._writer_stalled = True  # the study's own calls are made here from now on
         self._log_orphans()
         self._draining = self._finished  # after a flush, later trials go to the writer again
 
@@ -510,11 +512,17 @@ class MlflowTracker:
                 log.warning("MLflow tracking: logging the trials earlier runs left out failed (%s)", _why(exc))
         return True
 
-    def _study_call(self, call: str, /, **args: Any) -> dict[str, Any]:
+    def _study_call(self, call: str, /, stall_timeout: float | None = None, **args: Any) -> dict[str, Any]:
         """One of ``runs.STUDY_CALLS`` (the parent run's start and end, the figures' data): made by the
-        writer process, so this one never imports MLflow; here when there is no writer or it died."""
-        if self.writer is not None and not self.writer.dead:
-            ack = self.writer.call(call, args)
+        writer process, so this one never imports MLflow; here when there is no writer, it died, or it
+        answered nothing for ``stall_timeout`` s (``STALL_TIMEOUT_S``), now or before."""
+        if self.writer is not None and not self.writer.dead and not self._writer_stalled:
+            try:
+                ack = self.writer.call(call, args, STALL_TIMEOUT_S if stall_timeout is None else stall_timeout)
+            except TimeoutError as exc:
+                log.warning("MLflow tracking: %s; making the study's calls in this process", exc)
+                self._writer_stalled = True
+                ack = None
             if ack is not None:
                 if not ack.get("delivered"):
                     raise WriterCallFailed(str(ack.get("error")))
@@ -614,8 +622,10 @@ class MlflowTracker:
                         continue
                     target.write_bytes(png.read_bytes())
                     self.figures.append(target)
-            self._study_call("finish_study", parent_id=self.parent_id, metrics=summary_metric_rows(summary, _now_ms()),
-                             tags=tags, folder=str(folder), end_ms=_now_ms())
+            ended = self._study_call("finish_study", parent_id=self.parent_id, tags=tags, folder=str(folder),
+                                     metrics=summary_metric_rows(summary, _now_ms()), end_ms=_now_ms())
+            if ended.get("artifact_error"):
+                self._artifacts_missing(str(ended["artifact_error"]))
 
     def _plots(self, study: Any, summary: Any, folder: Path) -> None:
         """Each plot on its own: one that cannot be drawn is skipped (debug log), the others still come.
@@ -711,13 +721,12 @@ class MlflowTracker:
         return False
 
     def _abandon(self) -> None:
-        """The process ends without ``study_finished``: mark the parent KILLED (a resume sets it RUNNING); the
-        writer does it once it has logged the trials it holds, without this process waiting for it."""
-        if self.parent_id is None or self.outage.down:
-            return
-        args = {"parent_id": self.parent_id, "end_ms": _now_ms()}
-        if self.writer is None or not self.writer.tell("abandon_study", args):
-            STUDY_CALLS["abandon_study"](self._local_client(), **args)
+        """The process ends without ``study_finished``: mark the parent KILLED (a resume sets it RUNNING),
+        once the writer has logged the trials it holds (waiting for it at most ``WRITER_EXIT_TIMEOUT_S``,
+        as for its exit; then here), so that a resume started after this process ended finds it KILLED."""
+        if self.parent_id is not None and not self.outage.down:
+            self._study_call("abandon_study", parent_id=self.parent_id, end_ms=_now_ms(),
+                             stall_timeout=WRITER_EXIT_TIMEOUT_S)
 
 
 class WriterCallFailed(Exception):
