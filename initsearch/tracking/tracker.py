@@ -15,8 +15,9 @@ tracker's logging thread (``delivery``), in order, and every MLflow call is made
 (``runs``: the study's start and end, each trial's run, what the figures read back), so the study's own
 interpreter, which trains, never imports MLflow: the experiment and parent run (resume, closing dead
 workers' runs, backfill) before any trial is sent; the trials; at the end of the study the results and
-plots (drawn here from the curves the writer reads back). Without a writer, or after it died, the thread
-makes the same calls itself with its own client. A tracker that has a client anyway (a server's, opened
+plots (drawn here from the curves the writer reads back). Without a writer, after it died or stopped
+answering, and for the trials that probe a store that was down (``_log_here``), the thread makes the same
+calls itself with its own client (importing MLflow then). A tracker that has a client anyway (a server's, opened
 at start to check it) logs a queued trial itself while the study waits for the logs (``flush``,
 ``study_finished``) whenever the writer already has ``STEAL_BACKLOG`` trials in hand, so the last round of
 a batched study is logged on both cores. ``close`` (also registered with ``atexit``) waits a bounded time.
