@@ -23,7 +23,7 @@ from typing import Any
 from initsearch.errors import redact_url
 from initsearch.search.outcome import TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings, is_rdb, resolve_device
-from initsearch.tracking.runs import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
+from initsearch.tracking.runs import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, metric_entities
 
 log = logging.getLogger("initsearch")
 
@@ -209,9 +209,7 @@ def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list
 
 def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any]:
     """``trial_metric_rows`` as ``mlflow.entities.Metric``s."""
-    from mlflow.entities import Metric
-
-    return [Metric(k, v, ts, step) for k, v, ts, step in trial_metric_rows(outcome, start_ms, end_ms)]
+    return metric_entities(trial_metric_rows(outcome, start_ms, end_ms))
 
 
 def trial_payload(outcome: TrialOutcome, end_ms: int, worker: str) -> dict[str, Any]:

@@ -127,8 +127,6 @@ def log_trial(client: Any, payload: Mapping[str, Any], check_existing: bool = Fa
     for the next run of the study to delete) and the error raised; a run whose artifacts could not be
     stored is kept and ``ArtifactsNotLogged`` raised.
     """
-    from mlflow.entities import Metric
-
     tags = dict(payload["tags"])
     if check_existing:
         done = finished_trial_run(client, payload["experiment_id"], tags["mlflow.parentRunId"], payload["number"])
@@ -138,8 +136,7 @@ def log_trial(client: Any, payload: Mapping[str, Any], check_existing: bool = Fa
                             run_name=payload["run_name"], tags=tags)
     run_id = run.info.run_id
     try:
-        metrics = [Metric(str(k), float(v), int(ts), int(step)) for k, v, ts, step in payload["metrics"]]
-        log_in_batches(client, run_id, metrics=metrics, params=payload["params"])
+        log_in_batches(client, run_id, metrics=metric_entities(payload["metrics"]), params=payload["params"])
         client.set_terminated(run_id, status=str(payload["status"]), end_time=int(payload["end_ms"]))
     except Exception:
         try:
@@ -307,7 +304,7 @@ def _artifact(fn: Any, run_id: str, *args: Any) -> str | None:
     try:
         fn(run_id, *args)
     except Exception as exc:
-        return f"artifacts not stored (the study's run: {first_line(exc, with_type=True, limit=300)})"
+        return f"artifacts not stored (the study's run: {short_error(exc)})"
     return None
 
 

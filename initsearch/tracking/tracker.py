@@ -527,8 +527,6 @@ class MlflowTracker:
             if ack is not None:
                 if not ack.get("delivered"):
                     raise WriterCallFailed(str(ack.get("error")))
-                if ack.get("error"):
-                    self._artifacts_missing(str(ack["error"]))
                 return ack.get("result") or {}
         return STUDY_CALLS[call](self._local_client(), **args)
 
