@@ -312,6 +312,26 @@ def test_a_local_store_that_is_not_a_database_is_one_line_before_any_training(tm
         tracking.make_tracker(settings)
 
 
+def test_a_store_a_killed_process_left_mid_write_is_opened(tmp_path, monkeypatch):
+    """SIGKILL in the middle of an MLflow write (a study's process group killed while its writer logs) leaves
+    a hot journal beside the store; the next run rolls it back instead of refusing the store."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    for i in range(300):
+        client.create_experiment(f"experiment {i}")
+    killed = ("import os, signal, sqlite3\n"
+              f"db = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+              "db.execute('PRAGMA cache_size=1'); db.execute('BEGIN IMMEDIATE')\n"
+              "db.execute(\"UPDATE experiments SET name = name || ' with a long suffix that fills pages'\")\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", killed], timeout=60)
+    assert (tmp_path / "mlflow.db-journal").is_file()  # the write it was killed in
+    tracker = tracking.make_tracker(settings_from_config(tiny(tmp_path, f"tracking_uri={uri}")))
+    tracker.close()
+    assert MlflowClient(uri).get_experiment_by_name("experiment 7") is not None  # rolled back
+
+
 def test_an_optuna_database_as_the_mlflow_store_is_one_line_before_any_training(tmp_path, monkeypatch):
     """Optuna and MLflow never share one SQLite file: a database without MLflow's tables is refused at once."""
     monkeypatch.chdir(tmp_path)

@@ -119,7 +119,9 @@ def check_sqlite_store(uri: str) -> None:
     """Before any training, without importing MLflow (a second of a short study's start): a local SQLite
     store that exists must be a database this process can read and, when it holds any table, MLflow's (its
     ``experiments`` table: an Optuna database, say, is refused): one ``ConfigError`` line if not. A new or
-    empty one is created by the first ``open_client``."""
+    empty one is created by the first ``open_client``. Opened read-write (never created here): a process
+    killed in the middle of a write leaves a journal that the next reader must roll back, which a read-only
+    connection cannot ("attempt to write a readonly database")."""
     path = uri[len("sqlite:///"):].partition("?")[0]
     if not path or path == ":memory:" or not Path(path).exists():
         return
@@ -127,7 +129,7 @@ def check_sqlite_store(uri: str) -> None:
     from contextlib import closing
 
     try:
-        with closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=10.0)) as conn:
+        with closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=rw", uri=True, timeout=10.0)) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
         raise ConfigError(f"tracking_uri: cannot open MLflow store {redact_url(uri)}: {type(exc).__name__}: "
