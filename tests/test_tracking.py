@@ -37,7 +37,7 @@ from initsearch.search.workers import worker_id
 from initsearch.tracking import delivery
 from initsearch.tracking import tracker as tracking
 from initsearch.tracking.delivery import writer_running_for
-from initsearch.tracking.payload import config_params, redact_text, trial_metrics
+from initsearch.tracking.payload import config_params, redact_text, trial_metric_rows
 from initsearch.tracking.plots import plot_importances
 from initsearch.tracking.runs import (
     MAX_BATCH_BYTES,
@@ -48,6 +48,7 @@ from initsearch.tracking.runs import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VALUE,
     batches,
+    metric_entities,
 )
 from initsearch.tracking.uri import check_reachable, default_artifact_location, resolve_tracking_uri, runs_page_url
 from tests.conftest import TINY, compose_config
@@ -532,7 +533,7 @@ def test_trial_metrics_keys_steps_and_seed_suffixes():
     signals = [{"name": "fc1", "output_std": 0.9, "grad_norm": 0.1}, {"name": "out", "output_std": 1.1, "grad_norm": 0.2}]
     outcome = TrialOutcome(3, None, {"bias": "zeros"}, value=1.1, seed_scores=[1.0, 1.1], seeds=[0, 1],
                            curves=[curve(10), curve(10)], signals=signals, state="complete", seconds=1.5)
-    metrics = trial_metrics(outcome, start_ms=1_000, end_ms=2_500)
+    metrics = metric_entities(trial_metric_rows(outcome, start_ms=1_000, end_ms=2_500))  # as runs.log_trial logs them
     by_key: dict[str, list[Metric]] = {}
     for m in metrics:
         by_key.setdefault(m.key, []).append(m)

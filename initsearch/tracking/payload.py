@@ -1,8 +1,8 @@
 """What MLflow receives for a study, built from plain data: params, tags, metric rows and texts.
 
-No MLflow client here: the tracker logs the study-level runs with them, and each trial becomes one plain,
-JSON-able payload (``trial_payload``) that the writer process, or the logging thread, turns into a child
-run (``runs.log_trial``). Keys are cleaned and values clipped to MLflow's limits here, so one odd config
+No MLflow here: ``runs`` logs the study-level runs with them (in the writer process, or on the tracker's
+thread), and each trial becomes one plain, JSON-able payload (``trial_payload``) that ``runs.log_trial``
+turns into a child run. Keys are cleaned and values clipped to MLflow's limits here, so one odd config
 key or long reason never makes a whole batch fail; the store URLs in the config and the tags are shown
 without their passwords.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from initsearch.errors import redact_url
 from initsearch.search.outcome import TrialOutcome, trial_score
 from initsearch.search.settings import StudySettings, is_rdb, resolve_device
-from initsearch.tracking.runs import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, metric_entities
+from initsearch.tracking.runs import MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE
 
 log = logging.getLogger("initsearch")
 
@@ -205,11 +205,6 @@ def trial_metric_rows(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list
         rows.append((f"seed_score_s{i}", float(value), end_ms, 0))
     rows.append(("seconds", float(outcome.seconds), end_ms, 0))
     return rows
-
-
-def trial_metrics(outcome: TrialOutcome, start_ms: int, end_ms: int) -> list[Any]:
-    """``trial_metric_rows`` as ``mlflow.entities.Metric``s."""
-    return metric_entities(trial_metric_rows(outcome, start_ms, end_ms))
 
 
 def trial_payload(outcome: TrialOutcome, end_ms: int, worker: str) -> dict[str, Any]:

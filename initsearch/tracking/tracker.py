@@ -493,8 +493,8 @@ class MlflowTracker:
 
     def _connected(self) -> bool:
         """Whether the study's start is logged (the parent run known); when not, and the store may answer,
-        log it now (opening the client and the writer's store after an outage at start), then the backfill.
-        ``False`` leaves the trials in the spool."""
+        log it now (the writer, or this process without one, opens the store, under its lock for a local
+        one), then the backfill. ``False`` leaves the trials in the spool."""
         if self.parent_id is not None:
             return True
         if self._start_args is None or not self._store_answers():
@@ -532,20 +532,21 @@ class MlflowTracker:
 
     def _local_client(self) -> Any:
         """This process's own ``MlflowClient`` (importing MLflow here), opened on first use: logging without
-        a writer, or after it died. The store exists by then (``_connected`` created it under its lock)."""
+        a writer, or after it died or stalled. Without a writer the first use is the study's start, which
+        ``_connected`` makes under the store's lock (it creates a new store)."""
         if self.client is None:
             self.client = open_client(self.uri)
         return self.client
 
     def open_store_now(self, timeout: float = 30.0) -> None:
         """Have the writer open the store now and wait for it (up to ``timeout`` s), or open it here when
-        there is no writer: what the start of the study does first otherwise. For ``scripts/bench.py``, which times a study without the store's
-        opening (as it times the hand-written loop)."""
+        there is no writer: what the start of the study does first otherwise. For ``scripts/bench.py``,
+        which times a study without the store's opening (as it times the hand-written loop)."""
         with StudyLock(self.uri, None, "mlflow") if self.starts_alone else contextlib.nullcontext():
             if self.writer is not None and not self.writer.dead:
                 self.writer.open_store(timeout)
-            elif self.client is None:
-                self.client = open_client(self.uri)
+            else:
+                self._local_client()
 
     @property
     def starts_alone(self) -> bool:

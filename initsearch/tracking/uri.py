@@ -117,7 +117,7 @@ def make_parent_dir(uri: str) -> None:
 
 def check_sqlite_store(uri: str) -> None:
     """Before any training, without importing MLflow (a second of a short study's start): a local SQLite
-    store that exists must be a database this process can read and, when it holds any table, MLflow's (its
+    store that exists must be a database this process can open and, when it holds any table, MLflow's (its
     ``experiments`` table: an Optuna database, say, is refused): one ``ConfigError`` line if not. A new or
     empty one is created by the first ``open_client``. Opened read-write (never created here): a process
     killed in the middle of a write leaves a journal that the next reader must roll back, which a read-only
