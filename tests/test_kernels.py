@@ -13,6 +13,7 @@ import initsearch.proxy.population as population
 from initsearch.proxy import kernels as kernels
 from initsearch.proxy.losses import LOSSES
 from initsearch.proxy.models import MLP
+from initsearch.proxy.optimizers import FusedSGD
 from initsearch.proxy.population import train_population
 from initsearch.proxy.train import TrainConfig, train_run
 from tests.conftest import teacher_data
@@ -114,7 +115,7 @@ def _current_or_none() -> str:
 def _spy_steps(monkeypatch, on_step=None) -> list[str]:
     """The route setting at every optimizer step (the probe never steps an optimizer)."""
     seen: list[str] = []
-    original = torch.optim.SGD.step
+    original = FusedSGD.step
 
     def step(self, *args, **kwargs):
         seen.append(_current_or_none())
@@ -122,7 +123,7 @@ def _spy_steps(monkeypatch, on_step=None) -> list[str]:
             on_step(len(seen))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    monkeypatch.setattr(FusedSGD, "step", step)
     return seen
 
 

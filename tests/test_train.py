@@ -13,6 +13,7 @@ from torch import nn
 
 from initsearch.errors import ConfigError, DataError
 from initsearch.proxy.models import MLP
+from initsearch.proxy.optimizers import FusedSGD
 from initsearch.proxy.train import Curve, TrainConfig, divergence_reason, evaluate, make_optimizer, train_run
 from tests.conftest import TensorData, teacher_data
 
@@ -228,8 +229,9 @@ def test_curve_to_dict_is_strict_json_and_round_trips() -> None:
     assert back.diverged and back.reason == curve.reason and back.seconds == 0.5
 
 
-def test_batches_are_the_per_step_draws_of_the_seeded_generator_and_the_optimizer_is_fused() -> None:
-    """Drawn a segment at a time, the batches are exactly one randint((batch,)) per step, in order."""
+def test_batches_are_the_per_step_draws_of_the_seeded_generator_and_the_optimizer_is_fused(monkeypatch) -> None:
+    """Drawn a segment at a time, the batches are exactly one randint((batch,)) per step, in order; every step
+    is the fused kernel's (``FusedSGD``), not torch.optim's."""
     n = 50
     x = torch.arange(n, dtype=torch.float32).unsqueeze(1)  # example i carries the value i
     data = TensorData(x, torch.zeros(n, dtype=torch.long), x[:4], torch.zeros(4, dtype=torch.long), 2, (1,))
@@ -237,17 +239,14 @@ def test_batches_are_the_per_step_draws_of_the_seeded_generator_and_the_optimize
     seen: list[torch.Tensor] = []
     model.register_forward_hook(lambda m, args, out: seen.append(args[0][:, 0].long().clone()) if m.training else None)
     steps: list[object] = []
-    original = torch.optim.SGD.step
-    cfg = TrainConfig(steps=7, batch_size=5, lr=1e-6, eval_every=3)
-    try:
-        torch.optim.SGD.step = lambda self, *a, **k: (steps.append(self.defaults.get("fused")), original(self, *a, **k))[1]
-        train_run(model, data, cfg, seed=9)
-    finally:
-        torch.optim.SGD.step = original
+    original = FusedSGD.step
+    monkeypatch.setattr(FusedSGD, "step", lambda self: (steps.append(type(self)), original(self))[1])
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: steps.append(type(self)))
+    train_run(model, data, TrainConfig(steps=7, batch_size=5, lr=1e-6, eval_every=3), seed=9)
     gen = torch.Generator().manual_seed(9)
     expected = [torch.randint(0, n, (5,), generator=gen) for _ in range(7)]
     assert len(seen) == 7 and all(torch.equal(a, b) for a, b in zip(seen, expected))
-    assert steps == [True] * 7
+    assert steps == [FusedSGD] * 7
 
 
 def test_a_model_with_sparse_embedding_gradients_trains_with_the_plain_optimizer() -> None:

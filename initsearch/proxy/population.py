@@ -24,8 +24,8 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
     them once, ``x[idx]`` is gathered once as ``(B, ...)``, and the first ``Linear`` of all members is one
     ``addmm`` of the weights viewed as ``(K * out, in)`` with ``x.T``; its weight gradient is one ``mm``
     (``x`` needs no gradient). Validation runs the same way (the validation set is shared anyway).
-  * The optimizer is ``train.make_optimizer``'s, rebuilt with ``fused=True`` where torch has a fused
-    kernel (same class and hyperparameters; one kernel per tensor instead of several element-wise passes).
+  * The optimizer is ``train.training_optimizer``'s, the one ``train_run`` uses (torch's fused update
+    kernel where it takes the tensors: one kernel per tensor instead of several element-wise passes).
   * **Kernels.** The training steps run their float32 products on the route the ``kernels`` module chooses
     for this stack's shapes: oneDNN where a probe step shows it exact to float32 precision and faster, ATen's
     default (MKL) otherwise. Validation always runs on the default route. On CPUs where MKL takes a slow
@@ -44,8 +44,8 @@ seed=seeds[i])`` for every ``i`` (within float tolerance), at the cost of one ba
 - **Independent gradients.** The step minimizes ``sum_k loss_k``: the gradient of that sum with respect to
   member ``k``'s parameters is the gradient of ``loss_k`` alone, since no operation mixes members.
 - **Optimizers.** SGD (momentum), Adam and AdamW update every element from its own gradient and state (Adam's
-  step count is shared, and equal for all members), so one ``torch.optim`` optimizer over the stacked
-  tensors (built by ``train.make_optimizer``, then rebuilt fused) performs K independent updates. Warmup is
+  step count is shared, and equal for all members), so one optimizer over the stacked tensors
+  (``train.training_optimizer``'s) performs K independent updates. Warmup is
   the same schedule.
 - **BatchNorm.** In train mode every member normalizes with its own batch statistics and updates its own
   slice of the stacked running statistics (torch.func supports batched running stats; the stacked engine
@@ -97,6 +97,7 @@ from initsearch.proxy.kernels import Route, choose_route
 from initsearch.proxy.kernels import known as known_route
 from initsearch.proxy.losses import Loss, resolve_loss
 from initsearch.proxy.models import BasicBlock, ResCNN
+from initsearch.proxy.optimizers import FusedOptimizer
 from initsearch.proxy.train import (
     Curve,
     TrainConfig,
@@ -106,10 +107,9 @@ from initsearch.proxy.train import (
     curve_snapshot,
     divergence_reason,
     draw_batches,
-    fused,
-    make_optimizer,
     segment_steps,
     train_run,
+    training_optimizer,
 )
 
 log = logging.getLogger("initsearch")
@@ -495,7 +495,7 @@ class _Vmapped:
 
 # ---- the stacked state -------------------------------------------------------------------------------------
 class _Holder(nn.Module):
-    """Holds the stacked parameters, so ``train.make_optimizer`` builds the very optimizer ``train_run`` uses."""
+    """Holds the stacked parameters, so ``train.training_optimizer`` builds the very optimizer ``train_run`` uses."""
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
         super().__init__()
@@ -512,7 +512,7 @@ class _Stack:
     engine: _StackedSequential | _Vmapped
     params: dict[str, nn.Parameter]
     buffers: dict[str, torch.Tensor]
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | FusedOptimizer
     members: list[int]
     generators: list[torch.Generator]  # one per row; a single one when ``shared``
     shared: bool  # all members have one seed: one batch per step serves them all
@@ -559,7 +559,7 @@ def _build_stack(models: Sequence[nn.Module], seeds: Sequence[int], cfg: TrainCo
     shared = len({int(s) for s in seeds}) == 1
     return _Stack(
         engine=engine, params=dict(zip(names, holder.stacked)), buffers=buffers,
-        optimizer=fused(make_optimizer(holder, cfg)), members=list(range(len(models))),
+        optimizer=training_optimizer(holder, cfg), members=list(range(len(models))),
         generators=[torch.Generator(device=device).manual_seed(int(s)) for s in (seeds[:1] if shared else seeds)],
         shared=shared, structure=repr(models[0]),
     )

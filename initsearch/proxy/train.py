@@ -24,6 +24,7 @@ from torch import nn
 
 from initsearch.errors import ConfigError, DataError, is_finite_number
 from initsearch.proxy.losses import Loss, check_loss_name, resolve_loss
+from initsearch.proxy.optimizers import FusedAdam, FusedOptimizer, FusedSGD, fused_kernels_take
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 
@@ -174,6 +175,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
 
 
+def training_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | FusedOptimizer:
+    """The optimizer training runs use: ``make_optimizer``'s update made by torch's fused kernel called
+    directly (``optimizers``: the same update, bit for bit, without importing ``torch._dynamo``) where the
+    kernels take every parameter; otherwise ``make_optimizer``'s, rebuilt ``fused`` where torch can, and
+    the plain one for sparse gradients (fused optimizers refuse those at their first step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if _sparse_gradients(model):
+        return make_optimizer(model, cfg)
+    if not fused_kernels_take(params):
+        return fused(make_optimizer(model, cfg))
+    lr = cfg.lr_at(1)
+    if cfg.optimizer == "sgd":
+        return FusedSGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return FusedAdam(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
+                     decoupled=cfg.optimizer == "adamw")
+
+
 def fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``optimizer`` rebuilt with ``fused=True`` (one kernel per tensor for the whole update instead of
     several element-wise passes), the same class and hyperparameters, so the same update up to float
@@ -299,7 +317,7 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
     """Train ``model`` in place for ``cfg.steps`` steps and return its ``Curve``.
 
     Deterministic on CPU for a given ``seed``: batch indices come from a generator seeded with it (drawn a
-    segment at a time, ``draw_batches``), the optimizer is ``make_optimizer``'s, ``fused``, and the
+    segment at a time, ``draw_batches``), the optimizer is ``training_optimizer``'s, and the
     global RNG (dropout) is seeded with it inside ``torch.random.fork_rng``, so the caller's RNG state is
     untouched. Checkpoints (``_checkpoint``) come at every ``eval_every`` steps and at the last step.
     """
@@ -314,8 +332,7 @@ def train_run(model: nn.Module, data: TrainData, cfg: TrainConfig, *, seed: int,
         _seed_global(seed, device)
         gen = torch.Generator(device=device).manual_seed(seed)
         channels_last = _to_channels_last(model, x)
-        opt = make_optimizer(model, cfg)
-        opt = opt if _sparse_gradients(model) else fused(opt)
+        opt = training_optimizer(model, cfg)
         model.train()
         plan, offset = None, 0
         for step in range(1, cfg.steps + 1):
