@@ -1,7 +1,7 @@
 """Reproduce docs/results.md: for each case, run the study, then validate its best policy on fresh seeds.
 
     python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits deep_cnn32_digits
-        residual16_digits]
+        deep_cnn32_lr01_digits residual16_digits]
         [--n-trials 30] [--seeds 5] [--out results] [--baselines "[he,lsuv,...]"] [--equal-compute]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
@@ -51,6 +51,9 @@ CASES: dict[str, list[str]] = {
     # deeper: 32 plain convs of 16 channels (pooling after every 10), where He failed every seed in the depth table
     "deep_cnn32_digits": ["study=deep_cnn_digits", "study_name=deep_cnn32_digits", f"model.channels=[{','.join(['16'] * 32)}]",
                           "model.pool_every=10"],
+    # the same at the depth table's learning rate (0.01, half the preset's): does the found policy stay stable?
+    "deep_cnn32_lr01_digits": ["study=deep_cnn_digits", "study_name=deep_cnn32_lr01_digits",
+                               f"model.channels=[{','.join(['16'] * 32)}]", "model.pool_every=10", "train.lr=0.01"],
     # deeper: 16 residual blocks of 16 channels (32 branch convs), where He and orthogonal blow up at the start
     "residual16_digits": ["study=residual_digits", "study_name=residual16_digits", "model.channels=[16,16]",
                           "model.blocks_per_stage=8"],
