@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: one command, under 5 minutes on one CUDA GPU.
-#  1. the population equivalence tests on CUDA (tests/test_population.py -k cuda: stacked MLP and CNN, ResCNN
+#  1. the population equivalence tests and the fused optimizers' bit-for-bit tests on CUDA (tests/test_population.py
+#     and tests/test_optimizers.py -k cuda: stacked MLP and CNN, ResCNN
 #     on both the stacked and the vmap engine, a user's module on vmap; SGD and Adam; shared and distinct seeds);
 #  2. trials per minute of the cifar_cnn proxy (the preset's half-width VGG, 300 steps, batch 128, one seed
 #     per trial, no baselines, no pruner, tracking off) on synthetic CIFAR-shaped data (3x32x32, 10 classes:
@@ -37,7 +38,7 @@ fi
 mkdir -p results/gpu_check
 date -u +"gpu_check started %Y-%m-%d %H:%M:%S UTC"
 start=$(date +%s)
-"$PY" -m pytest -q -p no:cacheprovider tests/test_population.py "${TESTS[@]}" 2>&1 | tail -n 3
+"$PY" -m pytest -q -p no:cacheprovider tests/test_population.py tests/test_optimizers.py "${TESTS[@]}" 2>&1 | tail -n 3
 "$PY" scripts/bench.py --study cifar_cnn --device "$DEVICE" --threads "$THREADS" --parts bcd --k "$KS" \
   --trials "$TRIALS" --steps "$STEPS" --batch-size 128 --no-mlflow --out results/gpu_check/cifar_cnn.json \
   data=synthetic "data.synthetic.input_shape=[3,32,32]" data.synthetic.num_classes=10 \
