@@ -7,7 +7,8 @@ of the study, over ``seeds`` seeds none of which the search used, for ``steps`` 
 and reports per contender: mean +- std of the study's score at that budget, steps to the target accuracy,
 validation accuracy at the end. It prints the table, saves ``validation.csv`` and ``validation.png`` (mean curves
 with their spread), logs all of it to MLflow under a validation parent run, and says plainly whether the policy
-beats the best baseline, by the paired difference over the seeds and its 95% confidence interval.
+beats the best baseline, by the paired difference over the seeds and its 95% confidence interval. With
+``batch_trials`` > 1 (or ``auto``) the contenders of a seed train together as populations of that size.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
 from initsearch.proxy.train import Curve
 from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
-from initsearch.search.trial import prepare, train_contender
+from initsearch.search.trial import population_size, prepare, train_contenders
 
 FRESH_SEED_OFFSET = 1_000_000  # the search scores on seed*1000 + i (i < score.seeds): these never collide
 POLICY = "policy"
@@ -173,17 +174,17 @@ def run_validation(
         data, example, device = proxy.data, (proxy.example_x, proxy.example_y), proxy.device
     accuracy = resolve_loss(settings.train.loss, data.y_train).has_accuracy
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
-    results = []
     contenders = contender_policies(policy, settings.baselines, settings.pretrained)
+    results = [ContenderResult(name) for name in contenders]
+    together = population_size(settings, target_model, data, device)
     progress = Steps(len(contenders) * len(fresh), "training runs", enabled=settings.progress)
-    for name, pol in contenders.items():
-        result = ContenderResult(name)
-        for seed in fresh:
-            curve = train_contender(target_model, data, device, pol, None if name == POLICY else name, seed, train_cfg,
-                                    example[0])
+    for seed in fresh:  # every contender on one seed, together when batch_trials > 1
+        curves = train_contenders(target_model, data, device,
+                                  [(pol, None if name == POLICY else name) for name, pol in contenders.items()],
+                                  seed, train_cfg, example[0], together=together)
+        for result, curve in zip(results, curves):
             result.add(seed, curve, settings.score.metric, budget, settings.score.target_acc)
-            progress.step(f"{name}, seed {seed}")
-        results.append(result)
+            progress.step(f"{result.name}, seed {seed}")
     return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc,
                             results, accuracy)
 

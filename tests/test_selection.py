@@ -1,6 +1,7 @@
 """The selection stage: the front-runners again on new seeds; a lucky candidate is not exported."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -110,3 +111,36 @@ def test_front_runners_are_distinct_policies(tmp_path) -> None:
     runners = front_runners(study, settings)
     assert [(t.number, kind) for t, kind in runners] == [(first, "search"), (second, "search"), (5, "he")]
     assert third not in [t.number for t, _ in runners]  # top_k=2
+
+
+def _spy_populations(monkeypatch) -> list[tuple[str, int]]:
+    """(engine, members) of every population ``train_contenders`` trained."""
+    import initsearch.search.trial as trial_mod
+
+    seen: list[tuple[str, int]] = []
+    original = trial_mod.train_population
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append((result.engine, len(result.curves)))
+        return result
+
+    monkeypatch.setattr(trial_mod, "train_population", spy)
+    return seen
+
+
+def test_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_scores(tmp_path, monkeypatch) -> None:
+    cfg, settings = _settings(tmp_path)
+    run_settings(settings, cfg, tmp_path / "first")
+    study = open_study(settings)
+    proxy = prepare(settings)
+    seen = _spy_populations(monkeypatch)
+    alone = run_selection(settings, proxy, study)
+    assert seen == []  # batch_trials=1: one at a time
+    together = run_selection(dataclasses.replace(settings, batch_trials=3), proxy, study)
+    # 4 candidates on each of 3 seeds: a stacked population of 3, then the fourth alone
+    assert seen == [("stacked", 3), ("loop", 1)] * 3
+    assert [c.number for c in together.candidates] == [c.number for c in alone.candidates]
+    for a, b in zip(alone.candidates, together.candidates):
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
+    assert together.chosen.number == alone.chosen.number

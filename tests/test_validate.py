@@ -121,3 +121,31 @@ def test_a_policy_that_diverged_on_a_seed_beats_nothing_and_pairs_skip_that_seed
     half = float(table.loc[table.contender == "he", "auc_loss_ci95"].iloc[0])
     he = np.array([0.60, 0.61, 0.58, 0.62, 0.60])
     assert half == pytest.approx(T975[4] * he.std(ddof=1) / np.sqrt(5))
+
+
+def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_results(monkeypatch):
+    """Every contender of a seed in one stacked population: the same table as one at a time (float rounding)."""
+    import dataclasses
+
+    import initsearch.search.trial as trial_mod
+    from initsearch.init.policy import InitPolicy
+    from initsearch.search.settings import settings_from_config
+    from initsearch.validate import run_validation
+
+    settings = settings_from_config(compose_config([*TINY, "baselines=[he,xavier,lecun]", "progress=false"]))
+    policy = InitPolicy.from_dict({"format": "initsearch-policy", "version": 1, "rules": [],
+                                   "default": {"scheme": "orthogonal"}})
+    seen: list[tuple[str, int]] = []
+    original = trial_mod.train_population
+    monkeypatch.setattr(trial_mod, "train_population",
+                        lambda *a, **k: (lambda r: (seen.append((r.engine, len(r.curves))), r)[1])(original(*a, **k)))
+    alone = run_validation(settings, policy, seeds=2, steps=30)
+    assert seen == []
+    together = run_validation(dataclasses.replace(settings, batch_trials=4), policy, seeds=2, steps=30)
+    assert seen == [("stacked", 4), ("stacked", 4)]  # policy + 3 baselines, on each of the 2 seeds
+    assert [r.name for r in together.results] == [r.name for r in alone.results] == ["policy", "he", "xavier", "lecun"]
+    for a, b in zip(alone.results, together.results):
+        assert a.seeds == b.seeds
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
+        np.testing.assert_allclose(b.final_acc, a.final_acc, atol=1.5 / 48)
+    assert together.verdict().split(":")[0] == alone.verdict().split(":")[0]

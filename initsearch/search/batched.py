@@ -39,12 +39,11 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from initsearch.proxy.popsize import auto_population_size
 from initsearch.proxy.population import train_population
 from initsearch.proxy.train import Curve
 from initsearch.search.outcome import Tracker, TrialOutcome, safely
 from initsearch.search.settings import StudySettings, is_rdb
-from initsearch.search.trial import Proxy, TrialRun, fresh_model
+from initsearch.search.trial import Proxy, TrialRun, population_size
 from initsearch.search.workers import Heartbeat, StaleTrials, StudyLock, counted, mark_worker, running
 
 log = logging.getLogger("initsearch")
@@ -76,13 +75,7 @@ def run_batched(study: optuna.Study, settings: StudySettings, proxy: Proxy, trac
 def trials_per_round(settings: StudySettings, proxy: Proxy) -> int:
     """``batch_trials`` as a number: itself, or for ``auto`` the K ``popsize.auto_population_size`` picks
     for this proxy on its device (logged)."""
-    if settings.batch_trials != "auto":
-        return int(settings.batch_trials)
-    model = fresh_model(settings.model, proxy.data, proxy.device, seed=0)
-    k = auto_population_size(model, tuple(proxy.data.x_train.shape[1:]), settings.train.batch_size,
-                             settings.train.optimizer, proxy.device)
-    log.info("batch_trials=auto: %d trial(s) per round on %s", k, proxy.device)
-    return k
+    return population_size(settings, settings.model, proxy.data, proxy.device, what="trial(s) per round")
 
 
 def lie_about_running_trials(sampler: optuna.samplers.BaseSampler) -> None:

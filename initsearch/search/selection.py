@@ -7,7 +7,8 @@ search's ``seed * 1000 + i`` nor ``validate``'s fresh seeds), every candidate on
 policy is the candidate with the best mean over all its evidence (its search seeds and these), and the
 summary reports the chosen policy's paired gain over the best baseline on the selection seeds, with its 95%
 confidence interval. When no searched candidate beats the baselines on that evidence, a baseline is
-exported, and the summary says so.
+exported, and the summary says so. With ``batch_trials`` > 1 (or ``auto``) the candidates of a seed train
+together as one population, as the study's trials do.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from initsearch.init.policy import InitPolicy
 from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
 from initsearch.search.outcome import trial_score
 from initsearch.search.settings import StudySettings
-from initsearch.search.trial import Proxy, train_contender
+from initsearch.search.trial import Proxy, population_size, train_contenders
 
 SELECTION_SEED_OFFSET = 500  # seed * 1000 + 500 + i: past the search's seed * 1000 + i (i < score.seeds)
 
@@ -118,18 +119,19 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
         return None
     started = time.perf_counter()
     seeds = selection_seeds(settings)
-    candidates = []
+    candidates, contenders = [], []
     for trial, kind in runners:
-        candidate = Candidate(trial.number, kind, [float(s) for s in trial.user_attrs.get("seed_scores") or []])
+        candidates.append(Candidate(trial.number, kind, [float(s) for s in trial.user_attrs.get("seed_scores") or []]))
         baseline = None if kind == "search" else kind
-        policy = (InitPolicy.from_dict(trial.user_attrs["policy"]) if baseline is None
-                  else contender_policy(baseline, settings.pretrained))
-        for seed in seeds:
-            curve = train_contender(settings.model, proxy.data, proxy.device, policy, baseline, seed, settings.train,
-                                    proxy.example_x, proxy.discovery)
+        contenders.append((InitPolicy.from_dict(trial.user_attrs["policy"]) if baseline is None
+                           else contender_policy(baseline, settings.pretrained), baseline))
+    together = population_size(settings, settings.model, proxy.data, proxy.device)
+    for seed in seeds:  # every candidate on one seed, together when batch_trials > 1
+        curves = train_contenders(settings.model, proxy.data, proxy.device, contenders, seed, settings.train,
+                                  proxy.example_x, proxy.discovery, together=together)
+        for candidate, curve in zip(candidates, curves):
             candidate.scores.append(score_or_nan(curve, settings.score.metric, budget=settings.train.steps,
                                                  target_acc=settings.score.target_acc))
-        candidates.append(candidate)
     maximize = settings.score.direction == "maximize"
     scored = [c for c in candidates if c.evidence]
     chosen = (max if maximize else min)(scored, key=lambda c: c.mean()) if scored else candidates[0]

@@ -15,10 +15,11 @@ emptied for the next trial); failed ``interrupted by SIGINT``/``SIGTERM`` (then 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -35,6 +36,8 @@ from initsearch.init.seeding import forked_seed
 from initsearch.proxy.data import Dataset, keep_classes, load_dataset
 from initsearch.proxy.losses import LOSSES, Loss, resolve_loss
 from initsearch.proxy.models import build_model, count_parameters, target_name
+from initsearch.proxy.popsize import auto_population_size
+from initsearch.proxy.population import train_population
 from initsearch.proxy.scoring import ACCURACY_METRICS, aggregate, partial_score, score
 from initsearch.proxy.train import Curve, TrainConfig, train_run
 from initsearch.proxy.userdata import load_user_data
@@ -43,6 +46,8 @@ from initsearch.search.settings import StudySettings, resolve_device
 from initsearch.search.space import Pretrained
 from initsearch.search.storage import one_append, set_user_attrs
 from initsearch.search.workers import enqueue_retry
+
+log = logging.getLogger("initsearch")
 
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
 
@@ -189,10 +194,48 @@ def train_contender(model_cfg: dict, data: Dataset, device: torch.device, policy
     """A fresh model of ``model_cfg`` under ``seed``, initialized as the contender (``policy``, or the
     baseline's own init), trained with ``train``: one seed of a contender outside a trial (the selection stage,
     ``validate``)."""
+    return train_run(_contender_model(model_cfg, data, device, policy, baseline, seed, train, example_x, layers),
+                     data, train, seed=seed)
+
+
+def _contender_model(model_cfg: dict, data: Dataset, device: torch.device, policy: InitPolicy,
+                     baseline: str | None, seed: int, train: TrainConfig, example_x: torch.Tensor,
+                     layers: LayerDiscovery | None) -> torch.nn.Module:
     model = fresh_model(model_cfg, data, device, seed)
     init_contender(model, policy, baseline=baseline, seed=seed, example_x=example_x, train_x=data.x_train,
                    train_y=data.y_train, train=train, layers=layers)
-    return train_run(model, data, train, seed=seed)
+    return model
+
+
+def train_contenders(model_cfg: dict, data: Dataset, device: torch.device,
+                     contenders: Sequence[tuple[InitPolicy, str | None]], seed: int, train: TrainConfig,
+                     example_x: torch.Tensor, layers: LayerDiscovery | None = None, together: int = 1) -> list[Curve]:
+    """``train_contender`` for every ``(policy, baseline)`` on one seed, in order. With ``together > 1`` up
+    to that many are trained at once as one population (``train_population``: they share the seed, so one
+    batch per step serves them all), which matches one at a time up to float rounding
+    (``tests/test_population.py``); ``batch_trials`` decides it for the selection stage and ``validate``."""
+    if together <= 1:
+        return [train_contender(model_cfg, data, device, policy, baseline, seed, train, example_x, layers)
+                for policy, baseline in contenders]
+    curves: list[Curve] = []
+    for start in range(0, len(contenders), together):
+        models = [_contender_model(model_cfg, data, device, policy, baseline, seed, train, example_x, layers)
+                  for policy, baseline in contenders[start:start + together]]
+        curves += train_population(models, data, train, seeds=[seed] * len(models)).curves
+    return curves
+
+
+def population_size(settings: StudySettings, model_cfg: dict, data: Dataset, device: torch.device,
+                    what: str = "model(s) trained at once") -> int:
+    """``batch_trials`` as a number of models trained at once: itself, or for ``auto`` the K
+    ``popsize.auto_population_size`` picks for ``model_cfg`` on ``device`` (logged, as ``what``)."""
+    if settings.batch_trials != "auto":
+        return int(settings.batch_trials)
+    model = fresh_model(model_cfg, data, device, seed=0)
+    k = auto_population_size(model, tuple(data.x_train.shape[1:]), settings.train.batch_size,
+                             settings.train.optimizer, device)
+    log.info("batch_trials=auto: %d %s on %s", k, what, device)
+    return k
 
 
 # ---- one trial -----------------------------------------------------------------------------------------------
