@@ -176,15 +176,17 @@ def run_validation(
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
     contenders = contender_policies(policy, settings.baselines, settings.pretrained)
     results = [ContenderResult(name) for name in contenders]
-    together = population_size(settings, target_model, data, device)
+    together = population_size(settings, target_model, data, device, fit_memory=True)
     progress = Steps(len(contenders) * len(fresh), "training runs", enabled=settings.progress)
     for seed in fresh:  # every contender on one seed, together when batch_trials > 1
-        curves = train_contenders(target_model, data, device,
-                                  [(pol, None if name == POLICY else name) for name, pol in contenders.items()],
-                                  seed, train_cfg, example[0], together=together)
-        for result, curve in zip(results, curves):
-            result.add(seed, curve, settings.score.metric, budget, settings.score.target_acc)
-            progress.step(f"{result.name}, seed {seed}")
+
+        def done(i: int, curve: Curve, seed: int = seed) -> None:
+            results[i].add(seed, curve, settings.score.metric, budget, settings.score.target_acc)
+            progress.step(f"{results[i].name}, seed {seed}")
+
+        train_contenders(target_model, data, device,
+                         [(pol, None if name == POLICY else name) for name, pol in contenders.items()],
+                         seed, train_cfg, example[0], together=together, on_done=done)
     return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc,
                             results, accuracy)
 

@@ -497,7 +497,7 @@ def compile_check(settings: StudySettings, proxy: Proxy, steps: int = 200, repea
     for kind in ("eager", "compiled"):
         model = fresh(settings, proxy, 0)
         forward = model if kind == "eager" else torch.compile(model)
-        optimizer = train_mod.make_optimizer(model, cfg)
+        optimizer = train_mod.training_optimizer(model, cfg)
         gen = torch.Generator(device=proxy.device).manual_seed(0)
 
         def step() -> None:

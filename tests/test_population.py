@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import initsearch.proxy.population as population
+from initsearch.proxy.losses import resolve_loss
 from initsearch.proxy.models import CNN, MLP, ResCNN
-from initsearch.proxy.population import _Holder, choose_mode, draw_indices, static_blocker, train_population
+from initsearch.proxy.optimizers import FusedAdam, FusedSGD
+from initsearch.proxy.population import choose_mode, draw_indices, static_blocker, train_population
 from initsearch.proxy.train import Curve, TrainConfig, make_optimizer, train_run
-from initsearch.proxy.train import fused as fused_optimizer
 from tests.conftest import TensorData, teacher_data
 
 VEC = teacher_data((10,), n_train=256, n_val=96)
@@ -375,15 +376,19 @@ def test_a_linear_on_unflattened_inputs_falls_back_to_the_loop():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_the_stacked_optimizer_is_train_s_optimizer_fused(optimizer):
-    holder = _Holder([torch.zeros(2, 3, requires_grad=True)])
-    plain = make_optimizer(holder, TrainConfig(optimizer=optimizer, lr=0.02, momentum=0.8, weight_decay=0.1,
-                                               warmup_steps=2))
-    fused = fused_optimizer(plain)
-    assert type(fused) is type(plain) and fused.defaults["fused"] is True
-    assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == \
-        {k: v for k, v in plain.defaults.items() if k not in ("fused", "foreach")}
-    assert fused.param_groups[0]["params"] == plain.param_groups[0]["params"]
+def test_the_stacked_optimizer_is_train_runs_optimizer(optimizer):
+    """What ``_build_stack`` really builds: ``training_optimizer``'s fused-kernel class, ``make_optimizer``'s
+    hyperparameters, over the stacked parameters."""
+    cfg = TrainConfig(optimizer=optimizer, lr=0.02, momentum=0.8, weight_decay=0.1, warmup_steps=2)
+    models = members(lambda: MLP((10,), 3, depth=2, width=8), 2)
+    stack = population._build_stack(models, [1, 2], cfg, torch.device("cpu"), population._StackedSequential(
+        models[0], resolve_loss("auto", VEC.y_train)))
+    assert type(stack.optimizer) is (FusedSGD if optimizer == "sgd" else FusedAdam)
+    reference = make_optimizer(models[0], cfg)
+    assert {k: v for k, v in stack.optimizer.defaults.items() if k in reference.defaults and k not in
+            ("fused", "foreach")} == {k: v for k, v in reference.defaults.items() if k in stack.optimizer.defaults
+                                      and k not in ("fused", "foreach")}
+    assert stack.optimizer.param_groups[0]["params"] == list(stack.params.values())
 
 
 # ---- the same equivalence on CUDA (skipped without it): the stacked CNN engine, vmap, and the MLP engine ----

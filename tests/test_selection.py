@@ -138,8 +138,8 @@ def test_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_sco
     alone = run_selection(settings, proxy, study)
     assert seen == []  # batch_trials=1: one at a time
     together = run_selection(dataclasses.replace(settings, batch_trials=3), proxy, study)
-    # 4 candidates on each of 3 seeds: a stacked population of 3, then the fourth alone
-    assert seen == [("stacked", 3), ("loop", 1)] * 3
+    # 4 candidates on each of 3 seeds: a stacked population of 3, then the fourth alone (train_run)
+    assert seen == [("stacked", 3)] * 3
     assert [c.number for c in together.candidates] == [c.number for c in alone.candidates]
     for a, b in zip(alone.candidates, together.candidates):
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)

@@ -149,3 +149,28 @@ def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_res
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
         np.testing.assert_allclose(b.final_acc, a.final_acc, atol=1.5 / 48)
     assert together.verdict().split(":")[0] == alone.verdict().split(":")[0]
+
+
+def test_a_fixed_batch_trials_is_capped_at_what_fits_on_cuda_for_the_full_size_target(monkeypatch):
+    """validate trains the full-size target: a K sized for the proxy is capped at what the free memory holds
+    (``fit_memory``); the study's own rounds keep the K asked for, and the CPU is not capped."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    import initsearch.search.trial as trial_mod
+    from initsearch.search.settings import settings_from_config
+
+    settings = dataclasses.replace(settings_from_config(compose_config(TINY)), batch_trials=8)
+    data = trial_mod.prepare(settings).data
+    monkeypatch.setattr(trial_mod, "fresh_model", lambda *a, **k: nn.Linear(2, 2))  # no CUDA needed here
+    monkeypatch.setattr(trial_mod, "auto_population_size", lambda *a, **k: 3)  # "3 fit in the free memory"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert trial_mod.population_size(settings, settings.model, data, cuda) == 8
+    assert trial_mod.population_size(settings, settings.model, data, cuda, fit_memory=True) == 3
+    assert trial_mod.population_size(settings, settings.model, data, cpu, fit_memory=True) == 8
+    two = dataclasses.replace(settings, batch_trials=2)
+    assert trial_mod.population_size(two, settings.model, data, cuda, fit_memory=True) == 2
+    one = dataclasses.replace(settings, batch_trials=1)
+    assert trial_mod.population_size(one, settings.model, data, cuda, fit_memory=True) == 1

@@ -24,7 +24,10 @@ class FusedOptimizer:
 
     def __init__(self, params: Iterable[torch.Tensor], defaults: dict[str, Any]) -> None:
         self.defaults = {**defaults, "fused": True, "foreach": None}
-        self.param_groups: list[dict[str, Any]] = [{**self.defaults, "params": list(params)}]
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")  # torch.optim's words
+        self.param_groups: list[dict[str, Any]] = [{**self.defaults, "params": params}]
         self.state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)  # as torch.optim keeps it
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -74,7 +77,7 @@ class FusedSGD(FusedOptimizer):
         if not params:
             return
         momentum = group["momentum"]
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        buffers = [self.state[p].get("momentum_buffer") if momentum != 0 else None for p in params]
         first_step = momentum != 0 and all(b is None for b in buffers)
         if first_step:  # the kernel copies the gradient in (torch.optim's own first-step buffers)
             buffers = [torch.empty_like(p.grad) for p in params]

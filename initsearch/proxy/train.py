@@ -169,7 +169,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     lr = cfg.lr_at(1)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    betas = (cfg.momentum, 0.999)
+    betas = (float(cfg.momentum), 0.999)  # torch.optim.Adam refuses an int beta next to a float
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.weight_decay)
@@ -188,15 +188,15 @@ def training_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimi
     lr = cfg.lr_at(1)
     if cfg.optimizer == "sgd":
         return FusedSGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return FusedAdam(params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay,
+    return FusedAdam(params, lr=lr, betas=(float(cfg.momentum), 0.999), weight_decay=cfg.weight_decay,
                      decoupled=cfg.optimizer == "adamw")
 
 
 def fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``optimizer`` rebuilt with ``fused=True`` (one kernel per tensor for the whole update instead of
     several element-wise passes), the same class and hyperparameters, so the same update up to float
-    rounding; ``optimizer`` itself where this torch has no fused version for these tensors. Fewer passes
-    over the parameters make a step faster, for single runs and stacked populations alike."""
+    rounding; ``optimizer`` itself where this torch has no fused version for these tensors. The fallback
+    of ``training_optimizer`` for tensors its direct kernel calls do not take."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key it does not take
     settings = {key: value for key, value in optimizer.defaults.items() if key in accepted}

@@ -129,7 +129,7 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
     for seed in seeds:  # every candidate on one seed, together when batch_trials > 1
         curves = train_contenders(settings.model, proxy.data, proxy.device, contenders, seed, settings.train,
                                   proxy.example_x, proxy.discovery, together=together)
-        for candidate, curve in zip(candidates, curves):
+        for candidate, curve in zip(candidates, curves, strict=True):
             candidate.scores.append(score_or_nan(curve, settings.score.metric, budget=settings.train.steps,
                                                  target_acc=settings.score.target_acc))
     maximize = settings.score.direction == "maximize"

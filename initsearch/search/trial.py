@@ -209,31 +209,45 @@ def _contender_model(model_cfg: dict, data: Dataset, device: torch.device, polic
 
 def train_contenders(model_cfg: dict, data: Dataset, device: torch.device,
                      contenders: Sequence[tuple[InitPolicy, str | None]], seed: int, train: TrainConfig,
-                     example_x: torch.Tensor, layers: LayerDiscovery | None = None, together: int = 1) -> list[Curve]:
+                     example_x: torch.Tensor, layers: LayerDiscovery | None = None, together: int = 1,
+                     on_done: Callable[[int, Curve], None] | None = None) -> list[Curve]:
     """``train_contender`` for every ``(policy, baseline)`` on one seed, in order. With ``together > 1`` up
     to that many are trained at once as one population (``train_population``: they share the seed, so one
     batch per step serves them all), which matches one at a time up to float rounding
-    (``tests/test_population.py``); ``batch_trials`` decides it for the selection stage and ``validate``."""
-    if together <= 1:
-        return [train_contender(model_cfg, data, device, policy, baseline, seed, train, example_x, layers)
-                for policy, baseline in contenders]
+    (``tests/test_population.py``); ``batch_trials`` decides it for the selection stage and ``validate``.
+    ``on_done(i, curve)`` runs as soon as contender ``i`` is trained (progress)."""
     curves: list[Curve] = []
-    for start in range(0, len(contenders), together):
-        models = [_contender_model(model_cfg, data, device, policy, baseline, seed, train, example_x, layers)
-                  for policy, baseline in contenders[start:start + together]]
-        curves += train_population(models, data, train, seeds=[seed] * len(models)).curves
+    for start in range(0, len(contenders), max(together, 1)):
+        group = contenders[start:start + max(together, 1)]
+        if len(group) == 1:
+            trained = [train_contender(model_cfg, data, device, *group[0], seed, train, example_x, layers)]
+        else:
+            models = [_contender_model(model_cfg, data, device, policy, baseline, seed, train, example_x, layers)
+                      for policy, baseline in group]
+            trained = train_population(models, data, train, seeds=[seed] * len(models)).curves
+        for curve in trained:
+            if on_done is not None:
+                on_done(len(curves), curve)
+            curves.append(curve)
     return curves
 
 
 def population_size(settings: StudySettings, model_cfg: dict, data: Dataset, device: torch.device,
-                    what: str = "model(s) trained at once") -> int:
+                    what: str = "model(s) trained at once", fit_memory: bool = False) -> int:
     """``batch_trials`` as a number of models trained at once: itself, or for ``auto`` the K
-    ``popsize.auto_population_size`` picks for ``model_cfg`` on ``device`` (logged, as ``what``)."""
-    if settings.batch_trials != "auto":
+    ``popsize.auto_population_size`` picks for ``model_cfg`` on ``device`` (logged, as ``what``).
+    ``fit_memory``: a number is also capped, on CUDA, at what fits in the free memory (``validate`` trains
+    the full-size target, for which a K sized for the proxy may not fit)."""
+    if settings.batch_trials != "auto" and not (fit_memory and device.type == "cuda" and int(settings.batch_trials) > 1):
         return int(settings.batch_trials)
     model = fresh_model(model_cfg, data, device, seed=0)
     k = auto_population_size(model, tuple(data.x_train.shape[1:]), settings.train.batch_size,
                              settings.train.optimizer, device)
+    if settings.batch_trials != "auto":
+        if k < int(settings.batch_trials):
+            log.info("batch_trials=%s: %d %s on %s, what fits in its free memory", settings.batch_trials, k, what,
+                     device)
+        return min(k, int(settings.batch_trials))
     log.info("batch_trials=auto: %d %s on %s", k, what, device)
     return k
 
