@@ -3,6 +3,7 @@
     python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits deep_cnn32_digits
         deep_cnn32_lr01_digits residual16_digits]
         [--n-trials 30] [--seeds 5] [--out results] [--baselines "[he,lsuv,...]"] [--equal-compute]
+        [--validate-batch auto]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
 proxies and at their papers' settings (``gradinit_paper``, ``metainit_paper``). The search scores candidates on
@@ -70,6 +71,9 @@ def main() -> None:
     ap.add_argument("--baselines", default=ALL_BASELINES,
                     help="the baselines, as a Hydra list (default: all ten); e.g. without the slow paper settings")
     ap.add_argument("--equal-compute", action="store_true", help="add GradInit/MetaInit rows given the search's compute")
+    ap.add_argument("--validate-batch", default="1",
+                    help="batch_trials for the validation only: 1 (one contender at a time, the default), K or "
+                    "auto (a seed's contenders K at a time: the same table to float rounding, faster)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -90,7 +94,8 @@ def main() -> None:
         summary = summarize(study, settings.score.metric)
         exported = pick_trial(study)
         policy_file = save_policy(trial_policy(study, exported), folder / "exported_policy.json")
-        report = run_validation(settings, load_policy(policy_file), seeds=args.seeds)
+        batch = args.validate_batch if args.validate_batch == "auto" else int(args.validate_batch)
+        report = run_validation(replace(settings, batch_trials=batch), load_policy(policy_file), seeds=args.seeds)
         budget_note = ""
         if args.equal_compute:
             passes = search_passes(study, settings.train.steps)
@@ -104,7 +109,8 @@ def main() -> None:
         table.to_csv(folder / "validation.csv", index=False)
         command = (f"python scripts/results.py --cases {case} --n-trials {args.n_trials} --seeds {args.seeds}"
                    + (f" --baselines '{args.baselines}'" if args.baselines != ALL_BASELINES else "")
-                   + (" --equal-compute" if args.equal_compute else ""))
+                   + (" --equal-compute" if args.equal_compute else "")
+                   + (f" --validate-batch {args.validate_batch}" if args.validate_batch != "1" else ""))
         md = [
             f"### {case}",
             "",
