@@ -176,6 +176,7 @@ def run_validation(
     fresh = [FRESH_SEED_OFFSET + settings.seed * 1000 + i for i in range(seeds)]
     contenders = contender_policies(policy, settings.baselines, settings.pretrained)
     results = [ContenderResult(name) for name in contenders]
+    inits = [(pol, None if name == POLICY else name) for name, pol in contenders.items()]
     together = population_size(settings, target_model, data, device, fit_memory=True)
     progress = Steps(len(contenders) * len(fresh), "training runs", enabled=settings.progress)
     for seed in fresh:  # every contender on one seed, together when batch_trials > 1
@@ -184,9 +185,8 @@ def run_validation(
             results[i].add(seed, curve, settings.score.metric, budget, settings.score.target_acc)
             progress.step(f"{results[i].name}, seed {seed}")
 
-        train_contenders(target_model, data, device,
-                         [(pol, None if name == POLICY else name) for name, pol in contenders.items()],
-                         seed, train_cfg, example[0], together=together, on_done=done)
+        train_contenders(target_model, data, device, inits, seed, train_cfg, example[0], together=together,
+                         on_done=done)
     return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc,
                             results, accuracy)
 

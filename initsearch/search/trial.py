@@ -217,8 +217,9 @@ def train_contenders(model_cfg: dict, data: Dataset, device: torch.device,
     (``tests/test_population.py``); ``batch_trials`` decides it for the selection stage and ``validate``.
     ``on_done(i, curve)`` runs as soon as contender ``i`` is trained (progress)."""
     curves: list[Curve] = []
-    for start in range(0, len(contenders), max(together, 1)):
-        group = contenders[start:start + max(together, 1)]
+    size = max(together, 1)
+    for start in range(0, len(contenders), size):
+        group = contenders[start:start + size]
         if len(group) == 1:
             trained = [train_contender(model_cfg, data, device, *group[0], seed, train, example_x, layers)]
         else:
@@ -238,18 +239,18 @@ def population_size(settings: StudySettings, model_cfg: dict, data: Dataset, dev
     ``popsize.auto_population_size`` picks for ``model_cfg`` on ``device`` (logged, as ``what``).
     ``fit_memory``: a number is also capped, on CUDA, at what fits in the free memory (``validate`` trains
     the full-size target, for which a K sized for the proxy may not fit)."""
-    if settings.batch_trials != "auto" and not (fit_memory and device.type == "cuda" and int(settings.batch_trials) > 1):
-        return int(settings.batch_trials)
+    asked = None if settings.batch_trials == "auto" else int(settings.batch_trials)
+    if asked is not None and (asked == 1 or not (fit_memory and device.type == "cuda")):
+        return asked
     model = fresh_model(model_cfg, data, device, seed=0)
     k = auto_population_size(model, tuple(data.x_train.shape[1:]), settings.train.batch_size,
                              settings.train.optimizer, device)
-    if settings.batch_trials != "auto":
-        if k < int(settings.batch_trials):
-            log.info("batch_trials=%s: %d %s on %s, what fits in its free memory", settings.batch_trials, k, what,
-                     device)
-        return min(k, int(settings.batch_trials))
-    log.info("batch_trials=auto: %d %s on %s", k, what, device)
-    return k
+    if asked is None:
+        log.info("batch_trials=auto: %d %s on %s", k, what, device)
+        return k
+    if k < asked:
+        log.info("batch_trials=%d: %d %s on %s, what fits in its free memory", asked, k, what, device)
+    return min(k, asked)
 
 
 # ---- one trial -----------------------------------------------------------------------------------------------
