@@ -1,7 +1,8 @@
 """Reproduce docs/results.md: for each case, run the study, then validate its best policy on fresh seeds.
 
     python scripts/results.py [--cases digits_mlp digits_cnn deep_mlp tanh_mlp deep_cnn_digits residual_digits deep_cnn32_digits
-        deep_cnn32_lr01_digits residual16_digits]
+        deep_cnn32_lr01_digits residual16_digits
+        residual32_digits]
         [--n-trials 30] [--seeds 5] [--out results] [--baselines "[he,lsuv,...]"] [--equal-compute]
         [--validate-batch auto]
 
@@ -58,6 +59,9 @@ CASES: dict[str, list[str]] = {
     # deeper: 16 residual blocks of 16 channels (32 branch convs), where He and orthogonal blow up at the start
     "residual16_digits": ["study=residual_digits", "study_name=residual16_digits", "model.channels=[16,16]",
                           "model.blocks_per_stage=8"],
+    # deeper still: 32 residual blocks of 8 channels (64 branch convs), where Xavier and LSUV train some seeds only
+    "residual32_digits": ["study=residual_digits", "study_name=residual32_digits", "model.channels=[8,8]",
+                          "model.blocks_per_stage=16"],
 }
 
 
