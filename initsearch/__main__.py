@@ -90,6 +90,7 @@ def may_track(args: list[str]) -> bool:
     ``--cfg``/``--info``, not a sweep, not ``tracking_uri=none``)."""
     if wants_help(args) or any(arg in NO_STUDY_FLAGS for arg in args):
         return False
+    # ("none", "off") is tracking.uri.OFF_VALUES, written out: importing that module imports torch and optuna
     return not any(arg.split("=", 1)[1].strip().strip("'\"").lower() in ("none", "off")
                    for arg in args if arg.lstrip("+~").startswith("tracking_uri="))
 

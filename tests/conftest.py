@@ -109,3 +109,19 @@ def subprocess_env() -> dict[str, str]:
     env.pop("HYDRA_FULL_ERROR", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def spy_populations(monkeypatch) -> list[tuple[str, int]]:
+    """(engine, members) of every population ``search.trial.train_contenders`` trains (selection, validate)."""
+    import initsearch.search.trial as trial_mod
+
+    seen: list[tuple[str, int]] = []
+    original = trial_mod.train_population
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen.append((result.engine, len(result.curves)))
+        return result
+
+    monkeypatch.setattr(trial_mod, "train_population", spy)
+    return seen

@@ -16,7 +16,7 @@ from initsearch.search.selection import front_runners, run_selection, selection_
 from initsearch.search.settings import settings_from_config
 from initsearch.search.study import open_study
 from initsearch.search.trial import prepare
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, spy_populations
 
 ZEROS = {"format": "initsearch-policy", "version": 1, "rules": [], "default": {"scheme": "zeros"}}
 T975 = {1: 12.706204736174707, 2: 4.302652729749464}  # Student's t, 97.5th percentile, by degrees of freedom
@@ -113,28 +113,12 @@ def test_front_runners_are_distinct_policies(tmp_path) -> None:
     assert third not in [t.number for t, _ in runners]  # top_k=2
 
 
-def _spy_populations(monkeypatch) -> list[tuple[str, int]]:
-    """(engine, members) of every population ``train_contenders`` trained."""
-    import initsearch.search.trial as trial_mod
-
-    seen: list[tuple[str, int]] = []
-    original = trial_mod.train_population
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        seen.append((result.engine, len(result.curves)))
-        return result
-
-    monkeypatch.setattr(trial_mod, "train_population", spy)
-    return seen
-
-
 def test_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_scores(tmp_path, monkeypatch) -> None:
     cfg, settings = _settings(tmp_path)
     run_settings(settings, cfg, tmp_path / "first")
     study = open_study(settings)
     proxy = prepare(settings)
-    seen = _spy_populations(monkeypatch)
+    seen = spy_populations(monkeypatch)
     alone = run_selection(settings, proxy, study)
     assert seen == []  # batch_trials=1: one at a time
     together = run_selection(dataclasses.replace(settings, batch_trials=3), proxy, study)

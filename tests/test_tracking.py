@@ -449,6 +449,15 @@ def test_the_writer_is_prestarted_only_for_a_study_that_may_track(args, tracks):
     assert may_track(args) is tracks
 
 
+def test_may_track_knows_every_value_that_turns_tracking_off():
+    """``may_track`` writes out ``uri.OFF_VALUES`` (it must not import that module): the two stay equal."""
+    from initsearch.__main__ import may_track
+    from initsearch.tracking.uri import OFF_VALUES, resolve_tracking_uri
+
+    for value in OFF_VALUES:
+        assert resolve_tracking_uri(value) is None and may_track([f"tracking_uri={value}"]) is False
+
+
 def test_end_of_study_files_the_artifact_store_refuses_are_one_warning_and_the_run_still_finishes(tmp_path, monkeypatch,
                                                                                                   caplog):
     """(Without a writer, so that the refusal can be planted in this process: the same call runs there.)"""

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from initsearch.cli import run
 from initsearch.validate import FRESH_SEED_OFFSET, main
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, spy_populations
 
 
 def test_validate_end_to_end_on_a_tiny_budget(in_tmp, capsys):
@@ -127,7 +127,6 @@ def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_res
     """Every contender of a seed in one stacked population: the same table as one at a time (float rounding)."""
     import dataclasses
 
-    import initsearch.search.trial as trial_mod
     from initsearch.init.policy import InitPolicy
     from initsearch.search.settings import settings_from_config
     from initsearch.validate import run_validation
@@ -135,10 +134,7 @@ def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_res
     settings = settings_from_config(compose_config([*TINY, "baselines=[he,xavier,lecun]", "progress=false"]))
     policy = InitPolicy.from_dict({"format": "initsearch-policy", "version": 1, "rules": [],
                                    "default": {"scheme": "orthogonal"}})
-    seen: list[tuple[str, int]] = []
-    original = trial_mod.train_population
-    monkeypatch.setattr(trial_mod, "train_population",
-                        lambda *a, **k: (lambda r: (seen.append((r.engine, len(r.curves))), r)[1])(original(*a, **k)))
+    seen = spy_populations(monkeypatch)
     alone = run_validation(settings, policy, seeds=2, steps=30)
     assert seen == []
     together = run_validation(dataclasses.replace(settings, batch_trials=4), policy, seeds=2, steps=30)

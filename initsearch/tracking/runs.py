@@ -29,7 +29,6 @@ MAX_ENTITIES_PER_BATCH = 1000
 MAX_BATCH_BYTES = 900_000  # under MLflow's 1 MB request limit, with room for the JSON framing
 
 
-
 # ---- batching within MLflow's limits ---------------------------------------------------------------------
 def batches(metrics: Sequence[Any] = (), params: Sequence[tuple[str, str]] = (),
             tags: Sequence[tuple[str, str]] = ()) -> Iterator[tuple[list[Any], list[tuple[str, str]], list[tuple[str, str]]]]:
@@ -309,4 +308,4 @@ def _artifact(fn: Any, run_id: str, *args: Any) -> str | None:
 
 
 STUDY_CALLS = {"start_study": start_study, "delete_runs": delete_runs, "figure_data": figure_data,
-       "finish_study": finish_study, "abandon_study": abandon_study}
+               "finish_study": finish_study, "abandon_study": abandon_study}
