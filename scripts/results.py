@@ -4,7 +4,7 @@
         deep_cnn32_lr01_digits residual16_digits
         residual32_digits]
         [--n-trials 30] [--seeds 5] [--out results] [--baselines "[he,lsuv,...]"] [--equal-compute]
-        [--validate-batch auto]
+        [--validate-batch auto] [--select-steps 1500]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
 proxies and at their papers' settings (``gradinit_paper``, ``metainit_paper``). The search scores candidates on
@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--validate-batch", default="1",
                     help="batch_trials for the validation only: 1 (one contender at a time, the default), K or "
                     "auto (a seed's contenders K at a time: the same table to float rounding, faster)")
+    ap.add_argument("--select-steps", type=int, default=None,
+                    help="select.steps: the selection stage's training steps (default: the search's); e.g. validate's "
+                    "5x, to judge the front-runners at the budget they are validated at")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -86,7 +89,7 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         overrides = CASES[case] + [
             f"n_trials={args.n_trials}", f"baselines={args.baselines}", f"storage={folder}/study.journal", "tracking_uri=none",
-        ]
+        ] + ([f"select.steps={args.select_steps}"] if args.select_steps else [])
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         t0 = time.perf_counter()
@@ -114,7 +117,8 @@ def main() -> None:
         command = (f"python scripts/results.py --cases {case} --n-trials {args.n_trials} --seeds {args.seeds}"
                    + (f" --baselines '{args.baselines}'" if args.baselines != ALL_BASELINES else "")
                    + (" --equal-compute" if args.equal_compute else "")
-                   + (f" --validate-batch {args.validate_batch}" if args.validate_batch != "1" else ""))
+                   + (f" --validate-batch {args.validate_batch}" if args.validate_batch != "1" else "")
+                   + (f" --select-steps {args.select_steps}" if args.select_steps else ""))
         md = [
             f"### {case}",
             "",

@@ -128,3 +128,42 @@ def test_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_sco
     for a, b in zip(alone.candidates, together.candidates):
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
     assert together.chosen.number == alone.chosen.number
+
+
+def test_select_steps_trains_the_new_seeds_longer_and_only_they_count(tmp_path, monkeypatch, capsys) -> None:
+    """At another budget than the search's (``select.steps``) every candidate trains that long, is scored at
+    that budget, and its search scores (at the search's budget) are left out of the choice."""
+    cfg, settings = _settings(tmp_path, "select.steps=40")
+    assert settings.select.steps == 40 and settings.train.steps == 20
+    run_settings(settings, cfg, tmp_path / "first")
+    study = open_study(settings)
+    study.add_trial(optuna.trial.create_trial(  # a search score no real run reaches, with a policy that cannot train
+        value=-100.0, user_attrs={"policy": ZEROS, "seed_scores": [-100.0], "kind": "search"}))
+    planted = study.trials[-1].number
+    import initsearch.search.selection as selection_module
+    lengths = []
+    real = selection_module.train_contenders
+    def spy(*args, **kwargs):
+        curves = real(*args, **kwargs)
+        lengths.extend(len(c.train_loss) for c in curves)
+        return curves
+    monkeypatch.setattr(selection_module, "train_contenders", spy)
+    selection = run_selection(settings, prepare(settings), study)
+    assert lengths and set(lengths) == {40}
+    by_number = {c.number: c for c in selection.candidates}
+    assert planted in by_number
+    assert all(c.evidence == [s for s in c.scores if math.isfinite(s)] for c in selection.candidates)
+    means = {n: statistics.fmean(c.scores) for n, c in by_number.items()}
+    with_search = {n: statistics.fmean([*c.search_scores, *c.scores]) for n, c in by_number.items()}
+    assert min(with_search, key=with_search.get) == planted  # the search's scores would have chosen it
+    assert selection.chosen.number == min(means, key=means.get) != planted
+    assert by_number[planted].scores == pytest.approx([math.log(4)] * 3, abs=0.02)  # chance, scored at 40 steps
+    text = selection.describe()
+    assert "3 new seeds at 40 steps, not the search's 20" in text
+    assert "the search's scores, at another budget, do not count" in text
+
+
+def test_select_steps_must_be_a_positive_whole_number(tmp_path) -> None:
+    from initsearch.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"^select.steps: must be a whole number >= 1, got 0$"):
+        _settings(tmp_path, "select.steps=0")

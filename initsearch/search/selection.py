@@ -3,8 +3,10 @@
 A search picks its best trial on the study's few evaluation seeds, so the best score is partly luck (the
 winner's curse). Here the ``select.top_k`` best complete searched trials and the ``select.baselines`` best
 baselines train again, from scratch, on ``select.seeds`` new seeds (``seed * 1000 + 500 + i``: neither the
-search's ``seed * 1000 + i`` nor ``validate``'s fresh seeds), every candidate on the same seeds. The exported
-policy is the candidate with the best mean over all its evidence (its search seeds and these), and the
+search's ``seed * 1000 + i`` nor ``validate``'s fresh seeds), every candidate on the same seeds, for
+``select.steps`` steps (the search's by default). The exported policy is the candidate with the best mean over
+all its evidence: its search seeds and these, or these alone when ``select.steps`` is another budget (scores at
+different budgets do not mix; a longer one sees a policy diverge or be overtaken late). The
 summary reports the chosen policy's paired gain over the best baseline on the selection seeds, with its 95%
 confidence interval. When no searched candidate beats the baselines on that evidence, a baseline is
 exported, and the summary says so. With ``batch_trials`` > 1 (or ``auto``) the candidates of a seed train
@@ -16,7 +18,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -39,11 +41,12 @@ class Candidate:
     kind: str  # "search" or the baseline's name
     search_scores: list[float]
     scores: list[float] = field(default_factory=list)  # on the selection seeds, NaN where it diverged
+    search_counts: bool = True  # False when the selection trains at another budget than the search
 
     @property
     def evidence(self) -> list[float]:
-        """Every finite score it has: the search's seeds and the selection's."""
-        return [s for s in [*self.search_scores, *self.scores] if math.isfinite(s)]
+        """Every finite score it has: the search's seeds (when at the selection's budget) and the selection's."""
+        return [s for s in [*(self.search_scores if self.search_counts else []), *self.scores] if math.isfinite(s)]
 
     def mean(self) -> float:
         return statistics.fmean(self.evidence) if self.evidence else math.nan
@@ -62,12 +65,19 @@ class Selection:
     gain: float  # paired, on the selection seeds (positive: the chosen one is better); NaN without a baseline
     half_width: float  # of its 95% confidence interval
     seconds: float
+    steps: int  # training steps on the selection seeds
+    search_steps: int  # the search's; when they differ only the selection seeds count
 
     def describe(self) -> str:
         """The summary's lines: each candidate's mean over all its evidence, the choice, the paired gain."""
+        longer = self.steps != self.search_steps
         lines = [f"selection: the top {sum(c.kind == 'search' for c in self.candidates)} searched trials and "
                  f"{sum(c.kind != 'search' for c in self.candidates)} best baselines again on "
-                 f"{len(self.seeds)} new seeds ({self.seconds:.1f} s); mean {self.metric} over all their seeds:"]
+                 f"{len(self.seeds)} new seeds"
+                 + (f" at {self.steps} steps, not the search's {self.search_steps}" if longer else "")
+                 + f" ({self.seconds:.1f} s); mean {self.metric} over "
+                 + ("these seeds (the search's scores, at another budget, do not count):" if longer
+                    else "all their seeds:")]
         for c in sorted(self.candidates, key=lambda c: c.mean(), reverse=self.direction == "maximize"):
             mark = " <- exported" if c is self.chosen else ""
             lines.append(f"  trial {c.number} ({c.kind}): {c.mean():.4g}{mark}")
@@ -119,18 +129,21 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
         return None
     started = time.perf_counter()
     seeds = selection_seeds(settings)
+    steps = settings.select.steps or settings.train.steps
+    train = replace(settings.train, steps=steps)
     candidates, contenders = [], []
     for trial, kind in runners:
-        candidates.append(Candidate(trial.number, kind, [float(s) for s in trial.user_attrs.get("seed_scores") or []]))
+        candidates.append(Candidate(trial.number, kind, [float(s) for s in trial.user_attrs.get("seed_scores") or []],
+                                    search_counts=steps == settings.train.steps))
         baseline = None if kind == "search" else kind
         contenders.append((InitPolicy.from_dict(trial.user_attrs["policy"]) if baseline is None
                            else contender_policy(baseline, settings.pretrained), baseline))
     together = population_size(settings, settings.model, proxy.data, proxy.device)
     for seed in seeds:  # every candidate on one seed, together when batch_trials > 1
-        curves = train_contenders(settings.model, proxy.data, proxy.device, contenders, seed, settings.train,
+        curves = train_contenders(settings.model, proxy.data, proxy.device, contenders, seed, train,
                                   proxy.example_x, proxy.discovery, together=together)
         for candidate, curve in zip(candidates, curves, strict=True):
-            candidate.scores.append(score_or_nan(curve, settings.score.metric, budget=settings.train.steps,
+            candidate.scores.append(score_or_nan(curve, settings.score.metric, budget=steps,
                                                  target_acc=settings.score.target_acc))
     maximize = settings.score.direction == "maximize"
     scored = [c for c in candidates if c.evidence]
@@ -141,5 +154,5 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
     if best_baseline is not None and chosen is not best_baseline:
         gain, half = interval(paired_gains(chosen.scores, best_baseline.scores, settings.score.direction))
     return Selection(settings.score.metric, settings.score.direction, seeds, candidates, chosen, best_baseline,
-                     gain, half, time.perf_counter() - started)
+                     gain, half, time.perf_counter() - started, steps, settings.train.steps)
 

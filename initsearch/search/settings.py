@@ -51,11 +51,13 @@ class PrescreenSettings:
 @dataclass(frozen=True)
 class SelectSettings:
     """The selection stage before export (``search/selection.py``): the ``top_k`` best searched trials and the
-    ``baselines`` best baselines again on ``seeds`` new seeds; ``top_k=0`` turns it off."""
+    ``baselines`` best baselines again on ``seeds`` new seeds, for ``steps`` training steps (``None``: the
+    search's ``train.steps``); ``top_k=0`` turns it off."""
 
     top_k: int = 3
     seeds: int = 5
     baselines: int = 2
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -285,7 +287,8 @@ def _select(s: Mapping[str, Any]) -> SelectSettings:
     d = SelectSettings()  # a key left out takes the dataclass's default
     return SelectSettings(top_k=_int(s.get("top_k", d.top_k), "select.top_k", 0),
                           seeds=_int(s.get("seeds", d.seeds), "select.seeds", 1),
-                          baselines=_int(s.get("baselines", d.baselines), "select.baselines", 0))
+                          baselines=_int(s.get("baselines", d.baselines), "select.baselines", 0),
+                          steps=None if s.get("steps") is None else _int(s["steps"], "select.steps", 1))
 
 
 def _batch_trials(value: Any) -> int | str:
