@@ -89,7 +89,7 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         overrides = CASES[case] + [
             f"n_trials={args.n_trials}", f"baselines={args.baselines}", f"storage={folder}/study.journal", "tracking_uri=none",
-        ] + ([f"select.steps={args.select_steps}"] if args.select_steps else [])
+        ] + ([f"select.steps={args.select_steps}"] if args.select_steps is not None else [])
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def main() -> None:
                    + (f" --baselines '{args.baselines}'" if args.baselines != ALL_BASELINES else "")
                    + (" --equal-compute" if args.equal_compute else "")
                    + (f" --validate-batch {args.validate_batch}" if args.validate_batch != "1" else "")
-                   + (f" --select-steps {args.select_steps}" if args.select_steps else ""))
+                   + (f" --select-steps {args.select_steps}" if args.select_steps is not None else ""))
         md = [
             f"### {case}",
             "",

@@ -12,7 +12,8 @@ import pytest
 
 from initsearch.cli import run_settings
 from initsearch.export import pick_trial
-from initsearch.search.selection import front_runners, run_selection, selection_seeds
+from initsearch.proxy.scoring import score_or_nan
+from initsearch.search.selection import Candidate, best_first, front_runners, run_selection, selection_seeds
 from initsearch.search.settings import settings_from_config
 from initsearch.search.study import open_study
 from initsearch.search.trial import prepare
@@ -141,15 +142,17 @@ def test_select_steps_trains_the_new_seeds_longer_and_only_they_count(tmp_path, 
         value=-100.0, user_attrs={"policy": ZEROS, "seed_scores": [-100.0], "kind": "search"}))
     planted = study.trials[-1].number
     import initsearch.search.selection as selection_module
-    lengths = []
+    by_seed = []
     real = selection_module.train_contenders
     def spy(*args, **kwargs):
-        curves = real(*args, **kwargs)
-        lengths.extend(len(c.train_loss) for c in curves)
-        return curves
+        by_seed.append(real(*args, **kwargs))
+        return by_seed[-1]
     monkeypatch.setattr(selection_module, "train_contenders", spy)
     selection = run_selection(settings, prepare(settings), study)
-    assert lengths and set(lengths) == {40}
+    assert len(by_seed) == 3 and {len(c.train_loss) for curves in by_seed for c in curves} == {40}
+    at = {budget: [[score_or_nan(curves[i], "auc_loss", budget=budget) for curves in by_seed]
+                   for i in range(len(selection.candidates))] for budget in (20, 40)}
+    assert [c.scores for c in selection.candidates] == at[40] != at[20]  # scored over the 40 steps, not 20
     by_number = {c.number: c for c in selection.candidates}
     assert planted in by_number
     assert all(c.evidence == [s for s in c.scores if math.isfinite(s)] for c in selection.candidates)
@@ -167,3 +170,47 @@ def test_select_steps_must_be_a_positive_whole_number(tmp_path) -> None:
     from initsearch.errors import ConfigError
     with pytest.raises(ConfigError, match=r"^select.steps: must be a whole number >= 1, got 0$"):
         _settings(tmp_path, "select.steps=0")
+
+
+def test_select_steps_equal_to_the_search_s_still_counts_its_scores(tmp_path) -> None:
+    cfg, settings = _settings(tmp_path, "select.steps=20")  # train.steps is 20 too
+    run_settings(settings, cfg, tmp_path / "first")
+    selection = run_selection(settings, prepare(settings), open_study(settings))
+    for c in selection.candidates:
+        assert c.search_scores and c.evidence == [*c.search_scores, *c.scores]
+    assert "all their seeds:" in selection.describe() and "not the search's" not in selection.describe()
+
+
+def test_a_candidate_that_diverged_on_new_seeds_ranks_below_one_that_trained_on_all() -> None:
+    """A diverged seed counts against a candidate (validate's rule: diverging on any seed beats nothing), it
+    is not left out: one good score on the seed it survived does not outrank five worse ones."""
+    lucky = Candidate(1, "search", [], [0.20, math.nan, math.nan, math.nan, math.nan], search_counts=False)
+    steady = Candidate(2, "pytorch_default", [], [0.48, 0.45, 0.50, 0.52, 0.47], search_counts=False)
+    lost = Candidate(3, "he", [], [math.nan] * 5, search_counts=False)
+    assert lucky.mean() < steady.mean()  # on its survivors alone it looks best
+    assert sorted([lost, lucky, steady], key=best_first("minimize")) == [steady, lucky, lost]
+    up = [Candidate(4, "search", [], [0.9, math.nan], search_counts=False), Candidate(5, "he", [], [0.5, 0.6])]
+    assert sorted(up, key=best_first("maximize"))[0].number == 5
+
+
+def test_the_selection_does_not_export_a_policy_that_diverged_on_new_seeds(tmp_path, monkeypatch, capsys) -> None:
+    """The study's best searched trial gets the best score on the first new seed and diverges on the other
+    two; the stage exports another candidate and says how often it diverged."""
+    cfg, settings = _settings(tmp_path, "select.steps=40")
+    run_settings(settings, cfg, tmp_path / "first")
+    study = open_study(settings)
+    import initsearch.search.selection as selection_module
+    runners = front_runners(study, settings)
+    calls = []
+    def planted(curve, metric, **kwargs):  # the first front-runner's scores: 1e-3, then diverged twice
+        calls.append(curve)
+        if (len(calls) - 1) % len(runners) == 0:
+            return 1e-3 if len(calls) == 1 else math.nan
+        return score_or_nan(curve, metric, **kwargs)
+    monkeypatch.setattr(selection_module, "score_or_nan", planted)
+    selection = run_selection(settings, prepare(settings), study)
+    first = selection.candidates[0]
+    assert first.number == runners[0][0].number and first.scores[0] == 1e-3 and first.diverged == 2
+    assert first.mean() == min(c.mean() for c in selection.candidates)  # the best mean, on its one survivor
+    assert selection.chosen is not first and selection.chosen.diverged == 0
+    assert f"  trial {first.number} ({first.kind}): 0.001 (diverged on 2 of 3 new seeds)" in selection.describe()

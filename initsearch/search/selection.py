@@ -4,9 +4,10 @@ A search picks its best trial on the study's few evaluation seeds, so the best s
 winner's curse). Here the ``select.top_k`` best complete searched trials and the ``select.baselines`` best
 baselines train again, from scratch, on ``select.seeds`` new seeds (``seed * 1000 + 500 + i``: neither the
 search's ``seed * 1000 + i`` nor ``validate``'s fresh seeds), every candidate on the same seeds, for
-``select.steps`` steps (the search's by default). The exported policy is the candidate with the best mean over
-all its evidence: its search seeds and these, or these alone when ``select.steps`` is another budget (scores at
-different budgets do not mix; a longer one sees a policy diverge or be overtaken late). The
+``select.steps`` steps (the search's by default). The exported policy is the candidate that diverged on the
+fewest new seeds, then with the best mean over all its evidence: its search seeds and these, or these alone
+when ``select.steps`` is another budget (scores at different budgets do not mix; a longer one sees a policy
+diverge or be overtaken late). The
 summary reports the chosen policy's paired gain over the best baseline on the selection seeds, with its 95%
 confidence interval. When no searched candidate beats the baselines on that evidence, a baseline is
 exported, and the summary says so. With ``batch_trials`` > 1 (or ``auto``) the candidates of a seed train
@@ -18,6 +19,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import optuna
@@ -51,6 +53,21 @@ class Candidate:
     def mean(self) -> float:
         return statistics.fmean(self.evidence) if self.evidence else math.nan
 
+    @property
+    def diverged(self) -> int:
+        """The selection seeds on which it diverged (no score)."""
+        return sum(not math.isfinite(s) for s in self.scores)
+
+
+def best_first(direction: str) -> Callable[[Candidate], tuple[int, float]]:
+    """A sort key, best candidate first: fewer diverged selection seeds (a run that diverges is worse than
+    any score, not a seed left out), then the better mean (none: last)."""
+    sign = -1.0 if direction == "maximize" else 1.0
+    def key(c: Candidate) -> tuple[int, float]:
+        mean = c.mean()
+        return c.diverged, sign * mean if math.isfinite(mean) else math.inf
+    return key
+
 
 @dataclass
 class Selection:
@@ -78,9 +95,12 @@ class Selection:
                  + f" ({self.seconds:.1f} s); mean {self.metric} over "
                  + ("these seeds (the search's scores, at another budget, do not count):" if longer
                     else "all their seeds:")]
-        for c in sorted(self.candidates, key=lambda c: c.mean(), reverse=self.direction == "maximize"):
+        for c in sorted(self.candidates, key=best_first(self.direction)):
             mark = " <- exported" if c is self.chosen else ""
-            lines.append(f"  trial {c.number} ({c.kind}): {c.mean():.4g}{mark}")
+            mean = "diverged on every new seed" if not c.evidence else f"{c.mean():.4g}"
+            if c.diverged and c.evidence:
+                mean += f" (diverged on {c.diverged} of {len(c.scores)} new seeds)"
+            lines.append(f"  trial {c.number} ({c.kind}): {mean}{mark}")
         if self.best_baseline is None:
             return "\n".join(lines)
         if self.chosen.kind != "search":
@@ -145,11 +165,10 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
         for candidate, curve in zip(candidates, curves, strict=True):
             candidate.scores.append(score_or_nan(curve, settings.score.metric, budget=steps,
                                                  target_acc=settings.score.target_acc))
-    maximize = settings.score.direction == "maximize"
-    scored = [c for c in candidates if c.evidence]
-    chosen = (max if maximize else min)(scored, key=lambda c: c.mean()) if scored else candidates[0]
-    baselines = [c for c in scored if c.kind != "search"]
-    best_baseline = (max if maximize else min)(baselines, key=lambda c: c.mean()) if baselines else None
+    rank = best_first(settings.score.direction)
+    chosen = min(candidates, key=rank)  # ties (every candidate diverged everywhere): the search's best
+    baselines = [c for c in candidates if c.kind != "search"]
+    best_baseline = min(baselines, key=rank) if baselines else None
     gain, half = math.nan, math.nan
     if best_baseline is not None and chosen is not best_baseline:
         gain, half = interval(paired_gains(chosen.scores, best_baseline.scores, settings.score.direction))
