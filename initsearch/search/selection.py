@@ -7,11 +7,10 @@ search's ``seed * 1000 + i`` nor ``validate``'s fresh seeds), every candidate on
 ``select.steps`` steps (the search's by default). The exported policy is the candidate that diverged on the
 fewest new seeds, then with the best mean over all its evidence: its search seeds and these, or these alone
 when ``select.steps`` is another budget (scores at different budgets do not mix; a longer one sees a policy
-diverge or be overtaken late). The
-summary reports the chosen policy's paired gain over the best baseline on the selection seeds, with its 95%
-confidence interval. When no searched candidate beats the baselines on that evidence, a baseline is
-exported, and the summary says so. With ``batch_trials`` > 1 (or ``auto``) the candidates of a seed train
-together as one population, as the study's trials do.
+diverge or be overtaken late). The summary reports the chosen policy's paired gain over the best baseline
+on the selection seeds, with its 95% confidence interval. When no searched candidate beats the baselines on
+that evidence, a baseline is exported, and the summary says so. With ``batch_trials`` > 1 (or ``auto``) the
+candidates of a seed train together as one population, as the study's trials do.
 """
 from __future__ import annotations
 
@@ -87,13 +86,13 @@ class Selection:
 
     def describe(self) -> str:
         """The summary's lines: each candidate's mean over all its evidence, the choice, the paired gain."""
-        longer = self.steps != self.search_steps
+        other_budget = self.steps != self.search_steps
         lines = [f"selection: the top {sum(c.kind == 'search' for c in self.candidates)} searched trials and "
                  f"{sum(c.kind != 'search' for c in self.candidates)} best baselines again on "
                  f"{len(self.seeds)} new seeds"
-                 + (f" at {self.steps} steps, not the search's {self.search_steps}" if longer else "")
+                 + (f" at {self.steps} steps, not the search's {self.search_steps}" if other_budget else "")
                  + f" ({self.seconds:.1f} s); mean {self.metric} over "
-                 + ("these seeds (the search's scores, at another budget, do not count):" if longer
+                 + ("these seeds (the search's scores, at another budget, do not count):" if other_budget
                     else "all their seeds:")]
         for c in sorted(self.candidates, key=best_first(self.direction)):
             mark = " <- exported" if c is self.chosen else ""
