@@ -162,6 +162,10 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
         out.mkdir(parents=True, exist_ok=True)
         path = export_policy(study, out / "best_policy.json", None if selection is None else selection.chosen.number)
         summary.table.to_csv(out / "trials.csv", index=False)
+        if selection is not None:
+            selection.table().to_csv(out / "selection.csv", index=False)
+        else:  # an ``out=`` folder used before: no stale table beside this export (MLflow logs what is there)
+            (out / "selection.csv").unlink(missing_ok=True)
     except OSError as exc:
         print(summary.format())
         raise DiskFault(f"output folder {out}: cannot write ({exc.strerror or exc}); the study is kept in its "
@@ -177,7 +181,8 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
     if selection is not None:
         print(selection.describe())
     tracker.study_finished(study, summary, path)
-    print(files_written(out, [path, out / "trials.csv", *(p for p in (picture, front) if p), *getattr(tracker, "figures", [])],
+    print(files_written(out, [path, out / "trials.csv", out / "selection.csv", *(p for p in (picture, front) if p),
+                              *getattr(tracker, "figures", [])],
                         getattr(tracker, "runs_url", None)))
     return FinishedStudy(path, study, summary)
 
@@ -237,6 +242,7 @@ def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
              "best_policy.png": "what the best policy does to each layer",
              "pareto_front.png": "score against network size, the Pareto front joined",
              "trials.csv": "every trial: kind, state, score, per-seed scores, seconds, reason",
+             "selection.csv": "the front-runners on new seeds before export, and which one was exported",
              "score_by_trial.png": "score by trial against the baselines",
              "training_curves.png": "training curves of the best trials and the baselines",
              "init_signals.png": "signal through the layers at init",

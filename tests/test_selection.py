@@ -8,6 +8,7 @@ import statistics
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 
 from initsearch.cli import run_settings
@@ -82,14 +83,28 @@ def test_the_study_command_exports_the_selected_trial_and_says_so(tmp_path, caps
     [exported_line] = [line for line in printed.splitlines() if line.endswith("<- exported")]
     assert exported_line.startswith(f"  trial {selected} ") and lucky_line != exported_line
     assert pick_trial(finished.study).number == selected  # python -m initsearch.export picks the same
+    # selection.csv beside the policy: every candidate, its mean recomputed here from the study's search
+    # scores and the table's selection scores, best first, the exported one marked
+    table = pd.read_csv(tmp_path / "second" / "selection.csv")
+    assert table.loc[table["exported"], "trial"].tolist() == [selected]
+    for row in table.itertuples():
+        scores = [float(v) for v in row.selection_scores.split()]
+        assert len(scores) == 3 and row.diverged == sum(not math.isfinite(v) for v in scores)
+        search = finished.study.trials[row.trial].user_attrs["seed_scores"]
+        assert row.auc_loss_mean == pytest.approx(statistics.fmean([*search, *scores]), rel=1e-5)
+    assert table["diverged"].sum() == 0 and list(table["auc_loss_mean"]) == sorted(table["auc_loss_mean"])
+    assert "selection.csv" in printed
     if finished.study.trials[selected].user_attrs.get("baseline"):
         assert "no searched policy beats the best baseline on all the evidence" in printed
 
 
 def test_select_top_k_0_turns_the_stage_off(tmp_path) -> None:
     cfg, settings = _settings(tmp_path, "select.top_k=0")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "selection.csv").write_text("an earlier study's table\n")  # out= reused
     finished = run_settings(settings, cfg, tmp_path / "out")
     assert "selected_trial" not in finished.study.user_attrs
+    assert not (tmp_path / "out" / "selection.csv").exists()  # nothing stale beside this export
     assert selection_seeds(settings) == [500, 501, 502]
 
 

@@ -204,6 +204,17 @@ def test_local_study_leaves_one_parent_and_one_child_per_trial(local_study):
     check_study_structure(MlflowClient(f"sqlite:///{local_study}/mlflow.db"), "tiny_local", n_children=4)
 
 
+def test_the_parent_run_keeps_the_selection_table_the_run_folder_has(local_study):
+    client = MlflowClient(f"sqlite:///{local_study}/mlflow.db")
+    _, parents, _ = runs_of(client, "tiny_local")
+    logged = Path(client.download_artifacts(parents[0].info.run_id, "selection.csv")).read_text()
+    assert logged == (local_study / "out" / "selection.csv").read_text()
+    exported = json.loads((local_study / "out" / "best_policy.json").read_text())["provenance"]["trial"]
+    rows = [line.split(",") for line in logged.strip().splitlines()]
+    header, body = rows[0], rows[1:]
+    assert [r[header.index("trial")] for r in body if r[header.index("exported")] == "True"] == [str(exported)]
+
+
 def test_readme_ui_command_serves_the_page_and_lists_the_runs(local_study):
     proc, url = start_server(["ui", "--backend-store-uri", "sqlite:///mlflow.db", "--workers", "1"],
                              cwd=local_study, log_path=local_study / "ui.log")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import optuna
+import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from initsearch.contenders.baselines import contender_policy
@@ -83,6 +84,16 @@ class Selection:
     seconds: float
     steps: int  # training steps on the selection seeds
     search_steps: int  # the search's; when they differ only the selection seeds count
+
+    def table(self) -> pd.DataFrame:
+        """``selection.csv``: one row per candidate, best first, with its mean over the evidence the choice used,
+        its scores on the selection seeds (space-separated, ``nan`` where it diverged), how many diverged,
+        and which one was exported; the run folder and MLflow's parent run keep it."""
+        return pd.DataFrame([{
+            "trial": c.number, "kind": c.kind, f"{self.metric}_mean": c.mean(),
+            "selection_scores": " ".join(f"{s:.6g}" for s in c.scores), "diverged": c.diverged,
+            "search_scores_counted": c.search_counts, "steps": self.steps, "exported": c is self.chosen,
+        } for c in sorted(self.candidates, key=best_first(self.direction))])
 
     def describe(self) -> str:
         """The summary's lines: each candidate's mean over all its evidence, the choice, the paired gain."""

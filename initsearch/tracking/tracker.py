@@ -598,7 +598,7 @@ class MlflowTracker:
                  self.parent_id, redact_url(self.uri), self.runs_url)
 
     def _finish(self, study: Any, summary: Any, policy_path: Path | None) -> None:
-        """Headline metrics, best_policy.json, trials.csv and the plots on the parent (the plots also next to
+        """Headline metrics, best_policy.json, trials.csv, selection.csv and the plots on the parent (the plots also next to
         the exported policy, in the run folder: ``figures`` lists them); parent FINISHED."""
         if not self._connected() or not self._store_answers():
             raise RuntimeError("the store is down; the next run of this command logs the end of the study")
@@ -609,10 +609,11 @@ class MlflowTracker:
             folder = Path(tmp)
             if policy_path is not None and policy_path.is_file():
                 (folder / "best_policy.json").write_bytes(policy_path.read_bytes())
-                # drawn by the command, next to the policy (the front: a multi-objective study's)
-                for picture in (policy_path.with_suffix(".png"), policy_path.parent / "pareto_front.png"):
-                    if picture.is_file():
-                        (folder / picture.name).write_bytes(picture.read_bytes())
+                # written by the command, next to the policy (the front: a multi-objective study's)
+                for written in (policy_path.with_suffix(".png"), policy_path.parent / "pareto_front.png",
+                                policy_path.parent / "selection.csv"):
+                    if written.is_file():
+                        (folder / written.name).write_bytes(written.read_bytes())
             summary.table.to_csv(folder / "trials.csv", index=False)
             self._plots(study, summary, folder)
             if policy_path is not None and policy_path.parent.is_dir():
