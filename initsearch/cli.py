@@ -163,7 +163,7 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
         path = export_policy(study, out / "best_policy.json", None if selection is None else selection.chosen.number)
         summary.table.to_csv(out / "trials.csv", index=False)
         if selection is not None:
-            selection.table().to_csv(out / "selection.csv", index=False)
+            selection.table().to_csv(out / "selection.csv", index=False, float_format="%.6g")
         else:  # an ``out=`` folder used before: no stale table beside this export (MLflow logs what is there)
             (out / "selection.csv").unlink(missing_ok=True)
     except OSError as exc:

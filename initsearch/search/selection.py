@@ -90,9 +90,9 @@ class Selection:
         its scores on the selection seeds (space-separated, ``nan`` where it diverged), how many diverged,
         and which one was exported; the run folder and MLflow's parent run keep it."""
         return pd.DataFrame([{
-            "trial": c.number, "kind": c.kind, f"{self.metric}_mean": c.mean(),
-            "selection_scores": " ".join(f"{s:.6g}" for s in c.scores), "diverged": c.diverged,
-            "search_scores_counted": c.search_counts, "steps": self.steps, "exported": c is self.chosen,
+            "trial": c.number, "kind": c.kind, "exported": c is self.chosen, f"{self.metric}_mean": c.mean(),
+            "diverged": c.diverged, "selection_scores": " ".join(f"{s:.6g}" for s in c.scores),
+            "search_scores_counted": c.search_counts, "steps": self.steps,
         } for c in sorted(self.candidates, key=best_first(self.direction))])
 
     def describe(self) -> str:
