@@ -13,8 +13,8 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
@@ -105,6 +105,30 @@ class TrainConfig:
         if step <= self.warmup_steps:
             return self.lr * step / (self.warmup_steps + 1)
         return self.lr
+
+
+_flushing = 0  # how many subnormals_flushed blocks are open in this process
+
+
+@contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """Flush subnormal floats to zero on the CPU while the block runs; off again when the outermost block ends.
+
+    Tiny gradients and the momentum buffers of units that stopped learning decay into subnormal floats, which
+    the CPU handles far slower (docs/performance.md, "Subnormal floats"); as zeros they change no score. The
+    setting is process-wide and torch has no getter, so the study, its selection stage and ``validate`` each
+    train inside such a block (re-entrant: a nested block leaves it on) and the caller's process gets it off.
+    """
+    global _flushing
+    if _flushing == 0:
+        torch.set_flush_denormal(True)
+    _flushing += 1
+    try:
+        yield
+    finally:
+        _flushing -= 1
+        if _flushing == 0:
+            torch.set_flush_denormal(False)
 
 
 def _is_real(value: Any) -> bool:

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import optuna
-import torch
 
 from initsearch.errors import ConfigError, StudyInterrupted
 from initsearch.proxy.models import target_name
+from initsearch.proxy.train import subnormals_flushed
 from initsearch.search.batched import run_batched, trials_per_round
 from initsearch.search.outcome import NullTracker, Tracker, safely
 from initsearch.search.sequential import optimize
@@ -226,38 +226,33 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
     study = None
     # earlier winners, read before this study is created or written (a missing source fails here)
     warm = warm_starts(settings.warm_start, storage, settings.space, proxy.layers, proxy.pretrained)
-    # Tiny gradients and momentum buffers decay into subnormal floats, which the CPU handles far slower
-    # (docs/performance.md, "Subnormal floats"). Flushing them to zero changes no result
-    # that matters here. The setting is process-wide (torch has no getter): on while the study runs, off after.
-    torch.set_flush_denormal(True)
-    try:
-        study = open_study(settings, storage)
-        check_space_unchanged(study, settings, proxy)
-        lock = StudyLock(settings.storage, storage, settings.study_name)
-        with lock:
-            seed_this_start(study, settings)
-            enqueue_baselines(study, settings.baselines)
-            enqueue_warm_starts(study, warm)
-            if "network" not in study.user_attrs:  # how later studies find this one's winner (export list=true)
-                study.set_user_attr("network", describe_network(proxy.layers))
-            safely(tracker.study_started, settings, config_yaml, study)
-            flush = getattr(tracker, "flush", None)
-            if flush is not None and not getattr(tracker, "starts_alone", False):
-                safely(flush)  # its start under this lock: one parent run per study
-            stale.check(study)
-        total = len(settings.baselines) + settings.n_trials
-        done = counted(study.get_trials(deepcopy=False))
-        k = trials_per_round(settings, proxy) if done < total else 1
-        if done < total and k > 1:  # population training: K trials at a time
-            run_batched(study, settings, proxy, tracker, k, lock=lock, stale=stale)
-        elif done < total:
-            optimize(study, settings, proxy, tracker, lock, stale, total - done)
-    except KeyboardInterrupt as exc:
-        stopped = exc if isinstance(exc, StudyInterrupted) else StudyInterrupted(signal.SIGINT)
-        stopped.study = study
-        if stopped is exc:
-            raise
-        raise stopped from None
-    finally:
-        torch.set_flush_denormal(False)
+    with subnormals_flushed():  # tiny gradients decay into subnormal floats, slow on the CPU
+        try:
+            study = open_study(settings, storage)
+            check_space_unchanged(study, settings, proxy)
+            lock = StudyLock(settings.storage, storage, settings.study_name)
+            with lock:
+                seed_this_start(study, settings)
+                enqueue_baselines(study, settings.baselines)
+                enqueue_warm_starts(study, warm)
+                if "network" not in study.user_attrs:  # how later studies find this one's winner (export list=true)
+                    study.set_user_attr("network", describe_network(proxy.layers))
+                safely(tracker.study_started, settings, config_yaml, study)
+                flush = getattr(tracker, "flush", None)
+                if flush is not None and not getattr(tracker, "starts_alone", False):
+                    safely(flush)  # its start under this lock: one parent run per study
+                stale.check(study)
+            total = len(settings.baselines) + settings.n_trials
+            done = counted(study.get_trials(deepcopy=False))
+            k = trials_per_round(settings, proxy) if done < total else 1
+            if done < total and k > 1:  # population training: K trials at a time
+                run_batched(study, settings, proxy, tracker, k, lock=lock, stale=stale)
+            elif done < total:
+                optimize(study, settings, proxy, tracker, lock, stale, total - done)
+        except KeyboardInterrupt as exc:
+            stopped = exc if isinstance(exc, StudyInterrupted) else StudyInterrupted(signal.SIGINT)
+            stopped.study = study
+            if stopped is exc:
+                raise
+            raise stopped from None
     return study

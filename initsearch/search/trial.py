@@ -39,7 +39,7 @@ from initsearch.proxy.models import build_model, count_parameters, target_name
 from initsearch.proxy.popsize import auto_population_size
 from initsearch.proxy.population import train_population
 from initsearch.proxy.scoring import ACCURACY_METRICS, aggregate, partial_score, score
-from initsearch.proxy.train import Curve, TrainConfig, train_run
+from initsearch.proxy.train import Curve, TrainConfig, subnormals_flushed, train_run
 from initsearch.proxy.userdata import load_user_data
 from initsearch.search.outcome import TrialOutcome, safely, trial_score
 from initsearch.search.settings import StudySettings, resolve_device
@@ -218,18 +218,19 @@ def train_contenders(model_cfg: dict, data: Dataset, device: torch.device,
     ``on_done(i, curve)`` runs as soon as contender ``i`` is trained (progress)."""
     curves: list[Curve] = []
     size = max(together, 1)
-    for start in range(0, len(contenders), size):
-        group = contenders[start:start + size]
-        if len(group) == 1:
-            trained = [train_contender(model_cfg, data, device, *group[0], seed, train, example_x, layers)]
-        else:
-            models = [_contender_model(model_cfg, data, device, policy, baseline, seed, train, example_x, layers)
-                      for policy, baseline in group]
-            trained = train_population(models, data, train, seeds=[seed] * len(models)).curves
-        for curve in trained:
-            if on_done is not None:
-                on_done(len(curves), curve)
-            curves.append(curve)
+    with subnormals_flushed():  # as in the study's trials (the selection stage and validate run outside it)
+        for start in range(0, len(contenders), size):
+            group = contenders[start:start + size]
+            if len(group) == 1:
+                trained = [train_contender(model_cfg, data, device, *group[0], seed, train, example_x, layers)]
+            else:
+                models = [_contender_model(model_cfg, data, device, policy, baseline, seed, train, example_x, layers)
+                          for policy, baseline in group]
+                trained = train_population(models, data, train, seeds=[seed] * len(models)).curves
+            for curve in trained:
+                if on_done is not None:
+                    on_done(len(curves), curve)
+                curves.append(curve)
     return curves
 
 
