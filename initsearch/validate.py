@@ -12,6 +12,7 @@ beats the best baseline, by the paired difference over the seeds and its 95% con
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import sys
@@ -35,7 +36,10 @@ from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
 from initsearch.proxy.train import Curve
 from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
+from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import population_size, prepare, train_contenders
+
+log = logging.getLogger("initsearch")
 
 FRESH_SEED_OFFSET = 1_000_000  # the search scores on seed*1000 + i (i < score.seeds): these never collide
 POLICY = "policy"
@@ -363,7 +367,14 @@ def _validate(args: list[str]) -> int:
         settings = settings_from_config(cfg)
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})
-        report = run_validation(settings, policy, seeds=_whole(own, "seeds", 5), steps=_whole(own, "steps", None))
+        seeds, steps = _whole(own, "seeds", 5), _whole(own, "steps", None)
+        target = prepare(replace(settings, model={**settings.model, "width_multiplier": 1.0}))
+        planned = (1 + len(settings.baselines)) * seeds * (steps or settings.train.steps * 5)
+        threads = choose_threads(settings, target, planned=planned)
+        log.info("%s", threads.describe())
+        with use_threads(threads):
+            report = run_validation(settings, policy, seeds=seeds, steps=steps, data=target.data,
+                                    example=(target.example_x, target.example_y), device=target.device)
         out = Path(own.get("out") or f"outputs/{settings.study_name}/validate_{datetime.now():%Y-%m-%d_%H-%M-%S}")
         out.mkdir(parents=True, exist_ok=True)
         table = report.table()

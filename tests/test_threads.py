@@ -128,3 +128,23 @@ def test_a_short_study_is_not_measured(monkeypatch):
     assert choice.threads == 1 and not choice.seconds
     assert choice.describe() == "threads: 1 (auto; a short study (80 steps planned): not measured)"
     assert threads_module.probe_steps(2) > threads_module.PROBE_SHARE * threads_module.planned_steps(settings)
+
+
+def test_a_command_that_plans_its_own_steps_is_measured_by_them(monkeypatch):
+    """``validate`` passes the steps it plans (contenders x seeds x budget): a long validation of a study
+    whose own plan is short is measured, a short one is not."""
+    timed = []
+
+    def fake(settings, proxy, n, **kwargs):
+        timed.append(n)
+        return 1.0 / n
+
+    monkeypatch.setattr(threads_module, "time_proxy", fake)
+    monkeypatch.setattr(threads_module, "available_cores", lambda n_workers=1: 2)
+    settings = settings_of()  # 80 steps planned by the study itself: not measured
+    proxy = prepare(settings)
+    short = choose_threads(settings, proxy, planned=100)
+    assert short.threads == 1 and timed == []
+    assert short.describe() == "threads: 1 (auto; a short run (100 steps planned): not measured)"
+    long = choose_threads(settings, proxy, planned=3 * 5 * 1000)
+    assert timed == [1, 2] and long.threads == 2 and set(long.seconds) == {1, 2}

@@ -170,3 +170,37 @@ def test_a_fixed_batch_trials_is_capped_at_what_fits_on_cuda_for_the_full_size_t
     assert trial_mod.population_size(two, settings.model, data, cuda, fit_memory=True) == 2
     one = dataclasses.replace(settings, batch_trials=1)
     assert trial_mod.population_size(one, settings.model, data, cuda, fit_memory=True) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_validate_trains_on_the_thread_count_it_is_given(in_tmp, monkeypatch, threads):
+    """``threads=N`` applies to validate's training as to a study's (it was once read and ignored), and the
+    caller's count is back afterwards."""
+    import json
+
+    import torch
+
+    import initsearch.search.trial as trial_module
+
+    seen = []
+    real = trial_module.train_run
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "train_run", spy)
+    policy = in_tmp / "p.json"
+    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
+                                  "default": {"scheme": "orthogonal"}}))
+    before = torch.get_num_threads()
+    other = 3 if threads != 3 else 4
+    torch.set_num_threads(other)
+    try:
+        code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY,
+                     "tracking_uri=none", "baselines=[he]", f"threads={threads}", "progress=false"])
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    assert seen == [threads] * 4  # the policy and he, on 2 seeds

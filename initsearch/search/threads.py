@@ -102,17 +102,20 @@ def time_proxy(settings: StudySettings, proxy: Proxy, threads: int, repeats: int
         torch.set_num_threads(before)
 
 
-def choose_threads(settings: StudySettings, proxy: Proxy) -> ThreadChoice:
+def choose_threads(settings: StudySettings, proxy: Proxy, planned: int | None = None) -> ThreadChoice:
     """The thread count to train with (``settings.threads``; ``auto`` as the module says). Counts are tried
     in increasing order and the trying stops at the first that is not faster: on a busy CPU each losing
-    run is slow, so the measurement costs about one of them."""
+    run is slow, so the measurement costs about one of them. ``planned``: the training steps the command
+    plans, when it is not the study's (``validate``)."""
     cores = available_cores(settings.n_workers)
     if settings.threads != "auto":
         return ThreadChoice(int(settings.threads))
     if proxy.device.type != "cpu" or cores == 1:
         return ThreadChoice(cores)
-    if probe_steps(cores) > PROBE_SHARE * planned_steps(settings):
-        return ThreadChoice(1, note=f"a short study ({planned_steps(settings)} steps planned): not measured")
+    what = "study" if planned is None else "run"
+    planned = planned_steps(settings) if planned is None else planned
+    if probe_steps(cores) > PROBE_SHARE * planned:
+        return ThreadChoice(1, note=f"a short {what} ({planned} steps planned): not measured")
     seconds: dict[int, float] = {}
     chosen = 1
     try:
