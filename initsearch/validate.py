@@ -327,6 +327,8 @@ Usage: python -m initsearch.validate policy=PATH [study=NAME] [key=value ...]
   out=DIR           where validation.csv and validation.png go (default outputs/<study>/validate_<date_time>)
   subset=N          train on the first N examples only
   baselines=[...]   the contenders besides the policy (also gradinit, metainit, gradinit_paper, metainit_paper)
+  batch_trials=K    train the contenders of a seed K at a time as one population (auto: K for the device)
+  threads=auto|N    torch threads (auto: measured at start, as for a study)
   any other key=value of python -m initsearch (train.lr=..., tracking_uri=..., verbose=true)
 
 Examples:
