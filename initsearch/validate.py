@@ -155,6 +155,16 @@ def contender_policies(policy: InitPolicy, baselines: Sequence[str],
     return {POLICY: policy, **{name: contender_policy(name, pretrained) for name in baselines}}
 
 
+def full_size(model_cfg: dict) -> dict:
+    """The study's model config at ``width_multiplier=1``: the target validate trains, not the proxy."""
+    return {**model_cfg, "width_multiplier": 1.0}
+
+
+def validation_budget(settings: StudySettings, steps: int | None) -> int:
+    """Training steps per run: ``steps``, or 5x the search's."""
+    return steps or settings.train.steps * 5
+
+
 def run_validation(
     settings: StudySettings,
     policy: InitPolicy,
@@ -168,10 +178,10 @@ def run_validation(
     """Train the full-size target from the policy and from each baseline over ``seeds`` fresh seeds."""
     if seeds < 1:
         raise ConfigError(f"seeds: must be a whole number >= 1, got {seeds}")
-    budget = steps or settings.train.steps * 5
+    budget = validation_budget(settings, steps)
     if budget < 1:
         raise ConfigError(f"steps: must be a whole number >= 1, got {steps}")
-    target_model = {**settings.model, "width_multiplier": 1.0}
+    target_model = full_size(settings.model)
     train_cfg = replace(settings.train, steps=budget)
     if data is None or example is None or device is None:
         proxy = prepare(replace(settings, model=target_model))
@@ -370,8 +380,8 @@ def _validate(args: list[str]) -> int:
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})
         seeds, steps = _whole(own, "seeds", 5), _whole(own, "steps", None)
-        target = prepare(replace(settings, model={**settings.model, "width_multiplier": 1.0}))
-        planned = (1 + len(settings.baselines)) * seeds * (steps or settings.train.steps * 5)
+        target = prepare(replace(settings, model=full_size(settings.model)))
+        planned = (1 + len(settings.baselines)) * seeds * validation_budget(settings, steps)
         threads = choose_threads(settings, target, planned=planned)
         log.info("%s", threads.describe())
         with use_threads(threads):
