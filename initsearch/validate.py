@@ -380,9 +380,10 @@ def _validate(args: list[str]) -> int:
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})
         seeds, steps = _whole(own, "seeds", 5), _whole(own, "steps", None)
-        target = prepare(replace(settings, model=full_size(settings.model)))
+        alone = replace(settings, model=full_size(settings.model), n_workers=1)  # what it trains, on every core
+        target = prepare(alone)
         planned = (1 + len(settings.baselines)) * seeds * validation_budget(settings, steps)
-        threads = choose_threads(settings, target, planned=planned)
+        threads = choose_threads(alone, target, planned=planned)
         log.info("%s", threads.describe())
         with use_threads(threads):
             report = run_validation(settings, policy, seeds=seeds, steps=steps, data=target.data,

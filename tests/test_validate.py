@@ -204,3 +204,30 @@ def test_validate_trains_on_the_thread_count_it_is_given(in_tmp, monkeypatch, th
         torch.set_num_threads(before)
     assert code == 0
     assert seen == [threads] * 4  # the policy and he, on 2 seeds
+
+
+def test_validate_auto_threads_times_the_full_size_target_on_every_core(in_tmp, monkeypatch):
+    """``threads=auto`` measures the model validate trains (``width_multiplier=1``, not the search's proxy),
+    on the cores of this machine (validate runs alone: the study's ``n_workers`` do not share them), when
+    the steps it plans are enough to pay for the measurement."""
+    import json
+
+    import initsearch.search.threads as threads_module
+
+    timed = []
+
+    def fake(settings, proxy, n, **kwargs):
+        timed.append((n, settings.model["width_multiplier"], settings.n_workers))
+        return 1.0 / n
+
+    monkeypatch.setattr(threads_module, "time_proxy", fake)
+    monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda pid: {0, 1})
+    policy = in_tmp / "p.json"
+    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
+                                  "default": {"scheme": "orthogonal"}}))
+    args = [f"policy={policy}", "seeds=2", f"out={in_tmp / 'v'}", *TINY, "tracking_uri=none", "baselines=[he]",
+            "threads=auto", "progress=false", "model.width_multiplier=0.5", "n_workers=2"]
+    assert main([*args, "steps=10"]) == 0  # 40 steps planned: not worth measuring
+    assert timed == []
+    assert main([*args, "steps=800"]) == 0  # 2 contenders x 2 seeds x 800 steps: measured
+    assert timed == [(1, 1.0, 1), (2, 1.0, 1)]

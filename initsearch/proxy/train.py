@@ -116,8 +116,10 @@ def subnormals_flushed() -> Iterator[None]:
 
     Tiny gradients and the momentum buffers of units that stopped learning decay into subnormal floats, which
     the CPU handles far slower (docs/performance.md, "Subnormal floats"); as zeros they change no score. The
-    setting is process-wide and torch has no getter, so the study, its selection stage and ``validate`` each
-    train inside such a block (re-entrant: a nested block leaves it on) and the caller's process gets it off.
+    study, its selection stage and ``validate`` each train inside such a block (re-entrant: a nested block
+    leaves it on), entered from the thread that trains. ``torch.set_flush_denormal`` sets the calling
+    thread's floating-point mode and torch has no getter: torch's own intra-op worker threads keep theirs
+    (with ``threads`` > 1 they may not flush, and one started inside the block may keep flushing after it).
     """
     global _flushing
     if _flushing == 0:
