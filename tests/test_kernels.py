@@ -81,6 +81,30 @@ def test_keys_sharing_a_speed_key_are_timed_once_but_each_checked_for_exactness(
 
 
 @needs_route
+def test_a_family_timed_slower_on_onednn_runs_no_probe_for_its_other_keys():
+    calls: list[str] = []
+    assert not kernels.choose_route(fake_step(False, 0.01, 0.001, calls), ("K", 10), speed_key="slow-family")
+    assert "onednn" in calls and "default" in calls
+    calls.clear()
+    assert not kernels.choose_route(fake_step(False, 0.001, 0.01, calls), ("K", 9), speed_key="slow-family")
+    assert calls == []  # the family is slower on oneDNN: no exactness check can make it worth taking
+    assert kernels.known(("K", 9)) is False
+    assert kernels.choose_route(fake_step(False, 0.001, 0.01, calls), ("K", 9), speed_key="fast-family") is False
+    assert calls == []  # (the verdict per key is cached)
+
+
+@needs_route
+def test_a_family_whose_first_probe_was_inexact_is_not_probed_again():
+    calls: list[str] = []
+    assert not kernels.choose_route(fake_step(True, 0.001, 0.01, calls), ("K", 10), speed_key="lossy-family")
+    assert sorted(calls) == ["default", "onednn"]  # the exactness check only: no timing
+    calls.clear()
+    assert not kernels.choose_route(fake_step(False, 0.001, 0.01, calls), ("K", 9), speed_key="lossy-family")
+    assert calls == []
+    assert kernels.choose_route(fake_step(False, 0.001, 0.01, calls), ("K", 7), speed_key="other-family")
+
+
+@needs_route
 def test_a_precision_the_user_chose_is_never_changed():
     before = current()
     try:
@@ -201,3 +225,27 @@ def test_the_probe_step_does_not_depend_on_the_members_weights(monkeypatch):
     second = probes[0]()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert all(bool(t.abs().sum() > 0) for t in first)  # real products, not zeros
+
+
+def test_stacks_that_differ_only_in_rows_share_one_speed_family(monkeypatch):
+    """Members leave a round at checkpoints, so one population meets several row counts: the speed is timed
+    once for every count of 2 or more (one family), once for a single row."""
+    data = teacher_data((8,), n_train=64, n_val=16)
+    cfg = TrainConfig(steps=12, batch_size=16, eval_every=3)
+    families: dict[object, set[int]] = {}
+
+    def record(step, key, speed_key=None, **_):
+        families.setdefault(speed_key, set()).add(key.rows)
+        return False
+
+    monkeypatch.setattr(population, "choose_route", record)
+    models = [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(4)]
+    leave_at = {0: 3, 1: 6, 2: 9}  # member -> the checkpoint where its callback stops it
+
+    def stop_at(member):
+        return lambda step, curve: step >= leave_at.get(member, 99)
+
+    train_population(models, data, cfg, seeds=[0] * 4, on_checkpoint=[stop_at(i) for i in range(4)])
+    assert sorted(sorted(rows) for rows in families.values()) == [[1], [2, 3, 4]]
+    key = next(k for k, rows in families.items() if rows == {2, 3, 4})
+    assert key.rows == 2 and all(shape[0] == 1 for _, shape, _, _ in key.params)  # (rows divided out)

@@ -41,7 +41,7 @@ ONEDNN = "bf16"  # the setting under which ATen sends float32 products to oneDNN
 DEFAULT_PRECISIONS: tuple[str, ...] = ("none", "ieee")
 RTOL = 1e-4
 _VERDICTS: dict[Hashable, bool] = {}  # per key: exact and faster
-_FASTER: dict[Hashable, bool] = {}  # per speed key: the oneDNN route timed faster
+_FASTER: dict[Hashable, bool] = {}  # per speed key: oneDNN timed faster (False: slower, or its first probe inexact)
 
 
 def _backend() -> Any | None:
@@ -127,18 +127,26 @@ def choose_route(step: Callable[[], Sequence[torch.Tensor]], key: Hashable, *, s
     caller keeps) should run on the oneDNN route: exact to float32 precision and at least ``min_gain``
     faster than the default route. Exactness is checked and cached per ``key``; speed is timed once per
     ``speed_key`` (default: ``key``), so a caller can share one timing among shapes that only differ in a
-    batch count. ``False`` where the route is not available."""
+    batch count. A key whose family's first probe was slower or inexact is answered ``False`` without a
+    step (refusing is always safe: the default route is the reference). ``False`` where the route is not
+    available."""
     if not available():
         return False
     if key in _VERDICTS:
         return _VERDICTS[key]
     speed_key = key if speed_key is None else speed_key
+    if _FASTER.get(speed_key) is False:  # this family was slower or inexact on oneDNN: not probed again
+        log.debug("matmul route for %s: default (refused for its family %s)", key, speed_key)
+        _VERDICTS[key] = False
+        return False
     with Route() as route:
         reference = [t.detach().clone() for t in step()]  # the first call also pays one-time costs
         route.use(True)
         fast = [t.detach().clone() for t in step()]
         exact = matches(reference, fast)
-        if exact and speed_key not in _FASTER:
+        if not exact:  # a CPU that down-converts does so for every shape: its family's other keys go unprobed
+            _FASTER.setdefault(speed_key, False)
+        elif speed_key not in _FASTER:
             default_s = _timed(step, route, False, repeats)
             onednn_s = _timed(step, route, True, repeats)
             _FASTER[speed_key] = onednn_s < (1.0 - min_gain) * default_s

@@ -816,11 +816,28 @@ def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
     verdict = known_route(key)
     if verdict is not None:
         return verdict
-    step = _synthetic_step(stack, data, cfg)
+    built: list[Callable[[], list[torch.Tensor]]] = []
+
+    def step() -> list[torch.Tensor]:  # built at its first call: a refused family calls it never
+        if not built:
+            built.append(_synthetic_step(stack, data, cfg))
+        return built[0]()
 
     # Speed is timed once per family of stacks that differ only in their row count (2 or more: a round's
     # members leave at checkpoints, and each new row count needs only the exactness check, 2 steps).
-    return choose_route(step, key, speed_key=replace(key, rows=min(key.rows, 2)))
+    return choose_route(step, key, speed_key=route_family(key))
+
+
+def route_family(key: RouteKey) -> RouteKey:
+    """``key`` without its row count: rows 1 stays apart, every count of 2 or more is one family, and each
+    stacked tensor's leading dimension (the rows, or rows x channels) is divided by the rows."""
+
+    def per_row(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0] // key.rows, *shape[1:]) if shape and shape[0] % key.rows == 0 else shape
+
+    return replace(key, rows=min(key.rows, 2),
+                   params=tuple((n, per_row(shape), dtype, grad) for n, shape, dtype, grad in key.params),
+                   buffers=tuple((n, per_row(shape), dtype) for n, shape, dtype in key.buffers))
 
 
 def _synthetic_step(stack: _Stack, data: TrainData, cfg: TrainConfig) -> Callable[[], list[torch.Tensor]]:
