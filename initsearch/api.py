@@ -112,13 +112,14 @@ def validate_policy(
         table = initsearch.validate_policy(result.policy, MyNet, (train, val), seeds=5)
         print(table.to_string(index=False)); print(table.attrs["verdict"])
     """
-    from initsearch.validate import run_validation
+    from initsearch.validate import run_validation, together_unless_told
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"seeds: must be a whole number >= 1, got {seeds!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps: must be a whole number >= 1, got {steps!r}")
     _, study_settings = _compose(model, data, overrides, study_name=study_name, **settings)
+    study_settings = together_unless_told(study_settings, overrides, told="batch_trials" in settings)
     report = run_validation(study_settings, load_policy(policy), seeds=seeds, steps=steps)
     table = report.table()
     table.attrs["verdict"] = report.verdict()

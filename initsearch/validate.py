@@ -8,7 +8,8 @@ and reports per contender: mean +- std of the study's score at that budget, step
 validation accuracy at the end. It prints the table, saves ``validation.csv`` and ``validation.png`` (mean curves
 with their spread), logs all of it to MLflow under a validation parent run, and says plainly whether the policy
 beats the best baseline, by the paired difference over the seeds and its 95% confidence interval. With
-``batch_trials`` > 1 (or ``auto``) the contenders of a seed train together as populations of that size.
+``batch_trials=K`` the contenders of a seed train K at a time as one population (by default ``auto``: K for
+the model and device; ``1``: one at a time).
 """
 from __future__ import annotations
 
@@ -300,6 +301,15 @@ def _split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return own, overrides
 
 
+def together_unless_told(settings: StudySettings, overrides: Sequence[str], told: bool = False) -> StudySettings:
+    """``batch_trials`` for validating: as given (``told``, or ``batch_trials=`` among ``overrides``), else
+    ``auto``: the contenders of a seed share it, so they train together as one population, with the curves
+    of one at a time up to float rounding, in less time. (The study's default, one trial at a time, is for
+    its search's rounds, of which validating has none.)"""
+    told = told or any(o.lstrip("+~").partition("=")[0] == "batch_trials" for o in overrides)
+    return settings if told else replace(settings, batch_trials="auto")
+
+
 def _whole(own: dict[str, str], key: str, default: int | None) -> int | None:
     value = own.get(key)
     if value is None or value == "":
@@ -337,7 +347,8 @@ Usage: python -m initsearch.validate policy=PATH [study=NAME] [key=value ...]
   out=DIR           where validation.csv and validation.png go (default outputs/<study>/validate_<date_time>)
   subset=N          train on the first N examples only
   baselines=[...]   the contenders besides the policy (also gradinit, metainit, gradinit_paper, metainit_paper)
-  batch_trials=K    train the contenders of a seed K at a time as one population (auto: K for the device)
+  batch_trials=K    train the contenders of a seed K at a time as one population (default auto: K for the
+                    model and device; 1 = one at a time; the same curves up to float rounding)
   threads=auto|N    torch threads (auto: measured at start, as for a study)
   any other key=value of python -m initsearch (train.lr=..., tracking_uri=..., verbose=true)
 
@@ -376,7 +387,7 @@ def _validate(args: list[str]) -> int:
         if model_file is not None:
             with open_dict(cfg):
                 cfg.model = OmegaConf.load(model_file)
-        settings = settings_from_config(cfg)
+        settings = together_unless_told(settings_from_config(cfg), overrides)
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})
         seeds, steps = _whole(own, "seeds", 5), _whole(own, "steps", None)

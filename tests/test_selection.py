@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from initsearch.cli import run_settings
+from initsearch.errors import ConfigError
 from initsearch.export import pick_trial
 from initsearch.proxy.scoring import score_or_nan
 from initsearch.search.selection import Candidate, best_first, front_runners, run_selection, selection_seeds
@@ -129,21 +130,38 @@ def test_front_runners_are_distinct_policies(tmp_path) -> None:
     assert third not in [t.number for t, _ in runners]  # top_k=2
 
 
-def test_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_scores(tmp_path, monkeypatch) -> None:
+def _select_batch(settings, value):
+    return dataclasses.replace(settings, select=dataclasses.replace(settings.select, batch_trials=value))
+
+
+def test_select_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_scores(tmp_path, monkeypatch) -> None:
     cfg, settings = _settings(tmp_path)
+    assert settings.select.batch_trials == "auto" and settings.batch_trials == 1  # the defaults
     run_settings(settings, cfg, tmp_path / "first")
     study = open_study(settings)
     proxy = prepare(settings)
     seen = spy_populations(monkeypatch)
-    alone = run_selection(settings, proxy, study)
-    assert seen == []  # batch_trials=1: one at a time
-    together = run_selection(dataclasses.replace(settings, batch_trials=3), proxy, study)
+    alone = run_selection(_select_batch(settings, 1), proxy, study)
+    assert seen == []  # select.batch_trials=1: one at a time
+    together = run_selection(_select_batch(settings, 3), proxy, study)
     # 4 candidates on each of 3 seeds: a stacked population of 3, then the fourth alone (train_run)
     assert seen == [("stacked", 3)] * 3
     assert [c.number for c in together.candidates] == [c.number for c in alone.candidates]
     for a, b in zip(alone.candidates, together.candidates):
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
     assert together.chosen.number == alone.chosen.number
+    seen.clear()
+    by_default = run_selection(settings, proxy, study)  # auto: all 4 of a seed at once (the study's batch_trials=1)
+    assert seen == [("stacked", 4)] * 3
+    for a, b in zip(alone.candidates, by_default.candidates):
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
+    assert by_default.chosen.number == alone.chosen.number
+
+
+def test_select_batch_trials_is_auto_or_a_whole_number(tmp_path) -> None:
+    assert _settings(tmp_path, "select.batch_trials=2")[1].select.batch_trials == 2
+    with pytest.raises(ConfigError, match=r"^select\.batch_trials: must be auto or a whole number >= 1, got 0"):
+        _settings(tmp_path, "select.batch_trials=0")
 
 
 def test_select_steps_trains_the_new_seeds_longer_and_only_they_count(tmp_path, monkeypatch, capsys) -> None:

@@ -147,6 +147,45 @@ def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_res
     assert together.verdict().split(":")[0] == alone.verdict().split(":")[0]
 
 
+@pytest.mark.parametrize(("given", "populations"), [([], [("stacked", 3)] * 2), (["batch_trials=1"], []),
+                                                    (["batch_trials=2"], [("stacked", 2)] * 2)])
+def test_validate_trains_a_seeds_contenders_together_unless_told(in_tmp, monkeypatch, given, populations):
+    """The command's default is ``batch_trials=auto`` whatever the study's (its search's rounds are not
+    validate's business): the policy and 2 baselines of a seed in one population; ``batch_trials=K`` as given."""
+    import json
+
+    seen = spy_populations(monkeypatch)
+    policy = in_tmp / "p.json"
+    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
+                                  "default": {"scheme": "orthogonal"}}))
+    code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY, *given,
+                 "tracking_uri=none", "progress=false"])
+    assert code == 0
+    assert seen == populations  # (batch_trials=2: the policy and he together, then xavier alone on each seed)
+
+
+def test_validate_policy_from_python_trains_together_unless_told(monkeypatch):
+    """``initsearch.validate_policy`` has the command's default, and takes ``batch_trials`` as a setting."""
+    import torch
+    from torch import nn
+
+    import initsearch
+
+    seen = spy_populations(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    data = ((torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)),
+            (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)))
+    policy = {"format": "initsearch-policy", "version": 1, "rules": [], "default": {"scheme": "orthogonal"}}
+    net = lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))  # noqa: E731
+    common = dict(seeds=1, steps=6, overrides=["baselines=[he]", "train.eval_every=3", "progress=false",
+                                               "tracking_uri=none"])
+    initsearch.validate_policy(policy, net, data, **common)
+    assert len(seen) == 1 and seen[0][1] == 2  # the policy and he in one population
+    seen.clear()
+    initsearch.validate_policy(policy, net, data, batch_trials=1, **common)
+    assert seen == []
+
+
 def test_a_fixed_batch_trials_is_capped_at_what_fits_on_cuda_for_the_full_size_target(monkeypatch):
     """validate trains the full-size target: a K sized for the proxy is capped at what the free memory holds
     (``fit_memory``); the study's own rounds keep the K asked for, and the CPU is not capped."""
@@ -197,7 +236,7 @@ def test_validate_trains_on_the_thread_count_it_is_given(in_tmp, monkeypatch, th
     other = 3 if threads != 3 else 4
     torch.set_num_threads(other)
     try:
-        code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY,
+        code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY, "batch_trials=1",
                      "tracking_uri=none", "baselines=[he]", f"threads={threads}", "progress=false"])
         assert torch.get_num_threads() == other
     finally:

@@ -9,8 +9,9 @@ fewest new seeds, then with the best mean over all its evidence: its search seed
 when ``select.steps`` is another budget (scores at different budgets do not mix; a longer one sees a policy
 diverge or be overtaken late). The summary reports the chosen policy's paired gain over the best baseline
 on the selection seeds, with its 95% confidence interval. When no searched candidate beats the baselines on
-that evidence, a baseline is exported, and the summary says so. With ``batch_trials`` > 1 (or ``auto``) the
-candidates of a seed train together as one population, as the study's trials do.
+that evidence, a baseline is exported, and the summary says so. The candidates of a seed train together as
+one population (``select.batch_trials``, ``auto`` by default: they share the seed, so one batch per step
+serves them all), which gives the curves of one at a time up to float rounding; ``1`` trains them one at a time.
 """
 from __future__ import annotations
 
@@ -168,8 +169,9 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
         baseline = None if kind == "search" else kind
         contenders.append((InitPolicy.from_dict(trial.user_attrs["policy"]) if baseline is None
                            else contender_policy(baseline, settings.pretrained), baseline))
-    together = population_size(settings, settings.model, proxy.data, proxy.device)
-    for seed in seeds:  # every candidate on one seed, together when batch_trials > 1
+    together = population_size(settings, settings.model, proxy.data, proxy.device, "candidate(s) trained at once",
+                               key="select.batch_trials", value=settings.select.batch_trials)
+    for seed in seeds:  # every candidate on one seed, together when select.batch_trials > 1
         curves = train_contenders(settings.model, proxy.data, proxy.device, contenders, seed, train,
                                   proxy.example_x, proxy.discovery, together=together)
         for candidate, curve in zip(candidates, curves, strict=True):

@@ -52,12 +52,14 @@ class PrescreenSettings:
 class SelectSettings:
     """The selection stage before export (``search/selection.py``): the ``top_k`` best searched trials and the
     ``baselines`` best baselines again on ``seeds`` new seeds, for ``steps`` training steps (``None``: the
-    search's ``train.steps``); ``top_k=0`` turns it off."""
+    search's ``train.steps``), ``batch_trials`` of them at once as one population (``auto``: K for the proxy
+    and device; the same curves as one at a time up to float rounding); ``top_k=0`` turns it off."""
 
     top_k: int = 3
     seeds: int = 5
     baselines: int = 2
     steps: int | None = None
+    batch_trials: int | str = "auto"  # candidates of one seed trained at once as one population (1: one at a time)
 
 
 @dataclass(frozen=True)
@@ -288,15 +290,16 @@ def _select(s: Mapping[str, Any]) -> SelectSettings:
     return SelectSettings(top_k=_int(s.get("top_k", d.top_k), "select.top_k", 0),
                           seeds=_int(s.get("seeds", d.seeds), "select.seeds", 1),
                           baselines=_int(s.get("baselines", d.baselines), "select.baselines", 0),
-                          steps=None if s.get("steps") is None else _int(s["steps"], "select.steps", 1))
+                          steps=None if s.get("steps") is None else _int(s["steps"], "select.steps", 1),
+                          batch_trials=_batch_trials(s.get("batch_trials", d.batch_trials), "select.batch_trials"))
 
 
-def _batch_trials(value: Any) -> int | str:
+def _batch_trials(value: Any, key: str = "batch_trials") -> int | str:
     """``auto`` (K chosen for the proxy and device at start) or a whole number >= 1."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"batch_trials: must be auto or a whole number >= 1, got {value!r}")
+        raise ConfigError(f"{key}: must be auto or a whole number >= 1, got {value!r}")
     return value
 
 
