@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import statistics
 
@@ -134,7 +135,8 @@ def _select_batch(settings, value):
     return dataclasses.replace(settings, select=dataclasses.replace(settings.select, batch_trials=value))
 
 
-def test_select_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_scores(tmp_path, monkeypatch) -> None:
+def test_select_batch_trials_trains_the_candidates_of_a_seed_together_with_the_same_scores(tmp_path, monkeypatch,
+                                                                                           caplog) -> None:
     cfg, settings = _settings(tmp_path)
     assert settings.select.batch_trials == "auto" and settings.batch_trials == 1  # the defaults
     run_settings(settings, cfg, tmp_path / "first")
@@ -151,8 +153,10 @@ def test_select_batch_trials_trains_the_candidates_of_a_seed_together_with_the_s
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
     assert together.chosen.number == alone.chosen.number
     seen.clear()
-    by_default = run_selection(settings, proxy, study)  # auto: all 4 of a seed at once (the study's batch_trials=1)
+    with caplog.at_level(logging.INFO, logger="initsearch"):
+        by_default = run_selection(settings, proxy, study)  # auto: all 4 of a seed at once (the study's batch_trials=1)
     assert seen == [("stacked", 4)] * 3
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]  # the default says nothing of it
     for a, b in zip(alone.candidates, by_default.candidates):
         np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4)
     assert by_default.chosen.number == alone.chosen.number

@@ -16,6 +16,7 @@ serves them all), which gives the curves of one at a time up to float rounding; 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
@@ -170,7 +171,8 @@ def run_selection(settings: StudySettings, proxy: Proxy, study: optuna.Study) ->
         contenders.append((InitPolicy.from_dict(trial.user_attrs["policy"]) if baseline is None
                            else contender_policy(baseline, settings.pretrained), baseline))
     together = population_size(settings, settings.model, proxy.data, proxy.device, "candidate(s) trained at once",
-                               key="select.batch_trials", value=settings.select.batch_trials)
+                               key="select.batch_trials", value=settings.select.batch_trials,
+                               level=logging.DEBUG)  # (the stage's own summary follows; its default is quiet)
     for seed in seeds:  # every candidate on one seed, together when select.batch_trials > 1
         curves = train_contenders(settings.model, proxy.data, proxy.device, contenders, seed, train,
                                   proxy.example_x, proxy.discovery, together=together)

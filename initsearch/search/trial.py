@@ -236,11 +236,11 @@ def train_contenders(model_cfg: dict, data: Dataset, device: torch.device,
 
 def population_size(settings: StudySettings, model_cfg: dict, data: Dataset, device: torch.device,
                     what: str = "model(s) trained at once", fit_memory: bool = False,
-                    key: str = "batch_trials", value: int | str | None = None) -> int:
+                    key: str = "batch_trials", value: int | str | None = None, level: int = logging.INFO) -> int:
     """``batch_trials`` (or ``value``, the setting ``key``) as a number of models trained at once: itself, or
-    for ``auto`` the K ``popsize.auto_population_size`` picks for ``model_cfg`` on ``device`` (logged, as
-    ``what``). ``fit_memory``: a number is also capped, on CUDA, at what fits in the free memory (``validate``
-    trains the full-size target, for which a K sized for the proxy may not fit)."""
+    for ``auto`` the K ``popsize.auto_population_size`` picks for ``model_cfg`` on ``device`` (logged at
+    ``level``, as ``what``). ``fit_memory``: a number is also capped, on CUDA, at what fits in the free memory
+    (``validate`` trains the full-size target, for which a K sized for the proxy may not fit)."""
     value = settings.batch_trials if value is None else value
     asked = None if value == "auto" else int(value)
     if asked is not None and (asked == 1 or not (fit_memory and device.type == "cuda")):
@@ -249,10 +249,10 @@ def population_size(settings: StudySettings, model_cfg: dict, data: Dataset, dev
     k = auto_population_size(model, tuple(data.x_train.shape[1:]), settings.train.batch_size,
                              settings.train.optimizer, device)
     if asked is None:
-        log.info("%s=auto: %d %s on %s", key, k, what, device)
+        log.log(level, "%s=auto: %d %s on %s", key, k, what, device)
         return k
     if k < asked:
-        log.info("%s=%d: %d %s on %s, what fits in its free memory", key, asked, k, what, device)
+        log.log(level, "%s=%d: %d %s on %s, what fits in its free memory", key, asked, k, what, device)
     return min(k, asked)
 
 
