@@ -347,8 +347,9 @@ Usage: python -m initsearch.validate policy=PATH [study=NAME] [key=value ...]
   out=DIR           where validation.csv and validation.png go (default outputs/<study>/validate_<date_time>)
   subset=N          train on the first N examples only
   baselines=[...]   the contenders besides the policy (also gradinit, metainit, gradinit_paper, metainit_paper)
-  batch_trials=K    train the contenders of a seed K at a time as one population (default auto: K for the
-                    model and device; 1 = one at a time; the same curves up to float rounding)
+  batch_trials=K    train the contenders of a seed K at a time as one population (default auto, whatever
+                    the study's config says: K for the model and device; 1 = one at a time; the same
+                    curves up to float rounding)
   threads=auto|N    torch threads (auto: measured at start, as for a study)
   any other key=value of python -m initsearch (train.lr=..., tracking_uri=..., verbose=true)
 

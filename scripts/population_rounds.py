@@ -1,11 +1,12 @@
 """Population rounds as a pruned study meets them: members leave at checkpoints, so one population runs at
 several row counts. Times ``train_population`` alone (no study, no storage, no tracking).
 
-Each round trains K fresh MLPs of the MLP benchmark's shape (5 Linear of width 256, digits-shaped synthetic
-data: 64 inputs, 10 classes, 1,437 training examples) for 200 steps, batch 128, one shared seed; at every
-checkpoint (every 50 steps) the members listed in ``--leave`` stop, as hyperband stops a 40-trial study's
-members (about 5 of 8 at step 50, 1 at step 100). Prints the seconds of all rounds, the rounds' row counts,
-and the time spent choosing the matrix-product route (``population._onednn_route``).
+Each round trains K fresh MLPs of the MLP benchmark's shape (5 Linear layers, the hidden ones 256 wide;
+digits-shaped synthetic data: 64 inputs, 10 classes, 1,437 training examples) for 200 steps, batch 128, one
+shared seed; at every checkpoint (every 50 steps) the members listed in ``--leave`` stop, in a pattern like a
+hyperband study's (the 40-trial study of docs/performance.md stopped 21 at step 50 and 4 at step 100, 4.2 and
+0.8 per round of 8; the default here stops 5 and 1). Prints the seconds of all rounds, the rounds' row
+counts, and the time spent choosing the matrix-product route (``population._onednn_route``).
 
     .venv/bin/python scripts/population_rounds.py                  # 5 rounds of 8, 1 thread
     PYTHONPATH=/path/to/other/checkout .venv/bin/python scripts/population_rounds.py   # the same, other code
@@ -24,7 +25,7 @@ from initsearch.proxy.train import TrainConfig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Population rounds with members leaving at checkpoints, timed.")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--leave", default="50,50,50,50,50,100,-,-",
                         help="per member, the step at which it stops ('-': runs to the end); K = their count")

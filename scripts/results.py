@@ -4,7 +4,7 @@
         deep_cnn32_lr01_digits residual16_digits
         residual32_digits]
         [--n-trials 30] [--seeds 5] [--out results] [--baselines "[he,lsuv,...]"] [--equal-compute]
-        [--validate-batch auto] [--select-steps 1500]
+        [--validate-batch auto] [--select-steps 1500] [--select-batch 1]
 
 Each case is a study preset plus overrides; its baselines include GradInit and MetaInit, both sized for the
 proxies and at their papers' settings (``gradinit_paper``, ``metainit_paper``). The search scores candidates on
@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--select-steps", type=int, default=None,
                     help="select.steps: the selection stage's training steps (default: the search's); e.g. validate's "
                     "5x, to judge the front-runners at the budget they are validated at")
+    ap.add_argument("--select-batch", default="auto",
+                    help="select.batch_trials: the selection stage's candidates of a seed trained K at a time (auto, "
+                    "the default; 1: one at a time, as the runs before 2026-11-30 16:30 UTC did)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -89,7 +92,8 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         overrides = CASES[case] + [
             f"n_trials={args.n_trials}", f"baselines={args.baselines}", f"storage={folder}/study.journal", "tracking_uri=none",
-        ] + ([f"select.steps={args.select_steps}"] if args.select_steps is not None else [])
+        ] + ([f"select.steps={args.select_steps}"] if args.select_steps is not None else []) + [
+            f"select.batch_trials={args.select_batch}"]
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         t0 = time.perf_counter()
@@ -118,7 +122,8 @@ def main() -> None:
                    + (f" --baselines '{args.baselines}'" if args.baselines != ALL_BASELINES else "")
                    + (" --equal-compute" if args.equal_compute else "")
                    + (f" --validate-batch {args.validate_batch}" if args.validate_batch != "1" else "")
-                   + (f" --select-steps {args.select_steps}" if args.select_steps is not None else ""))
+                   + (f" --select-steps {args.select_steps}" if args.select_steps is not None else "")
+                   + (f" --select-batch {args.select_batch}" if args.select_batch != "auto" else ""))
         md = [
             f"### {case}",
             "",

@@ -48,3 +48,22 @@ def test_batch_trials_takes_auto_or_a_whole_number():
     for bad in ("0", "fast", "1.5", "true"):
         with pytest.raises(ConfigError, match=r"^batch_trials: must be auto or a whole number >= 1"):
             settings_from_config(compose_config(TINY + [f"batch_trials={bad}"]))
+
+
+def test_auto_size_on_cuda_without_an_estimate_is_one():
+    """A forward that needs real data cannot run on the meta device: with no estimate of what a member needs,
+    ``auto`` trains one at a time on CUDA rather than guess a K that may not fit."""
+
+    class NeedsValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * (1.0 if float(x.abs().max()) < 1e9 else 0.0)  # .item() on the input
+
+    model = NeedsValues()
+    with pytest.raises(Exception):
+        member_bytes(model, (6,), 8, "adam")
+    cuda = torch.device("cuda")  # only named: the free memory is given
+    assert auto_population_size(model, (6,), 8, "adam", cuda, free_bytes=10**12) == 1

@@ -245,6 +245,37 @@ def test_validate_trains_on_the_thread_count_it_is_given(in_tmp, monkeypatch, th
     assert seen == [threads] * 4  # the policy and he, on 2 seeds
 
 
+def test_validate_trains_its_populations_on_the_thread_count_it_is_given(in_tmp, monkeypatch):
+    """The default (contenders of a seed together) trains under ``threads=N`` too."""
+    import json
+
+    import torch
+
+    import initsearch.search.trial as trial_module
+
+    seen = []
+    real = trial_module.train_population
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "train_population", spy)
+    policy = in_tmp / "p.json"
+    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
+                                  "default": {"scheme": "orthogonal"}}))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY,
+                     "tracking_uri=none", "baselines=[he]", "threads=1", "progress=false"])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    assert seen == [1, 1]  # one population (the policy and he) per seed, on one thread
+
+
 def test_validate_auto_threads_times_the_full_size_target_on_every_core(in_tmp, monkeypatch):
     """``threads=auto`` measures the model validate trains (``width_multiplier=1``, not the search's proxy),
     on the cores of this machine (validate runs alone: the study's ``n_workers`` do not share them), when

@@ -70,8 +70,9 @@ def free_memory(device: torch.device) -> int | None:
 def auto_population_size(model: nn.Module, input_shape: Sequence[int], batch_size: int, optimizer: str,
                          device: torch.device, free_bytes: int | None = None) -> int:
     """``batch_trials=auto``: 1 where no engine stacks ``model`` on ``device`` (``auto`` would train it one by
-    one anyway); on CUDA the K that fits in half the free memory (``free_bytes``, or measured; ``CPU_K``
-    where the model cannot run on the meta device); on the CPU ``CPU_K``."""
+    one anyway); on CUDA the K that fits in half the free memory (``free_bytes``, or measured; 1 where the
+    model cannot run on the meta device: without an estimate, one at a time rather than a K that may not
+    fit); on the CPU ``CPU_K``."""
     if choose_mode([model, model], "auto", device)[0] == "loop":
         return 1
     free = free_bytes if free_bytes is not None else free_memory(device)
@@ -80,5 +81,5 @@ def auto_population_size(model: nn.Module, input_shape: Sequence[int], batch_siz
     try:
         per_member = member_bytes(model, input_shape, batch_size, optimizer)
     except Exception:  # a forward that needs real data (``.item()``, data-dependent shapes): no estimate
-        return CPU_K
+        return 1
     return population_size(per_member, free)

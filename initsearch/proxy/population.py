@@ -829,8 +829,9 @@ def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
 
 
 def route_family(key: RouteKey) -> RouteKey:
-    """``key`` without its row count: rows 1 stays apart, every count of 2 or more is one family, and each
-    stacked tensor's leading dimension (the rows, or rows x channels) is divided by the rows."""
+    """``key`` without its row count: rows 1 stays apart, every count of 2 or more is one family, and the
+    rows are divided out of each stacked tensor's leading dimension (the rows: ``torch.stack`` and
+    ``stack_module_state`` put them first)."""
 
     def per_row(shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0] // key.rows, *shape[1:]) if shape and shape[0] % key.rows == 0 else shape

@@ -214,7 +214,8 @@ def train_contenders(model_cfg: dict, data: Dataset, device: torch.device,
     """``train_contender`` for every ``(policy, baseline)`` on one seed, in order. With ``together > 1`` up
     to that many are trained at once as one population (``train_population``: they share the seed, so one
     batch per step serves them all), which matches one at a time up to float rounding
-    (``tests/test_population.py``); ``batch_trials`` decides it for the selection stage and ``validate``.
+    (``tests/test_population.py``); ``select.batch_trials`` decides it for the selection stage, ``batch_trials``
+    for ``validate``.
     ``on_done(i, curve)`` runs as soon as contender ``i`` is trained (progress)."""
     curves: list[Curve] = []
     size = max(together, 1)
