@@ -248,4 +248,4 @@ def test_stacks_that_differ_only_in_rows_share_one_speed_family(monkeypatch):
     train_population(models, data, cfg, seeds=[0] * 4, on_checkpoint=[stop_at(i) for i in range(4)])
     assert sorted(sorted(rows) for rows in families.values()) == [[1], [2, 3, 4]]
     key = next(k for k, rows in families.items() if rows == {2, 3, 4})
-    assert key.rows == 2 and all(shape[0] == 1 for _, shape, _, _ in key.params)  # (rows divided out)
+    assert key.rows == 2 and [shape for _, shape, _, _ in key.params] == [(8, 8), (8,), (3, 8), (3,)]  # a member's

@@ -11,6 +11,16 @@ from initsearch.validate import FRESH_SEED_OFFSET, main
 from tests.conftest import TINY, compose_config, spy_populations
 
 
+def orthogonal_policy(folder):
+    """A policy file in ``folder``: every layer orthogonal."""
+    import json
+
+    path = folder / "p.json"
+    path.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
+                                "default": {"scheme": "orthogonal"}}))
+    return path
+
+
 def test_validate_end_to_end_on_a_tiny_budget(in_tmp, capsys):
     tracking = f"sqlite:///{in_tmp}/mlflow.db"
     overrides = [o for o in TINY if not o.startswith("tracking_uri")] + [f"tracking_uri={tracking}", "study_name=val"]
@@ -152,13 +162,8 @@ def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_res
 def test_validate_trains_a_seeds_contenders_together_unless_told(in_tmp, monkeypatch, given, populations):
     """The command's default is ``batch_trials=auto`` whatever the study's (its search's rounds are not
     validate's business): the policy and 2 baselines of a seed in one population; ``batch_trials=K`` as given."""
-    import json
-
     seen = spy_populations(monkeypatch)
-    policy = in_tmp / "p.json"
-    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
-                                  "default": {"scheme": "orthogonal"}}))
-    code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY, *given,
+    code = main([f"policy={orthogonal_policy(in_tmp)}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY, *given,
                  "tracking_uri=none", "progress=false"])
     assert code == 0
     assert seen == populations  # (batch_trials=2: the policy and he together, then xavier alone on each seed)
@@ -211,77 +216,43 @@ def test_a_fixed_batch_trials_is_capped_at_what_fits_on_cuda_for_the_full_size_t
     assert trial_mod.population_size(one, settings.model, data, cuda, fit_memory=True) == 1
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_validate_trains_on_the_thread_count_it_is_given(in_tmp, monkeypatch, threads):
-    """``threads=N`` applies to validate's training as to a study's (it was once read and ignored), and the
-    caller's count is back afterwards."""
-    import json
-
+@pytest.mark.parametrize(("threads", "batch_trials", "trainer", "runs"), [
+    (1, "1", "train_run", 4), (2, "1", "train_run", 4),  # the policy and he, on 2 seeds
+    (1, "auto", "train_population", 2),  # the default: one population of the two per seed
+])
+def test_validate_trains_on_the_thread_count_it_is_given(in_tmp, monkeypatch, threads, batch_trials, trainer, runs):
+    """``threads=N`` applies to validate's training as to a study's (it was once read and ignored), one at a
+    time or together, and the caller's count is back afterwards."""
     import torch
 
     import initsearch.search.trial as trial_module
 
     seen = []
-    real = trial_module.train_run
+    real = getattr(trial_module, trainer)
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trial_module, "train_run", spy)
-    policy = in_tmp / "p.json"
-    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
-                                  "default": {"scheme": "orthogonal"}}))
+    monkeypatch.setattr(trial_module, trainer, spy)
     before = torch.get_num_threads()
     other = 3 if threads != 3 else 4
     torch.set_num_threads(other)
     try:
-        code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY, "batch_trials=1",
-                     "tracking_uri=none", "baselines=[he]", f"threads={threads}", "progress=false"])
+        code = main([f"policy={orthogonal_policy(in_tmp)}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY,
+                     f"batch_trials={batch_trials}", "tracking_uri=none", "baselines=[he]", f"threads={threads}",
+                     "progress=false"])
         assert torch.get_num_threads() == other
     finally:
         torch.set_num_threads(before)
     assert code == 0
-    assert seen == [threads] * 4  # the policy and he, on 2 seeds
-
-
-def test_validate_trains_its_populations_on_the_thread_count_it_is_given(in_tmp, monkeypatch):
-    """The default (contenders of a seed together) trains under ``threads=N`` too."""
-    import json
-
-    import torch
-
-    import initsearch.search.trial as trial_module
-
-    seen = []
-    real = trial_module.train_population
-
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trial_module, "train_population", spy)
-    policy = in_tmp / "p.json"
-    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
-                                  "default": {"scheme": "orthogonal"}}))
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        code = main([f"policy={policy}", "seeds=2", "steps=10", f"out={in_tmp / 'v'}", *TINY,
-                     "tracking_uri=none", "baselines=[he]", "threads=1", "progress=false"])
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
-    assert code == 0
-    assert seen == [1, 1]  # one population (the policy and he) per seed, on one thread
+    assert seen == [threads] * runs
 
 
 def test_validate_auto_threads_times_the_full_size_target_on_every_core(in_tmp, monkeypatch):
     """``threads=auto`` measures the model validate trains (``width_multiplier=1``, not the search's proxy),
     on the cores of this machine (validate runs alone: the study's ``n_workers`` do not share them), when
     the steps it plans are enough to pay for the measurement."""
-    import json
-
     import initsearch.search.threads as threads_module
 
     timed = []
@@ -292,10 +263,7 @@ def test_validate_auto_threads_times_the_full_size_target_on_every_core(in_tmp, 
 
     monkeypatch.setattr(threads_module, "time_proxy", fake)
     monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda pid: {0, 1})
-    policy = in_tmp / "p.json"
-    policy.write_text(json.dumps({"format": "initsearch-policy", "version": 1, "rules": [],
-                                  "default": {"scheme": "orthogonal"}}))
-    args = [f"policy={policy}", "seeds=2", f"out={in_tmp / 'v'}", *TINY, "tracking_uri=none", "baselines=[he]",
+    args = [f"policy={orthogonal_policy(in_tmp)}", "seeds=2", f"out={in_tmp / 'v'}", *TINY, "tracking_uri=none", "baselines=[he]",
             "threads=auto", "progress=false", "model.width_multiplier=0.5", "n_workers=2"]
     assert main([*args, "steps=10"]) == 0  # 40 steps planned: not worth measuring
     assert timed == []

@@ -829,16 +829,12 @@ def _onednn_route(stack: _Stack, data: TrainData, cfg: TrainConfig) -> bool:
 
 
 def route_family(key: RouteKey) -> RouteKey:
-    """``key`` without its row count: rows 1 stays apart, every count of 2 or more is one family, and the
-    rows are divided out of each stacked tensor's leading dimension (the rows: ``torch.stack`` and
-    ``stack_module_state`` put them first)."""
-
-    def per_row(shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (shape[0] // key.rows, *shape[1:]) if shape and shape[0] % key.rows == 0 else shape
-
+    """``key`` without its row count: rows 1 stays apart, every count of 2 or more is one family, and each
+    stacked tensor's shape loses its leading dimension (the rows: ``torch.stack`` and ``stack_module_state``
+    put them first), leaving a member's own shape."""
     return replace(key, rows=min(key.rows, 2),
-                   params=tuple((n, per_row(shape), dtype, grad) for n, shape, dtype, grad in key.params),
-                   buffers=tuple((n, per_row(shape), dtype) for n, shape, dtype in key.buffers))
+                   params=tuple((n, shape[1:], dtype, grad) for n, shape, dtype, grad in key.params),
+                   buffers=tuple((n, shape[1:], dtype) for n, shape, dtype in key.buffers))
 
 
 def _synthetic_step(stack: _Stack, data: TrainData, cfg: TrainConfig) -> Callable[[], list[torch.Tensor]]:
