@@ -250,3 +250,27 @@ def test_resuming_with_other_scheme_choices_is_one_line_and_writes_nothing(in_tm
     assert len(_study(storage, "space").get_trials()) == before
     run(compose_config(base + ["n_trials=3"]), in_tmp / "out3")  # the same space resumes
     assert len(_study(storage, "space").get_trials()) == before + 1
+
+
+@pytest.mark.parametrize("override, key, old, new", [
+    ("model.width=32", "model.width", 16, 32),
+    ("train.steps=30", "train.steps", 20, 30),
+    ("train.lr=0.2", "train.lr", 0.05, 0.2),
+    ("score.seeds=3", "score.seeds", 1, 3),
+    ("data.synthetic.n_train=256", "data.synthetic.n_train", 512, 256),
+    ("seed=1", "seed", 0, 1),
+])
+def test_resuming_under_other_scoring_settings_is_one_line_and_writes_nothing(in_tmp, override, key, old, new):
+    """Scores taken on another network, data, seed or training run do not compare with the study's: resuming
+    under them stops at once, naming the setting; what only says how to run (n_trials, the pruner) resumes."""
+    storage = str(in_tmp / "s.journal")
+    base = TINY + [f"storage={storage}", "study_name=contract", "score.seeds=1"]
+    run(compose_config(base), in_tmp / "out")
+    before = len(_study(storage, "contract").get_trials())
+    with pytest.raises(ConfigError) as info:
+        run(compose_config(base + ["n_trials=3", override]), in_tmp / "out2")
+    assert str(info.value).startswith(f"{key}: study 'contract' was run with {old!r}, this command has {new!r}; ")
+    assert "\n" not in str(info.value)
+    assert len(_study(storage, "contract").get_trials()) == before
+    run(compose_config(base + ["n_trials=3", "pruner=none", "train.eval_batch_size=7"]), in_tmp / "out3")
+    assert len(_study(storage, "contract").get_trials()) == before + 1

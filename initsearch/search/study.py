@@ -8,9 +8,11 @@ or ``batched.run_batched`` K at a time. A ``Tracker`` observes each finished tri
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import optuna
@@ -99,7 +101,88 @@ def open_study(settings: StudySettings, storage: optuna.storages.BaseStorage | N
             f"study_name: study {settings.study_name!r} holds trials of the model {network(attrs['model'])}, and this "
             f"command's model is {network(model)}; give the new study a name of its own (study_name=...)"
         )
+    check_scoring_unchanged(study, settings)
     return study
+
+
+# Data settings that say where the data is, or how it gets here, not what it is: another machine may differ.
+DATA_WHERE = {"_target_", "root", "url", "md5", "download", "max_bytes"}
+
+
+def scoring_settings(settings: StudySettings) -> dict[str, Any]:
+    """What a trial's score depends on besides its policy: the network's settings, the data's, the seed (the
+    data split and the evaluation seeds), the training run, LSUV's batch and the scoring rule. Scores taken
+    under other values do not compare, so a study resumes only under these. The class and the dataset
+    themselves are checked apart (``open_study``); objects given from Python are left out."""
+    train = {key: value for key, value in asdict(settings.train).items() if key != "eval_batch_size"}  # chunks only
+    score = settings.score
+    return {
+        "model": _plain(recorded_model(settings.model), skip={"_target_"}),
+        "data": _plain(settings.data, skip=DATA_WHERE),
+        "seed": settings.seed,
+        "train": train,
+        "lsuv_batch": settings.lsuv_batch,
+        "score": {"seeds": score.seeds, "aggregate": score.aggregate, "target_acc": score.target_acc},
+    }
+
+
+def check_scoring_unchanged(study: optuna.Study, settings: StudySettings) -> None:
+    """Refuse to resume a study under scoring settings other than those it recorded (``scoring``): one
+    ``ConfigError`` line naming the first key that differs, before anything is written. A study recorded
+    before this check existed records them now."""
+    now = scoring_settings(settings)
+    recorded = study.user_attrs.get("scoring")
+    if not isinstance(recorded, dict):
+        study.set_user_attr("scoring", now)
+        return
+    old, new = _flat(recorded), _flat(now)
+    for key in sorted(old.keys() | new.keys()):
+        if not _same(old.get(key), new.get(key)):
+            raise ConfigError(
+                f"{key}: study {settings.study_name!r} was run with {old.get(key)!r}, this command has "
+                f"{new.get(key)!r}; their scores would not compare: run it with its own settings, or give the new "
+                "study a name of its own (study_name=...)")
+
+
+def _plain(config: Mapping[str, Any], skip: set[str]) -> dict[str, Any]:
+    """The JSON-plain entries of a config (objects given from Python left out), without the keys ``skip``."""
+    def plain(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        if isinstance(value, Mapping):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return value is None or isinstance(value, (str, bool, int, float))
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [copy(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: copy(v) for k, v in value.items()}
+        return value
+
+    return {key: copy(value) for key, value in config.items() if key not in skip and plain(value)}
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 200}}`` as ``{"train.steps": 200}``: the keys as the command line writes them."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as the study stored them (JSON: tuples come back as lists, 1.0 may be 1; NaN equals NaN)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    return bool(a == b)
 
 
 def check_space_unchanged(study: optuna.Study, settings: StudySettings, proxy: Proxy, probes: int = 8) -> None:
