@@ -35,7 +35,7 @@ from initsearch.errors import (
 )
 from initsearch.export import export_policy
 from initsearch.search.progress import Progress
-from initsearch.search.report import StudySummary, summarize
+from initsearch.search.report import StudySummary, selected_trial, summarize
 from initsearch.search.selection import run_selection
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
 from initsearch.search.storage import finished_trials, open_storage, write_fault
@@ -155,8 +155,11 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
             + (f" (e.g. {'; '.join(reasons)})" if reasons else "")
         )
     selection = run_selection(settings, proxy, study)
-    if selection is not None:  # export what won on all the evidence; `initsearch.export` picks it too
-        study.set_user_attr("selected_trial", selection.chosen.number)
+    # export what won on all the evidence (`initsearch.export` picks it too); no stage: the best score, not an
+    # earlier run's choice among fewer trials
+    if selection is not None or study.user_attrs.get("selected_trial") is not None:
+        study.set_user_attr("selected_trial", None if selection is None else selection.chosen.number)
+    summary.selected = selected_trial(study)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from initsearch.search.selection import Candidate, best_first, front_runners, ru
 from initsearch.search.settings import settings_from_config
 from initsearch.search.study import open_study
 from initsearch.search.trial import prepare
+from initsearch.tracking.payload import summary_metric_rows, summary_tags
 from tests.conftest import TINY, compose_config, spy_populations
 
 ZEROS = {"format": "initsearch-policy", "version": 1, "rules": [], "default": {"scheme": "zeros"}}
@@ -85,6 +86,17 @@ def test_the_study_command_exports_the_selected_trial_and_says_so(tmp_path, caps
     [exported_line] = [line for line in printed.splitlines() if line.endswith("<- exported")]
     assert exported_line.startswith(f"  trial {selected} ") and lucky_line != exported_line
     assert pick_trial(finished.study).number == selected  # python -m initsearch.export picks the same
+    # the summary's winner, the parent run's tags and best_score: the exported trial, not the lucky best score
+    assert f"winner: trial {selected} (" in printed
+    assert f"the best search score is trial {lucky} (search)" in printed
+    assert finished.summary.best.number == lucky and finished.summary.winner.number == selected
+    assert summary_tags(finished.summary)["initsearch.best_trial"] == str(selected)
+    rows = {key: value for key, value, _, _ in summary_metric_rows(finished.summary, 0)}
+    assert rows["best_score"] == finished.study.trials[selected].value
+    # the stage off on a later run: the best score is exported, not the earlier run's choice
+    off = dataclasses.replace(settings, select=dataclasses.replace(settings.select, top_k=0))
+    again = run_settings(off, cfg, tmp_path / "third")
+    assert json.loads(again.policy_path.read_text())["provenance"]["trial"] == lucky == again.summary.winner.number
     # selection.csv beside the policy: every candidate, its mean recomputed here from the study's search
     # scores and the table's selection scores, best first, the exported one marked
     table = pd.read_csv(tmp_path / "second" / "selection.csv")

@@ -23,6 +23,13 @@ class StudySummary:
     best_search: FrozenTrial | None
     best_baseline: FrozenTrial | None
     front: list[FrozenTrial] | None = None  # a multi-objective study's Pareto front (score, parameters), smallest first
+    # the trial the selection stage chose on new seeds (``selected_trial``), whose policy is exported; None: ``best``
+    selected: FrozenTrial | None = None
+
+    @property
+    def winner(self) -> FrozenTrial | None:
+        """The trial whose policy is exported: the selection stage's choice, else the best score."""
+        return self.selected or self.best
 
     @property
     def improvement_pct(self) -> float | None:
@@ -51,12 +58,16 @@ class StudySummary:
     def format(self, top: int = 10) -> str:
         """The headline, the winner's per-seed scores, and the table of the best searched trials plus every baseline."""
         lines = [self.headline()]
-        if self.best is not None:
-            seeds = self.best.user_attrs.get("seed_scores") or []
+        winner = self.winner
+        if winner is not None:
+            seeds = winner.user_attrs.get("seed_scores") or []
             lines.append(
-                f"winner: trial {self.best.number} ({_kind(self.best)}), {self.metric} per seed: "
+                f"winner: trial {winner.number} ({_kind(winner)}), {self.metric} per seed: "
                 + ", ".join(f"{v:.4g}" for v in seeds)
             )
+            if self.best is not None and winner.number != self.best.number:
+                lines.append(f"  (the selection stage's choice on new seeds; the best search score is trial "
+                             f"{self.best.number} ({_kind(self.best)}), {trial_score(self.best):.4g})")
         t = self.table
         shown = pd.concat([t[t.kind == "search"].head(top), t[t.kind != "search"]]).drop(columns=["reason", "same_as"])
         shown[self.metric] = [_round(v) for v in shown[self.metric]]
@@ -172,4 +183,14 @@ def summarize(study: optuna.Study, metric: str) -> StudySummary:
         best_search=best_of([t for t in complete if _kind(t) == "search"]),
         best_baseline=best_of([t for t in complete if _kind(t) != "search"]),
         front=front,
+        selected=selected_trial(study),
     )
+
+
+def selected_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The complete trial the selection stage chose for export (``user_attrs["selected_trial"]``), or None."""
+    number = study.user_attrs.get("selected_trial")
+    if number is None:
+        return None
+    return next((t for t in study.get_trials(deepcopy=False) if t.number == number and t.state == TrialState.COMPLETE),
+                None)

@@ -309,12 +309,14 @@ def _json(value: Any) -> str:
 
 
 def summary_metric_rows(summary: Any, now_ms: int) -> list[tuple[str, float, int, int]]:
-    """``best_score``, ``best_search_score``, ``best_baseline_score``, ``improvement_pct`` (those that exist)
-    as ``[key, value, timestamp_ms, step]`` rows, at step = number of trials in the study, so resumed
-    studies draw a history of the headline."""
+    """``best_score`` (the exported trial's: the selection stage's choice, else the best score),
+    ``best_search_score``, ``best_baseline_score``, ``improvement_pct`` (those that exist) as
+    ``[key, value, timestamp_ms, step]`` rows, at step = number of trials in the study, so resumed studies
+    draw a history of the headline."""
     step = int(len(summary.table))
+    winner = summary.winner
     values = {
-        "best_score": trial_score(summary.best) if summary.best is not None else None,
+        "best_score": trial_score(winner) if winner is not None else None,
         "best_search_score": trial_score(summary.best_search) if summary.best_search is not None else None,
         "best_baseline_score": trial_score(summary.best_baseline) if summary.best_baseline is not None else None,
         "improvement_pct": summary.improvement_pct,
@@ -323,10 +325,13 @@ def summary_metric_rows(summary: Any, now_ms: int) -> list[tuple[str, float, int
 
 
 def summary_tags(summary: Any) -> dict[str, str]:
+    """The headline as the run's note; ``best_trial`` and ``best_kind``: the trial whose policy is the run's
+    ``best_policy.json`` (the selection stage's choice when it ran)."""
     tags = {"mlflow.note.content": clip(summary.headline(), MAX_TAG_VALUE)}
-    if summary.best is not None:
-        tags["initsearch.best_trial"] = str(summary.best.number)
-        tags["initsearch.best_kind"] = summary.best.user_attrs.get("baseline") or "search"
+    winner = summary.winner
+    if winner is not None:
+        tags["initsearch.best_trial"] = str(winner.number)
+        tags["initsearch.best_kind"] = winner.user_attrs.get("baseline") or "search"
     return tags
 
 
