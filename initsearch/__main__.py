@@ -29,7 +29,7 @@ def app() -> Callable[[], Any]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from initsearch.cli import config_dir, remove_unused_output_dir, report_error, report_unexpected, run
+    from initsearch.cli import bad_input, config_dir, remove_unused_output_dir, report_error, report_unexpected, run
     from initsearch.errors import InitSearchError, StudyInterrupted
 
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -45,7 +45,7 @@ def app() -> Callable[[], Any]:
                 traceback.print_exception(exc)
             sys.exit(exc.exit_status)
         except InitSearchError as exc:
-            remove_unused_output_dir(out_dir)
+            remove_unused_output_dir(out_dir, logs=bad_input(exc))
             sys.exit(report_error(exc, verbose))
         except Exception as exc:
             remove_unused_output_dir(out_dir)

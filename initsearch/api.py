@@ -78,13 +78,19 @@ def search(
         print(result.summary)
         initsearch.apply_policy(MyNet(), result.policy, example_batch=x_train[:256])
     """
-    from initsearch.cli import run_settings
+    from initsearch.cli import bad_input, remove_unused_output_dir, run_settings
 
     cfg, study_settings = _compose(model, data, overrides, n_trials=n_trials, study_name=study_name,
                                    storage=storage, tracking_uri=tracking_uri, **settings)
     out = Path(out_dir) if out_dir is not None else \
         Path("outputs") / study_settings.study_name / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    finished = run_settings(study_settings, cfg, out)
+    made = not out.exists()
+    try:
+        finished = run_settings(study_settings, cfg, out)
+    except Exception as exc:
+        if made and bad_input(exc):  # the folder this call made, for a study that never ran: not left behind
+            remove_unused_output_dir(out)
+        raise
     return SearchResult(load_policy(finished.policy_path), finished.policy_path, finished.study,
                         finished.summary.table, finished.summary.format())
 

@@ -26,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from initsearch.errors import (
     ConfigError,
+    DataError,
     DiskFault,
     InitSearchError,
+    PolicyError,
     StudyFailed,
     StudyInterrupted,
     did_you_mean,
@@ -591,6 +593,12 @@ def _unknown_key(message: str) -> str | None:
     return None
 
 
+def bad_input(exc: BaseException) -> bool:
+    """An error in what the user gave (a value, a file, a model, data), found before the study trained:
+    nothing in the output folder is worth keeping. Not a study that failed or a disk that cannot be written."""
+    return isinstance(exc, (ConfigError, DataError, PolicyError))
+
+
 def _unparsable(arg: str) -> bool:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -601,18 +609,19 @@ def _unparsable(arg: str) -> bool:
     return False
 
 
-def remove_unused_output_dir(out_dir: str | Path) -> None:
+def remove_unused_output_dir(out_dir: str | Path, logs: bool = False) -> None:
     """After a failure before anything was written: remove the run folder Hydra made (its ``.hydra`` copy of
-    the config and an empty log), and the two folders above it (``outputs/<study>/``) when they are empty then."""
+    the config and an empty log; ``logs``: any log, for an error in what the user gave, which the command
+    printed), and the two folders above it (``outputs/<study>/``) when they are empty then."""
     out = Path(out_dir)
     if not out.is_dir():
         return
     for entry in out.iterdir():
         if entry.name == ".hydra" and entry.is_dir():
             continue
-        if entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0:
+        if entry.suffix == ".log" and entry.is_file() and (logs or entry.stat().st_size == 0):
             continue
-        return  # something of value (a policy, a table, a log line): keep the folder
+        return  # something of value (a policy, a table, a study's log): keep the folder
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)

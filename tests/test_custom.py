@@ -330,7 +330,8 @@ def _negative_labels():
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-def test_bad_input_is_one_line_naming_the_key_before_any_trial(case, tmp_path) -> None:
+def test_bad_input_is_one_line_naming_the_key_before_any_trial(case, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default output folder, outputs/<study>/<date>/, is made here
     given, error, start = BAD[case]
     model = given.get("model", mynets.Regressor)
     data = given.get("data", mynets.diabetes)
@@ -340,6 +341,7 @@ def test_bad_input_is_one_line_naming_the_key_before_any_trial(case, tmp_path) -
     message = str(info.value)
     assert message.startswith(start) and "\n" not in message, message
     assert not (tmp_path / "s.journal").exists()
+    assert not (tmp_path / "outputs").exists()  # no empty output folder left behind
 
 
 def test_the_cli_prints_a_bad_data_function_as_one_line(tmp_path) -> None:

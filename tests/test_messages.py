@@ -78,6 +78,8 @@ STUDY_ERRORS = {
     "wrong study": (["study=nope"], "In 'config': Could not find 'study/nope' (available: cifar_cnn, cifar_mlp, "),
     "bad override syntax": (["a=b=c"], "override 'a=b=c': mismatched input '='"),
     "bad value": (["n_trials=0"], "n_trials: must be a whole number >= 1, got 0"),
+    # found after the run's log has its first line (the thread count)
+    "missing warm start": (["warm_start=[nosuch]"], "warm_start[0]: 'nosuch' is neither a policy file nor a study"),
 }
 
 
