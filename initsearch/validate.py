@@ -70,6 +70,11 @@ class ContenderResult:
         self.steps_to_target.append(_steps_to_target(curve, target_acc))
         self.final_acc.append(curve.val_acc[-1] if curve.val_acc else math.nan)
 
+    @property
+    def final_val_losses(self) -> list[float]:
+        """Per seed, the validation loss at the end (nan where it diverged or never validated)."""
+        return [c.val_loss[-1] if c.val_loss and not c.diverged else math.nan for c in self.curves]
+
     def mean_score(self) -> float:
         ok = [s for s in self.scores if math.isfinite(s)]
         return statistics.fmean(ok) if ok else math.nan
@@ -112,6 +117,7 @@ class ValidationReport:
     target_acc: float
     results: list[ContenderResult]
     accuracy: bool = True  # whether the study's loss has an accuracy (classification)
+    is_baseline: str | None = None  # the baseline the policy is (its provenance's kind): not compared with itself
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([r.row(self.metric, self.accuracy) for r in self.results])
@@ -122,9 +128,35 @@ class ValidationReport:
         "beats" only when the whole interval is a gain, "is worse" when it is all a loss, else "not
         distinguishable". A policy that diverged on any seed does not beat anything."""
         policy = next(r for r in self.results if r.name == POLICY)
-        baselines = [r for r in self.results if r.name != POLICY and math.isfinite(r.mean_score())]
+        baselines = [r for r in self.results
+                     if r.name not in (POLICY, self.is_baseline) and math.isfinite(r.mean_score())]
+        note = (f"the policy is the baseline {self.is_baseline} (its provenance says so), so it is compared with the "
+                "other baselines: " if self.is_baseline else "")
         if not baselines:
-            return "no baseline finished: nothing to compare the policy with"
+            return note + "no baseline finished: nothing to compare the policy with"
+        return note + self._against(policy, baselines) + self._held_out(policy, baselines)
+
+    def _held_out(self, policy: ContenderResult, baselines: list[ContenderResult]) -> str:
+        """A second sentence when the score is not the validation loss and the policy ends with a validation
+        loss worse than the best baseline's there, over the whole 95% interval: a faster fit of the training
+        data that generalizes worse. Empty otherwise."""
+        if self.metric == "final_val_loss":
+            return ""
+        finals = {r.name: [v for v in r.final_val_losses if math.isfinite(v)] for r in baselines}
+        ranked = [r for r in baselines if finals[r.name]]
+        if not ranked:
+            return ""
+        best = min(ranked, key=lambda r: statistics.fmean(finals[r.name]))
+        gains = paired_gains(policy.final_val_losses, best.final_val_losses, "minimize")
+        gain, half = interval(gains)
+        if len(gains) < 2 or not gain + half < 0:
+            return ""
+        ours = statistics.fmean(v for v in policy.final_val_losses if math.isfinite(v))
+        return (f". But on the validation data it ends worse: final validation loss {ours:.4g} against "
+                f"{best.name}'s {statistics.fmean(finals[best.name]):.4g} (paired {gain:+.3g} ± {half:.2g}): it "
+                "fits the training data faster and generalizes worse")
+
+    def _against(self, policy: ContenderResult, baselines: list[ContenderResult]) -> str:
         pick = min if self.direction == "minimize" else max
         best = pick(baselines, key=lambda r: r.mean_score())
         p, b = policy.mean_score(), best.mean_score()
@@ -202,8 +234,9 @@ def run_validation(
 
         train_contenders(target_model, data, device, inits, seed, train_cfg, example[0], together=together,
                          on_done=done)
+    kind = (policy.provenance or {}).get("kind")
     return ValidationReport(settings.score.metric, settings.score.direction, budget, fresh, settings.score.target_acc,
-                            results, accuracy)
+                            results, accuracy, is_baseline=kind if kind in contenders and kind != POLICY else None)
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------

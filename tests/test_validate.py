@@ -133,6 +133,69 @@ def test_a_policy_that_diverged_on_a_seed_beats_nothing_and_pairs_skip_that_seed
     assert half == pytest.approx(T975[4] * he.std(ddof=1) / np.sqrt(5))
 
 
+def _with_final_val_losses(report, finals: dict[str, list[float]]):
+    """Give each contender of a planted report curves that end at these validation losses."""
+    from initsearch.proxy.train import Curve
+
+    for r in report.results:
+        r.curves = [Curve(train_loss=np.zeros(1), val_steps=[100], val_loss=[v], val_acc=[0.5]) for v in finals[r.name]]
+    return report
+
+
+def test_a_policy_that_is_a_baseline_is_compared_with_the_other_baselines() -> None:
+    lsuv = [0.50, 0.52, 0.49, 0.51, 0.50]
+    planted = {"policy": lsuv, "lsuv": lsuv, "he": [0.60, 0.61, 0.58, 0.62, 0.60]}
+    report = _report(planted)
+    assert report.verdict().startswith("the policy is not distinguishable from the best baseline (lsuv)")
+    report.is_baseline = "lsuv"
+    gain, half = _expected(lsuv, planted["he"], +1.0)
+    assert report.verdict().startswith("the policy is the baseline lsuv (its provenance says so), so it is compared "
+                                       "with the other baselines: the policy beats the best baseline (he) by ")
+    assert f"paired gain {gain:+.3g} ± {half:.2g}" in report.verdict()
+    alone = _report({"policy": lsuv, "lsuv": lsuv})
+    alone.is_baseline = "lsuv"
+    assert alone.verdict().endswith("no baseline finished: nothing to compare the policy with")
+
+
+def test_run_validation_knows_a_baseline_by_the_policys_provenance() -> None:
+    from dataclasses import replace
+
+    from initsearch.contenders.baselines import contender_policy
+    from initsearch.search.settings import settings_from_config
+    from initsearch.validate import run_validation
+
+    settings = settings_from_config(compose_config([*TINY, "baselines=[he,xavier]", "progress=false"]))
+    settings = replace(settings, batch_trials=1)
+    he = contender_policy("he").with_provenance(kind="he", study="s", trial=0)
+    report = run_validation(settings, he, seeds=2, steps=10)
+    assert report.is_baseline == "he"
+    rows = report.table().set_index("contender")
+    assert rows.loc["policy", "auc_loss_mean"] == rows.loc["he", "auc_loss_mean"]  # the same init, the same runs
+    assert "(he)" not in report.verdict() and "the best baseline (xavier)" in report.verdict()
+    searched = contender_policy("he").with_provenance(kind="search", study="s", trial=3)
+    assert run_validation(settings, searched, seeds=1, steps=10).is_baseline is None
+
+
+def test_the_verdict_says_when_the_policy_ends_worse_on_the_validation_data() -> None:
+    """A policy that lowers the training loss faster (the score) but ends with a worse validation loss than
+    the best baseline there, over the whole interval, gets a second sentence; within the interval, none."""
+    fast = [0.30, 0.31, 0.29, 0.30, 0.32]
+    planted = {"policy": fast, "he": [0.60, 0.61, 0.58, 0.62, 0.60], "xavier": [0.70, 0.71, 0.69, 0.72, 0.70]}
+    overfit = {"policy": [1.10, 1.20, 1.15, 1.25, 1.18], "he": [0.60, 0.58, 0.61, 0.57, 0.60],
+               "xavier": [0.55, 0.56, 0.54, 0.57, 0.55]}
+    verdict = _with_final_val_losses(_report(planted), overfit).verdict()
+    gain, half = _expected(overfit["policy"], overfit["xavier"], +1.0)
+    assert verdict.startswith("the policy beats the best baseline (he)")
+    assert verdict.endswith(f". But on the validation data it ends worse: final validation loss "
+                            f"{np.mean(overfit['policy']):.4g} against xavier's {np.mean(overfit['xavier']):.4g} "
+                            f"(paired {gain:+.3g} ± {half:.2g}): it fits the training data faster and generalizes worse")
+    close = {**overfit, "policy": [0.50, 0.62, 0.54, 0.60, 0.58]}  # mean 0.568 against 0.554: inside the interval
+    assert "validation data" not in _with_final_val_losses(_report(planted), close).verdict()
+    scored_on_it = _with_final_val_losses(_report(planted), overfit)
+    scored_on_it.metric = "final_val_loss"
+    assert "validation data" not in scored_on_it.verdict()
+
+
 def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_results(monkeypatch):
     """Every contender of a seed in one stacked population: the same table as one at a time (float rounding)."""
     import dataclasses
