@@ -378,6 +378,8 @@ Usage: python -m initsearch.validate policy=PATH [study=NAME] [key=value ...]
   seeds=N           fresh seeds per contender (default 5)
   steps=N           training steps (default 5x the search's train.steps)
   out=DIR           where validation.csv and validation.png go (default outputs/<study>/validate_<date_time>)
+  study_name=NAME   the MLflow experiment and output folder's study (default: the study the policy's
+                    provenance names, else the preset's)
   subset=N          train on the first N examples only
   baselines=[...]   the contenders besides the policy (also gradinit, metainit, gradinit_paper, metainit_paper)
   batch_trials=K    train the contenders of a seed K at a time as one population (default auto, whatever
@@ -421,6 +423,10 @@ def _validate(args: list[str]) -> int:
         if model_file is not None:
             with open_dict(cfg):
                 cfg.model = OmegaConf.load(model_file)
+        searched_in = (policy.provenance or {}).get("study")
+        if isinstance(searched_in, str) and searched_in and not any(
+                o.lstrip("+~").startswith("study_name=") for o in overrides):
+            cfg.study_name = searched_in  # its MLflow experiment and output folder, not the preset's
         settings = together_unless_told(settings_from_config(cfg), overrides)
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})

@@ -48,6 +48,24 @@ def test_validate_end_to_end_on_a_tiny_budget(in_tmp, capsys):
     assert all(int(s) >= FRESH_SEED_OFFSET for s in seeds)
 
 
+def test_validate_logs_into_the_study_the_policy_came_from_unless_told(in_tmp, capsys):
+    """Without study_name=, the validation run and the default output folder take the study of the
+    policy's provenance, not the preset's (digits_mlp)."""
+    import json
+
+    path = orthogonal_policy(in_tmp)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "provenance": {"study": "elsewhere", "trial": 3}}))
+    tracking = f"sqlite:///{in_tmp}/mlflow.db"
+    overrides = [o for o in TINY if not o.startswith("tracking_uri")] + [f"tracking_uri={tracking}", "baselines=[he]"]
+    assert main([f"policy={path}", "seeds=1", "steps=10", *overrides]) == 0
+    assert [p.name for p in (in_tmp / "outputs").iterdir()] == ["elsewhere"]
+    client = MlflowClient(tracking_uri=tracking)
+    assert {e.name for e in client.search_experiments()} - {"Default"} == {"elsewhere"}
+    assert main([f"policy={path}", "seeds=1", "steps=10", "study_name=mine", *overrides]) == 0
+    assert {e.name for e in client.search_experiments()} - {"Default"} == {"elsewhere", "mine"}
+    capsys.readouterr()
+
+
 def test_validate_needs_a_policy(capsys):
     assert main(["study=digits_mlp"]) == 2
     assert "policy: required" in capsys.readouterr().err
