@@ -241,7 +241,9 @@ def run_validation(
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
 def plot_validation(report: ValidationReport) -> Any:
-    """Mean training loss (smoothed) and mean validation accuracy per contender, with min-max bands."""
+    """Mean training loss (smoothed) and mean validation accuracy per contender, with min-max bands; each
+    contender's legend entry carries its score (the mean over seeds), since a log-scaled curve can look best
+    late while the score, e.g. the mean loss over every step, ranks it otherwise."""
     from initsearch.tracking.plots import pyplot
 
     plt = pyplot()
@@ -252,7 +254,7 @@ def plot_validation(report: ValidationReport) -> Any:
             losses = np.stack([_smooth(c.train_loss) for c in full])
             x = np.arange(1, losses.shape[1] + 1)
             width = 2.5 if r.name == POLICY else 1.2
-            (line,) = ax_loss.plot(x, losses.mean(0), label=r.name, lw=width)
+            (line,) = ax_loss.plot(x, losses.mean(0), label=f"{r.name}: {report.metric} {r.mean_score():.4g}", lw=width)
             ax_loss.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.15)
             steps = full[0].val_steps
             accs = np.array([c.val_acc if report.accuracy else c.val_loss for c in full if c.val_steps == steps])
@@ -264,7 +266,8 @@ def plot_validation(report: ValidationReport) -> Any:
         ax_acc.axhline(report.target_acc, color="grey", ls=":", lw=1)
     else:
         ax_acc.set(xlabel="step", ylabel="validation loss", yscale="log", title="validation loss")
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(fontsize=8, title=f"{report.metric}, mean over seeds ({'lower' if report.direction == 'minimize' else 'higher'} is better)",
+                   title_fontsize=8)
     fig.suptitle(f"{len(report.seeds)} fresh seeds, {report.steps} steps; bands = min..max over seeds")
     fig.tight_layout()
     return fig

@@ -50,6 +50,9 @@ def test_init_signals_one_point_per_layer_in_order():
     top, bottom = fig.axes
     assert [t.get_text() for t in bottom.get_xticklabels()] == ["fc1", "out"]
     assert list(top.get_lines()[0].get_ydata()) == [1.0, 0.5] and list(bottom.get_lines()[0].get_ydata()) == [0.1, 0.2]
+    fig.canvas.draw()  # the legend sits beside the plots, never over their lines
+    renderer = fig.canvas.get_renderer()
+    assert top.get_legend().get_window_extent(renderer).x0 >= top.get_window_extent(renderer).x1
     pyplot().close(fig)
     assert plot_init_signals({}) is None
 
@@ -68,3 +71,20 @@ def test_the_policy_picture_lists_the_layers_in_order_with_scheme_scale_and_lsuv
     assert texts == ["kaiming_normal ×1.2, gain auto  + LSUV", "orthogonal ×0.5"]
     pyplot().close(fig)
     assert plot_policy([], "x") is None
+
+
+def test_baseline_labels_keep_their_order_and_a_readable_gap_near_their_lines():
+    from initsearch.tracking.plots import label_positions
+
+    values = [0.113, 0.128, 0.131, 0.172, 0.185, 0.41]  # the default study's baselines: he and orthogonal 0.003 apart
+    low, high = 0.07, 0.68
+    placed = label_positions(values, low, high)
+    gap = 0.045 * (high - low)
+    ordered = sorted(placed)
+    assert [placed.index(p) for p in ordered] == list(range(len(values)))  # the lines' order
+    assert all(b - a >= gap - 1e-12 for a, b in zip(ordered, ordered[1:]))
+    assert placed[0] == values[0] and placed[-1] == values[-1]  # lines with room keep their own height
+    assert all(low <= p <= high for p in placed)
+    # crowded at the top: shifted down as a block, still inside the axis
+    top = label_positions([0.99, 0.995, 1.0], 0.0, 1.0)
+    assert max(top) <= 1.0 + 1e-12 and min(b - a for a, b in zip(sorted(top), sorted(top)[1:])) >= 0.045 - 1e-12

@@ -350,3 +350,20 @@ def test_validate_auto_threads_times_the_full_size_target_on_every_core(in_tmp, 
     assert timed == []
     assert main([*args, "steps=800"]) == 0  # 2 contenders x 2 seeds x 800 steps: measured
     assert timed == [(1, 1.0, 1), (2, 1.0, 1)]
+
+
+def test_the_validation_figure_names_each_contenders_score_in_its_legend() -> None:
+    """The training-loss panel is log-scaled; the legend carries the score the verdict ranks by."""
+    from initsearch.proxy.train import Curve
+    from initsearch.tracking.plots import pyplot
+    from initsearch.validate import plot_validation
+
+    report = _report({"policy": [0.31, 0.29], "he": [0.47, 0.48]})
+    for r in report.results:
+        r.curves = [Curve(train_loss=np.linspace(2.0, 0.1, 100), val_steps=[50, 100], val_loss=[0.9, 0.6],
+                          val_acc=[0.5, 0.7]) for _ in r.scores]
+    fig = plot_validation(report)
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["policy: auc_loss 0.3", "he: auc_loss 0.475"]
+    assert legend.get_title().get_text() == "auc_loss, mean over seeds (lower is better)"
+    pyplot().close(fig)

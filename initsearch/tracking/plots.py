@@ -149,14 +149,37 @@ def plot_scores(table: Any, metric: str, direction: str) -> Any:
             ax.axhline(row[metric], color="tab:red" if top else "tab:gray", linestyle="--",
                        linewidth=1.6 if top else 0.7, alpha=1.0 if top else 0.6,
                        label=f"best baseline: {row['kind']}" if top else None)
-            ax.annotate(str(row["kind"]), (1.0, row[metric]), xycoords=("axes fraction", "data"), fontsize=7,
-                        color="tab:red" if top else "tab:gray", xytext=(3, 0), textcoords="offset points", va="center")
+        ax.autoscale_view()
+        low, high = ax.get_ylim()
+        where = label_positions([float(v) for v in baselines[metric]], low, high)
+        for (i, row), y in zip(baselines.iterrows(), where):
+            ax.annotate(str(row["kind"]), (1.0, y), xycoords=("axes fraction", "data"), fontsize=7,
+                        color="tab:red" if i == pick else "tab:gray", xytext=(3, 0), textcoords="offset points",
+                        va="center")
     ax.set_xlabel("trial number")
     ax.set_ylabel(score_label(metric, direction))
     ax.set_title(f"{metric} by trial, against the baselines")
     ax.legend(fontsize="small", loc="best")
     ax.grid(True, alpha=0.3)
     return fig
+
+
+def label_positions(values: Sequence[float], low: float, high: float, gap: float = 0.045) -> list[float]:
+    """Heights for labels of lines at ``values`` on an axis from ``low`` to ``high``: each as near its line as
+    can be while every two stay ``gap`` (a fraction of the axis) apart, so close lines get readable labels.
+    In the order given."""
+    span = (high - low) or 1.0
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    placed = [(values[i] - low) / span for i in order]
+    for k in range(1, len(placed)):  # push up what sits too close above its neighbour
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    overflow = placed[-1] - 1.0 if placed else 0.0
+    if overflow > 0:  # past the top: shift down, keeping the gaps, as far as the bottom allows
+        placed = [p - min(overflow, placed[0]) for p in placed]
+    out = [0.0] * len(values)
+    for k, i in enumerate(order):
+        out[i] = low + placed[k] * span
+    return out
 
 
 def plot_init_signals(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
@@ -182,7 +205,7 @@ def plot_init_signals(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
     bottom.set_ylabel("|grad| of weight at init")
     bottom.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     top.set_title("Signal through the layers at init")
-    top.legend(fontsize="small")
+    top.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
     return fig
