@@ -186,7 +186,8 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
     if selection is not None:
         print(selection.describe())
     tracker.study_finished(study, summary, path)
-    print(files_written(out, [path, out / "trials.csv", out / "selection.csv", *(p for p in (picture, front) if p),
+    network = [path.with_name("best_model.yaml")] if summary.winner.user_attrs.get("model") else []  # a joint search's
+    print(files_written(out, [path, *network, out / "trials.csv", out / "selection.csv", *(p for p in (picture, front) if p),
                               *getattr(tracker, "figures", [])],
                         getattr(tracker, "runs_url", None)))
     return FinishedStudy(path, study, summary)
@@ -244,6 +245,7 @@ def files_written(out: Path, files: list[Path], runs_url: str | None) -> str:
     lines = [f"wrote into {out.resolve()}/:"]
     width = max(len(f.name) for f in files)
     about = {"best_policy.json": "the best policy (apply it with initsearch.apply_policy)",
+             "best_model.yaml": "its network (a joint search): validate ... model=<this file>",
              "best_policy.png": "what the best policy does to each layer",
              "pareto_front.png": "score against network size, the Pareto front joined",
              "trials.csv": "every trial: kind, state, score, per-seed scores, seconds, reason",

@@ -53,11 +53,13 @@ def test_bad_joint_settings_fail_before_the_study(in_tmp, override, message):
     assert not (in_tmp / "s.journal").exists()
 
 
-def test_joint_study_draws_networks_under_the_budget_and_exports_best_model_yaml(in_tmp):
+def test_joint_study_draws_networks_under_the_budget_and_exports_best_model_yaml(in_tmp, capsys):
     storage = str(in_tmp / "s.journal")
     budget = 20 * 16 + 16 + 16 * 4 + 4  # a depth-2 width-16 net fits; every depth-3 width-16 net is over
     path = run(compose_config(JOINT + [f"storage={storage}", "study_name=joint", "n_trials=6",
                                        f"arch.max_params={budget}", "sampler=random", "pruner=none"]), in_tmp / "out")
+    listed = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  best_model.yaml ")]
+    assert listed and listed[0][1:4] == ["its", "network", "(a"]  # in the list of what the study wrote
     study = optuna.load_study(study_name="joint", storage=open_storage(storage))
     trials = study.get_trials()
     assert all({"arch:depth", "arch:width", "arch:activation", "arch:norm", "arch:residual"} <= set(t.params)
