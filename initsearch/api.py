@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from initsearch.errors import ConfigError, first_line
 from initsearch.init.policy import InitPolicy, load_policy
-from initsearch.proxy.models import target_name
+from initsearch.proxy.models import locate, target_name
 from initsearch.search.settings import StudySettings, settings_from_config
 
 ModelSource = type | Callable[[], Any] | str | None
@@ -178,9 +178,7 @@ def _importable(obj: Any) -> bool:
     if not module or module == "__main__" or "<" in qualname or not callable(obj):
         return False
     try:
-        from hydra.utils import get_object
-
-        return get_object(f"{module}.{qualname}") is obj
+        return locate(f"{module}.{qualname}") is obj
     except Exception:
         return False
 

@@ -291,9 +291,14 @@ BAD = {
                                         "train.loss: cross_entropy needs integer class labels"),
     "not an nn.Module": ({"model": NotAModule}, ConfigError, "model._target_: "),
     "module path that does not import": ({"model": "no_such_pkg_xyz.Net"}, ConfigError,
-                                         "model._target_: cannot import 'no_such_pkg_xyz.Net'"),
+                                         "model._target_: cannot import 'no_such_pkg_xyz.Net': No module named "
+                                         "'no_such_pkg_xyz'"),
+    "class a module does not have": ({"model": "examples.mynets.NoSuchNet"}, ConfigError,
+                                     "model._target_: cannot import 'examples.mynets.NoSuchNet': module "
+                                     "'examples.mynets' has no attribute 'NoSuchNet'"),
     "data path that does not import": ({"data": "no_such_pkg_xyz.load"}, DataError,
-                                       "data._target_: cannot import 'no_such_pkg_xyz.load'"),
+                                       "data._target_: cannot import 'no_such_pkg_xyz.load': No module named "
+                                       "'no_such_pkg_xyz'"),
     "model that does not fit the data": ({"model": mynets.TinyResNet}, ConfigError,
                                          "model._target_: examples.mynets.TinyResNet failed on a batch of "),
     "unknown argument": ({"overrides": ["+model.nope=1"]}, ConfigError,
@@ -340,6 +345,15 @@ def test_bad_input_is_one_line_naming_the_key_before_any_trial(case, tmp_path) -
     message = str(info.value)
     assert message.startswith(start) and "\n" not in message, message
     assert not (tmp_path / "s.journal").exists()
+
+
+def test_a_path_that_does_not_import_leaves_out_hydras_error_log(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^model._target_: cannot import 'no_such_pkg_xyz.Net': No module named "
+                                          r"'no_such_pkg_xyz'$"):
+        initsearch.search("no_such_pkg_xyz.Net", mynets.diabetes, n_trials=1, storage=str(tmp_path / "s.journal"),
+                          tracking_uri="none")
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("hydra")]
 
 
 def test_the_cli_prints_a_bad_data_function_as_one_line(tmp_path) -> None:

@@ -94,6 +94,22 @@ def test_study_errors_are_one_line_with_status_2_and_leave_no_output_folder(case
     assert not (in_tmp / "outputs").exists()  # Hydra's run folder of a failed start is removed
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["model._target_=nosuch_pkg.Net"], "model._target_: cannot import 'nosuch_pkg.Net': No module named 'nosuch_pkg'"),
+    (["model._target_=torch.nn.NoSuchNet"],
+     "model._target_: cannot import 'torch.nn.NoSuchNet': module 'torch.nn' has no attribute 'NoSuchNet'"),
+    (["data._target_=nosuch_pkg.load"], "data._target_: cannot import 'nosuch_pkg.load': No module named 'nosuch_pkg'"),
+])
+def test_a_target_that_does_not_import_is_one_line_saying_why(args, expected, in_tmp, monkeypatch, capsys):
+    tiny = [arg for arg in TINY if not arg.startswith(("model", "data"))]
+    monkeypatch.setattr(sys, "argv", ["initsearch", *tiny, f"storage={in_tmp}/s.journal", *args])
+    with pytest.raises(SystemExit) as info:
+        study_main()
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and err == f"initsearch: error: {expected}\n", err
+    assert "Error getting object" not in out + err  # Hydra's own ERROR line
+
+
 def test_did_you_mean_picks_the_closest_key_or_nothing():
     keys = ["n_trials", "train.steps", "train.lr", "model.width", "score.seeds"]
     assert did_you_mean("n_trails", keys) == " (did you mean n_trials?)"

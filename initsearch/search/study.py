@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 
 from initsearch.errors import ConfigError, StudyInterrupted
-from initsearch.proxy.models import target_name
+from initsearch.proxy.models import locate, target_name
 from initsearch.proxy.train import subnormals_flushed
 from initsearch.search.batched import run_batched, trials_per_round
 from initsearch.search.outcome import NullTracker, Tracker, safely
@@ -146,10 +146,8 @@ def canonical(name: str) -> str:
     not import (or a built-in dataset's) stays as it is."""
     if "." not in name:
         return name
-    from hydra.utils import get_object
-
     try:
-        return target_name(get_object(name))
+        return target_name(locate(name))
     except Exception:
         return name
 
