@@ -128,6 +128,15 @@ VALIDATE_ERRORS = {
 }
 
 
+def test_validate_names_the_policy_file_of_a_rule_for_a_missing_layer(in_tmp):
+    (in_tmp / "p.json").write_text(json.dumps({**POLICY, "rules": [{"layer": "l9", "scheme": "orthogonal"}]}))
+    proc = command("initsearch.validate", ["policy=p.json", *TINY, "seeds=1", "steps=5"], in_tmp)
+    err = proc.stderr
+    assert proc.returncode == 2
+    one_error_line(err, "initsearch.validate")
+    assert err.startswith("initsearch.validate: error: p.json: rules[0].layer: 'l9' matches no layer of the model"), err
+
+
 @pytest.mark.parametrize("case", list(VALIDATE_ERRORS))
 def test_validate_errors_are_one_line_with_status_2(case, in_tmp, capsys):
     (in_tmp / "p.json").write_text(json.dumps(POLICY))
