@@ -183,9 +183,11 @@ def test_a_local_class_cannot_go_to_several_workers(tmp_path) -> None:
 
 
 def test_unknown_settings_and_bad_overrides_are_one_line(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"^n_trails: unknown setting"):
+    with pytest.raises(ConfigError, match=r"^n_trails: no such key \(did you mean n_trials\?\)$"):
         initsearch.search(mynets.Regressor, mynets.diabetes(), n_trails=3)
-    with pytest.raises(ConfigError, match=r"^overrides: "):
+    with pytest.raises(ConfigError, match=r"^xyzzy: unknown setting; expected a top-level key"):
+        initsearch.search(mynets.Regressor, mynets.diabetes(), xyzzy=3)
+    with pytest.raises(ConfigError, match=r"^overrides: train.stepz: no such key \(did you mean train.steps\?\)$"):
         initsearch.search(mynets.Regressor, mynets.diabetes(), overrides=["train.stepz=3"])
 
 
