@@ -18,9 +18,9 @@ import optuna
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from initsearch.errors import ConfigError, first_line
+from initsearch.errors import ConfigError, did_you_mean
 from initsearch.init.policy import InitPolicy, load_policy
-from initsearch.proxy.models import target_name
+from initsearch.proxy.models import locate, target_name
 from initsearch.search.settings import StudySettings, settings_from_config
 
 ModelSource = type | Callable[[], Any] | str | None
@@ -138,7 +138,7 @@ def _compose(model: ModelSource, data: DataSource, overrides: Sequence[str], **v
     """The composed config (objects replaced by their names) and the settings (objects in place)."""
     from hydra import compose, initialize_config_dir
 
-    from initsearch.cli import config_dir, custom_study_name
+    from initsearch.cli import compose_error_line, config_dir, custom_study_name
 
     if isinstance(overrides, str):
         raise ConfigError(f"overrides: must be a list of strings, got the string {overrides!r}")
@@ -146,8 +146,8 @@ def _compose(model: ModelSource, data: DataSource, overrides: Sequence[str], **v
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="initsearch"):
             cfg = compose(config_name="config", overrides=[*groups, *overrides])
-    except Exception as exc:
-        raise ConfigError(f"overrides: {first_line(exc)}") from None
+    except Exception as exc:  # the command line's line: an unknown key with the closest known one
+        raise ConfigError(f"overrides: {compose_error_line(exc, [*groups, *overrides])}") from None
     model_name = _name_of(model)
     if model is not None:
         cfg.model._target_ = model_name
@@ -158,8 +158,10 @@ def _compose(model: ModelSource, data: DataSource, overrides: Sequence[str], **v
     for key, value in values.items():
         if value is None:
             continue
-        if key not in cfg:
-            raise ConfigError(f"{key}: unknown setting; expected a top-level key of the config "
+        if key not in cfg:  # the command line's "did you mean", else the keys there are
+            hint = did_you_mean(key, list(cfg))
+            raise ConfigError(f"{key}: no such key{hint}" if hint else
+                              f"{key}: unknown setting; expected a top-level key of the config "
                               f"({', '.join(k for k in cfg if not isinstance(cfg[k], DictConfig))}, ...)")
         OmegaConf.update(cfg, key, value, merge=isinstance(value, Mapping))  # score={"seeds": 1} keeps score.metric
     study_settings = settings_from_config(cfg)
@@ -184,9 +186,7 @@ def _importable(obj: Any) -> bool:
     if not module or module == "__main__" or "<" in qualname or not callable(obj):
         return False
     try:
-        from hydra.utils import get_object
-
-        return get_object(f"{module}.{qualname}") is obj
+        return locate(f"{module}.{qualname}") is obj
     except Exception:
         return False
 

@@ -91,6 +91,21 @@ def test_policy_from_a_file_and_from_an_object(tmp_path):
     assert same(snapshot(a), snapshot(b))
 
 
+@pytest.mark.parametrize("rule, message", [
+    ({"layer": "l9", "scheme": "orthogonal"}, "rules[0].layer: 'l9' matches no layer of the model"),
+    ({"layer": "1", "scheme": "delta_orthogonal"}, "rules[0].scheme: 'delta_orthogonal' does not fit layer '1'"),
+])
+def test_a_file_that_does_not_fit_the_model_is_named_as_its_other_errors_are(rule, message, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(policy([rule])))
+    with pytest.raises(PolicyError) as info:
+        apply_policy(mlp(), path, example_batch=torch.randn(4, 20))
+    assert str(info.value).startswith(f"{path}: {message}"), info.value
+    with pytest.raises(PolicyError) as info:  # a policy that is no file has no file to name
+        apply_policy(mlp(), policy([rule]), example_batch=torch.randn(4, 20))
+    assert str(info.value).startswith(message), info.value
+
+
 def test_keep_default_leaves_unmatched_layers_and_their_biases_alone():
     model = mlp()
     before = snapshot(model)

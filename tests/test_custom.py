@@ -183,9 +183,11 @@ def test_a_local_class_cannot_go_to_several_workers(tmp_path) -> None:
 
 
 def test_unknown_settings_and_bad_overrides_are_one_line(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"^n_trails: unknown setting"):
+    with pytest.raises(ConfigError, match=r"^n_trails: no such key \(did you mean n_trials\?\)$"):
         initsearch.search(mynets.Regressor, mynets.diabetes(), n_trails=3)
-    with pytest.raises(ConfigError, match=r"^overrides: "):
+    with pytest.raises(ConfigError, match=r"^xyzzy: unknown setting; expected a top-level key"):
+        initsearch.search(mynets.Regressor, mynets.diabetes(), xyzzy=3)
+    with pytest.raises(ConfigError, match=r"^overrides: train.stepz: no such key \(did you mean train.steps\?\)$"):
         initsearch.search(mynets.Regressor, mynets.diabetes(), overrides=["train.stepz=3"])
 
 
@@ -291,9 +293,14 @@ BAD = {
                                         "train.loss: cross_entropy needs integer class labels"),
     "not an nn.Module": ({"model": NotAModule}, ConfigError, "model._target_: "),
     "module path that does not import": ({"model": "no_such_pkg_xyz.Net"}, ConfigError,
-                                         "model._target_: cannot import 'no_such_pkg_xyz.Net'"),
+                                         "model._target_: cannot import 'no_such_pkg_xyz.Net': No module named "
+                                         "'no_such_pkg_xyz'"),
+    "class a module does not have": ({"model": "examples.mynets.NoSuchNet"}, ConfigError,
+                                     "model._target_: cannot import 'examples.mynets.NoSuchNet': module "
+                                     "'examples.mynets' has no attribute 'NoSuchNet'"),
     "data path that does not import": ({"data": "no_such_pkg_xyz.load"}, DataError,
-                                       "data._target_: cannot import 'no_such_pkg_xyz.load'"),
+                                       "data._target_: cannot import 'no_such_pkg_xyz.load': No module named "
+                                       "'no_such_pkg_xyz'"),
     "model that does not fit the data": ({"model": mynets.TinyResNet}, ConfigError,
                                          "model._target_: examples.mynets.TinyResNet failed on a batch of "),
     "unknown argument": ({"overrides": ["+model.nope=1"]}, ConfigError,
@@ -342,6 +349,15 @@ def test_bad_input_is_one_line_naming_the_key_before_any_trial(case, tmp_path, m
     assert message.startswith(start) and "\n" not in message, message
     assert not (tmp_path / "s.journal").exists()
     assert not (tmp_path / "outputs").exists()  # no empty output folder left behind
+
+
+def test_a_path_that_does_not_import_leaves_out_hydras_error_log(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^model._target_: cannot import 'no_such_pkg_xyz.Net': No module named "
+                                          r"'no_such_pkg_xyz'$"):
+        initsearch.search("no_such_pkg_xyz.Net", mynets.diabetes, n_trials=1, storage=str(tmp_path / "s.journal"),
+                          tracking_uri="none")
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("hydra")]
 
 
 def test_the_cli_prints_a_bad_data_function_as_one_line(tmp_path) -> None:

@@ -96,6 +96,22 @@ def test_study_errors_are_one_line_with_status_2_and_leave_no_output_folder(case
     assert not (in_tmp / "outputs").exists()  # Hydra's run folder of a failed start is removed
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["model._target_=nosuch_pkg.Net"], "model._target_: cannot import 'nosuch_pkg.Net': No module named 'nosuch_pkg'"),
+    (["model._target_=torch.nn.NoSuchNet"],
+     "model._target_: cannot import 'torch.nn.NoSuchNet': module 'torch.nn' has no attribute 'NoSuchNet'"),
+    (["data._target_=nosuch_pkg.load"], "data._target_: cannot import 'nosuch_pkg.load': No module named 'nosuch_pkg'"),
+])
+def test_a_target_that_does_not_import_is_one_line_saying_why(args, expected, in_tmp, monkeypatch, capsys):
+    tiny = [arg for arg in TINY if not arg.startswith(("model", "data"))]
+    monkeypatch.setattr(sys, "argv", ["initsearch", *tiny, f"storage={in_tmp}/s.journal", *args])
+    with pytest.raises(SystemExit) as info:
+        study_main()
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and err == f"initsearch: error: {expected}\n", err
+    assert "Error getting object" not in out + err  # Hydra's own ERROR line
+
+
 def test_did_you_mean_picks_the_closest_key_or_nothing():
     keys = ["n_trials", "train.steps", "train.lr", "model.width", "score.seeds"]
     assert did_you_mean("n_trails", keys) == " (did you mean n_trials?)"
@@ -112,6 +128,15 @@ VALIDATE_ERRORS = {
     "misspelt config key": (["policy=p.json", "train.stpes=3"], "train.stpes: no such key (did you mean train.steps?)"),
     "bad count": (["policy=p.json", "seeds=0"], "seeds: must be a whole number >= 1, got '0'"),
 }
+
+
+def test_validate_names_the_policy_file_of_a_rule_for_a_missing_layer(in_tmp):
+    (in_tmp / "p.json").write_text(json.dumps({**POLICY, "rules": [{"layer": "l9", "scheme": "orthogonal"}]}))
+    proc = command("initsearch.validate", ["policy=p.json", *TINY, "seeds=1", "steps=5"], in_tmp)
+    err = proc.stderr
+    assert proc.returncode == 2
+    one_error_line(err, "initsearch.validate")
+    assert err.startswith("initsearch.validate: error: p.json: rules[0].layer: 'l9' matches no layer of the model"), err
 
 
 @pytest.mark.parametrize("case", list(VALIDATE_ERRORS))

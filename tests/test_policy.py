@@ -390,6 +390,11 @@ def test_file_not_json_gives_line_and_column(tmp_path):
     assert str(path) in message and "not valid JSON" in message and "line 3, column 14" in message
 
 
+def test_an_unterminated_string_says_where_it_starts_once(tmp_path):
+    path = _write(tmp_path, '{"format": "initsearch-policy", "version": 1, "rules": [{"layer": "fc')
+    assert _load_error(path) == f"{path}: not valid JSON: Unterminated string starting at line 1, column 67"
+
+
 def test_file_not_utf8(tmp_path):
     path = _write(tmp_path, b'{"format": "initsearch-policy", "version": 1, "rules": [], "provenance": {"x": "\xff"}}')
     assert "not UTF-8" in _load_error(path)

@@ -7,6 +7,7 @@ enough to be stopped, the proxy is ``tests.reliability_helpers.SlowMLP`` (it sle
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -244,6 +245,35 @@ def test_a_signal_ends_the_trial_exports_the_best_so_far_and_the_same_command_re
     assert trials[3].params == trials[2].params and trials[3].params  # the same policy, tried again once
     assert counted(trials) == 4 and len(trials) == 5
     assert sorted(t.user_attrs.get("baseline") or "" for t in trials) == ["", "", "", "he", "xavier"]
+
+
+def test_optuna_logs_a_failed_trial_but_not_an_interrupted_one(in_tmp, monkeypatch):
+    real, calls, records = sequential_module.train_run, [], []
+
+    def fail_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        if len(calls) == 2:
+            raise StudyInterrupted(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    monkeypatch.setattr(sequential_module, "train_run", fail_then_interrupt)
+    keep, optuna_logger = Keep(), logging.getLogger("optuna")
+    optuna_logger.addHandler(keep)
+    try:
+        with pytest.raises(StudyInterrupted):
+            run(tiny("s.journal", "quiet"), in_tmp / "out")
+    finally:
+        optuna_logger.removeHandler(keep)
+    failed = [m for m in records if " failed with " in m]
+    assert len(failed) == 2 and "RuntimeError('boom')" in failed[0], records  # the real failure: both lines
+    assert failed[1] == "Trial 0 failed with value None."
+    assert not [m for m in records if "Trial 1 " in m or "StudyInterrupted" in m], records
 
 
 def test_sigint_then_sigkill_then_the_same_command_keeps_every_trial_once(in_tmp):

@@ -74,6 +74,15 @@ def test_hybrid_layer_names_do_not_map_onto_a_model_without_those_layers(deep):
     assert {params[k] for k in params if k.startswith("scheme:")} == {"orthogonal"}
 
 
+def test_a_misfit_with_a_rule_for_a_missing_layer_says_so_first(deep):
+    layers, grouped, _ = deep
+    named = _policy({"layer": "l9", "scheme": "kaiming_normal"})  # the default (keep) decides every layer
+    with pytest.raises(ValueError) as info:
+        adapt(named, grouped, layers, None)
+    assert str(info.value).startswith("rules[0].layer 'l9' matches no layer of this model (its layers: fc1, fc2, "
+                                      "fc3, out); without it, first gets 'keep', not among"), info.value
+
+
 def test_describe_network_counts_depth_activations_and_types(deep):
     layers, _, _ = deep
     assert describe_network(layers) == {"depth": "4", "activations": "linear:1,relu:3", "layer_types": "Linear:4"}

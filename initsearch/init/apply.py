@@ -174,6 +174,11 @@ def _checkpoint_tensors(module: nn.Module, layer: LayerInfo, spec: InitSpec, whe
     return writes
 
 
+def _in_file(policy: InitPolicy, message: str) -> str:
+    """``message`` about a field of the policy, prefixed with the file it was read from (if it was)."""
+    return message if policy.source is None else f"{policy.source}: {message}"
+
+
 def _read_checkpoints(policy: InitPolicy, decisions) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     """The state dicts of the checkpoints the planned layers use, and each one's file path."""
     states: dict[str, dict[str, torch.Tensor]] = {}
@@ -212,9 +217,13 @@ def apply_policy(
     inputs = _as_inputs(example_batch)
     use_lsuv = policy.lsuv is not None and policy.lsuv.enabled
     if use_lsuv and inputs is None:
-        raise PolicyError("lsuv.enabled: LSUV needs an example batch; pass example_batch=... (the model's input)")
+        raise PolicyError(_in_file(policy, "lsuv.enabled: LSUV needs an example batch; pass example_batch=... "
+                                           "(the model's input)"))
     discovery = _discover(model, inputs) if layers is None else _check_layers(model, layers)
-    decisions = plan(policy, discovery.layers, strict=strict)
+    try:
+        decisions = plan(policy, discovery.layers, strict=strict)
+    except PolicyError as err:
+        raise PolicyError(_in_file(policy, str(err))) from None
     modules = dict(model.named_modules())
     states, files = _read_checkpoints(policy, decisions)
 
@@ -232,7 +241,7 @@ def apply_policy(
                 writes.extend(_checkpoint_tensors(module, layer, spec, where, spec.checkpoint, states[spec.checkpoint]))
                 source = f"{spec.checkpoint}:{spec.key or layer.name}"
             elif spec.scheme != "keep" or spec.scale != 1.0:
-                new_w, gain = _new_weight(module, layer, spec, where)
+                new_w, gain = _new_weight(module, layer, spec, _in_file(policy, where))
                 writes.append((module.weight, new_w))
             new_b = None if spec.bias == CHECKPOINT else _new_bias(module, layer, spec)
             if new_b is not None:

@@ -683,7 +683,8 @@ class InitPolicy:
     Construction validates; ``rules`` may be given as any sequence and is stored as a tuple.
     ``checkpoints`` (version 2): name -> ``CheckpointRef``, the files ``checkpoint`` rules copy from;
     ``base_dir``: the folder relative paths are read from (``load_policy`` sets the policy file's folder;
-    ``None`` means the working directory), not part of the file nor of equality.
+    ``None`` means the working directory), not part of the file nor of equality; ``source``: the file it was
+    read from (``load_policy`` sets it), which ``apply_policy``'s errors name first, as the file's own do.
     """
 
     rules: tuple[Rule, ...]
@@ -692,6 +693,7 @@ class InitPolicy:
     provenance: Mapping[str, Any] | None = field(default=None, hash=False)
     checkpoints: Mapping[str, CheckpointRef] = field(default_factory=dict, hash=False)
     base_dir: str | None = field(default=None, compare=False, hash=False)
+    source: str | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not _is_sequence(self.rules):
@@ -873,8 +875,8 @@ def _parse_json(text: str, where: str) -> Any:
         _fail(where, f"nested deeper than {MAX_DEPTH} levels (at line {line}, column {col})")
     try:
         return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_pairs_without_duplicates)
-    except json.JSONDecodeError as err:
-        _fail(where, f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}")
+    except json.JSONDecodeError as err:  # some messages end in "at" themselves ("Unterminated string starting at")
+        _fail(where, f"not valid JSON: {err.msg.removesuffix(' at')} at line {err.lineno}, column {err.colno}")
     except PolicyError as err:
         _fail(where, str(err))
     except RecursionError:  # defensive: the scan above should make this unreachable
@@ -912,7 +914,7 @@ def load_policy(source: str | os.PathLike | Mapping | InitPolicy) -> InitPolicy:
         policy = InitPolicy.from_dict(data)
     except PolicyError as err:
         raise PolicyError(f"{path}: {err}") from None
-    return replace(policy, base_dir=str(path.resolve().parent))
+    return replace(policy, base_dir=str(path.resolve().parent), source=str(path))
 
 
 def save_policy(policy: InitPolicy | Mapping, path: str | os.PathLike) -> pathlib.Path:
@@ -951,20 +953,28 @@ def save_policy(policy: InitPolicy | Mapping, path: str | os.PathLike) -> pathli
 # ----------------------------------------------------------------------------------------------------------
 
 
+def unmatched_names(policy: InitPolicy, names: Sequence[str]) -> list[tuple[int, str]]:
+    """``(rule index, layer)`` of each rule whose ``layer`` is an exact name (no glob characters) that is none
+    of ``names``: a rule written for another model, which matches nothing here."""
+    known = set(names)
+    return [(index, rule.layer) for index, rule in enumerate(policy.rules)
+            if rule.layer is not None and _is_exact_name(rule.layer) and rule.layer not in known]
+
+
 def _check_exact_names(policy: InitPolicy, names: Sequence[str]) -> None:
     """Refuse a rule whose ``layer`` is an exact name (no glob characters) that names no discovered layer."""
-    known = set(names)
-    for index, rule in enumerate(policy.rules):
-        if rule.layer is None or not _is_exact_name(rule.layer) or rule.layer in known:
-            continue
-        close = difflib.get_close_matches(rule.layer, names, n=3)
-        hint = f"; close: {', '.join(close)}" if close else ""
-        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-        _fail(
-            f"rules[{index}].layer",
-            f"{rule.layer!r} matches no layer of the model (layers: {shown}){hint}; "
-            "fix the name, or pass strict=False to allow rules that match nothing",
-        )
+    missing = unmatched_names(policy, names)
+    if not missing:
+        return
+    index, name = missing[0]
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; close: {', '.join(close)}" if close else ""
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    _fail(
+        f"rules[{index}].layer",
+        f"{name!r} matches no layer of the model (layers: {shown}){hint}; "
+        "fix the name, or pass strict=False to allow rules that match nothing",
+    )
 
 
 def _check_fits(layer: LayerInfo, index: int | None, spec: InitSpec) -> None:

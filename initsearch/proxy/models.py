@@ -11,7 +11,9 @@ Every bad value raises ``initsearch.errors.ConfigError`` whose message names the
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -333,6 +335,38 @@ TARGET_SETTINGS: tuple[str, ...] = ("name", "width_multiplier", "width_arg")
 _HYDRA_KEYS: tuple[str, ...] = ("_target_", "_convert_", "_partial_", "_recursive_", "_args_")
 
 
+class _Silent(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def locate(path: str) -> Any:
+    """The object a dotted path names, imported (Hydra's ``get_object``, without the ERROR lines it logs);
+    else ``ImportError`` whose message says why in one line: ``No module named 'pkg'``, ``module 'pkg.mod'
+    has no attribute 'Net'``, or what the module raised on import."""
+    from hydra.utils import get_object
+
+    logger, silent = logging.getLogger("hydra.utils"), _Silent()
+    logger.addFilter(silent)
+    try:
+        return get_object(path)
+    except Exception as err:  # Hydra's message: "Error loading 'path':" then the cause's repr and a hint
+        cause = err.__cause__
+        missing = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+        parent, _, attribute = (missing or "").rpartition(".")
+        if missing and parent in sys.modules and f"{path}.".startswith(f"{missing}."):
+            reason = f"module {parent!r} has no attribute {attribute!r}"
+        elif isinstance(cause, (ImportError, AttributeError)):
+            reason = first_line(cause)
+        elif cause is not None:
+            reason = first_line(cause, with_type=True)
+        else:
+            reason = first_line(err).removeprefix(f"Error loading '{path}':").strip() or type(err).__name__
+        raise ImportError(reason) from err
+    finally:
+        logger.removeFilter(silent)
+
+
 def target_name(target: Any) -> str:
     """A model's ``_target_`` as text: the dotted path as given, or a callable's module and qualified name."""
     if isinstance(target, str):
@@ -384,7 +418,7 @@ def _build_target(cfg: dict[str, Any], input_shape: Sequence[int], num_classes: 
     """Instantiate a user's ``_target_`` (a dotted path, or a class or factory given from Python) with
     ``target_arguments``."""
     from hydra.errors import InstantiationException
-    from hydra.utils import get_object, instantiate
+    from hydra.utils import instantiate
 
     target = cfg["_target_"]
     name = target_name(target)
@@ -392,8 +426,8 @@ def _build_target(cfg: dict[str, Any], input_shape: Sequence[int], num_classes: 
         raise ConfigError("model._target_: give your class as model._target_=package.module.Class")
     if isinstance(target, str):
         try:
-            obj = get_object(target)
-        except Exception as err:
+            obj = locate(target)
+        except ImportError as err:
             raise ConfigError(f"model._target_: cannot import {target!r}: {first_line(err)}") from err
     elif callable(target):
         obj = target

@@ -24,6 +24,7 @@ import torch
 from initsearch.errors import DataError, first_line
 from initsearch.proxy.data import Dataset, normalize_dataset, subset_indices
 from initsearch.proxy.losses import output_size, resolve_loss
+from initsearch.proxy.models import locate
 
 MAX_BYTES_FRACTION = 0.5  # data.max_bytes: null -> this fraction of the device's free memory
 SPLITS = ("train", "val")
@@ -108,11 +109,9 @@ def _resolve(source: Any) -> Callable[..., Any]:
         return source
     if not isinstance(source, str) or source.strip() in ("", "???"):
         raise DataError("data._target_: give your function as data._target_=package.module.function")
-    from hydra.utils import get_object
-
     try:
-        function = get_object(source)
-    except Exception as exc:
+        function = locate(source)
+    except ImportError as exc:
         raise DataError(f"data._target_: cannot import {source!r}: {first_line(exc)}") from None
     if not callable(function):
         raise DataError(f"data._target_: {source!r} is a {type(function).__name__}, not a function")

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 
 from initsearch.errors import ConfigError, StudyInterrupted
-from initsearch.proxy.models import target_name
+from initsearch.proxy.models import locate, target_name
 from initsearch.proxy.train import subnormals_flushed
 from initsearch.search.batched import run_batched, trials_per_round
 from initsearch.search.outcome import NullTracker, Tracker, safely
@@ -229,10 +229,8 @@ def canonical(name: str) -> str:
     not import (or a built-in dataset's) stays as it is."""
     if "." not in name:
         return name
-    from hydra.utils import get_object
-
     try:
-        return target_name(get_object(name))
+        return target_name(locate(name))
     except Exception:
         return name
 
@@ -266,24 +264,35 @@ def seed_this_start(study: optuna.Study, settings: StudySettings) -> int:
     return index
 
 
-class _NoTraceback(logging.Filter):
-    """Keeps Optuna's "Trial N failed ... because of the following error: ..." line, drops its traceback."""
+class _FailedTrialLines(logging.Filter):
+    """Optuna's two lines of a failed trial ("Trial N failed with parameters: ... because of the following
+    error: ..." and "Trial N failed with value None."): the traceback shown only with ``tracebacks``, and
+    neither line for a trial a SIGINT/SIGTERM stopped (``StudyInterrupted``: the study says so itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracebacks = False
+        self.next_to_drop: str | None = None  # the start of the second line of an interrupted trial
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.exc_info, record.exc_text = None, None
+        drop, self.next_to_drop = self.next_to_drop, None
+        if drop is not None and record.getMessage().startswith(drop):
+            return False
+        if record.exc_info and isinstance(record.exc_info[1], StudyInterrupted):
+            self.next_to_drop = record.getMessage().partition(" failed with ")[0] + " failed with value "
+            return False
+        if not self.tracebacks:
+            record.exc_info, record.exc_text = None, None
         return True
 
 
-_NO_TRACEBACK = _NoTraceback()
+_FAILED_TRIAL_LINES = _FailedTrialLines()
 
 
 def _show_trial_tracebacks(show: bool) -> None:
     """A failed trial's traceback is shown only with ``verbose=true``; its reason is in the trial anyway."""
-    logger = logging.getLogger("optuna.study._optimize")
-    if show:
-        logger.removeFilter(_NO_TRACEBACK)
-    else:
-        logger.addFilter(_NO_TRACEBACK)
+    _FAILED_TRIAL_LINES.tracebacks = show
+    logging.getLogger("optuna.study._optimize").addFilter(_FAILED_TRIAL_LINES)  # added once
 
 
 def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = None, config_yaml: str = "") -> optuna.Study:

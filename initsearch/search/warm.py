@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from initsearch.errors import ConfigError, InitSearchError, first_line
 from initsearch.init.layers import LayerInfo
-from initsearch.init.policy import CHECKPOINT, InitPolicy, InitSpec, load_policy, plan
+from initsearch.init.policy import CHECKPOINT, InitPolicy, InitSpec, load_policy, plan, unmatched_names
 from initsearch.search.outcome import score_direction, trial_score
 from initsearch.search.space import Pretrained, SearchSpace
 
@@ -71,7 +71,23 @@ def _effect(spec: InitSpec, layer: LayerInfo, policy: InitPolicy) -> tuple:
 
 def adapt(policy: InitPolicy, space: SearchSpace, layers: Sequence[LayerInfo],
           pretrained: Pretrained | None) -> dict[str, Any]:
-    """This space's parameters for ``policy`` on ``layers``; ``ValueError`` saying why it does not fit."""
+    """This space's parameters for ``policy`` on ``layers``; ``ValueError`` saying why it does not fit, led by
+    the rules that name a layer this model does not have (the likely cause: they match nothing here)."""
+    try:
+        return _params_that_reproduce(policy, space, layers, pretrained)
+    except ValueError as exc:
+        names = [layer.name for layer in layers]
+        missing = unmatched_names(policy, names)
+        if not missing:
+            raise
+        rules = " and ".join(f"rules[{index}].layer {name!r}" for index, name in missing)
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ValueError(f"{rules} {'matches' if len(missing) == 1 else 'match'} no layer of this model (its "
+                         f"layers: {shown}); without {'it' if len(missing) == 1 else 'them'}, {exc}") from None
+
+
+def _params_that_reproduce(policy: InitPolicy, space: SearchSpace, layers: Sequence[LayerInfo],
+                           pretrained: Pretrained | None) -> dict[str, Any]:
     try:
         params = space.params_for(policy, layers, pretrained)
     except InitSearchError as exc:  # a scheme that does not fit a layer of this model
