@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from initsearch.contenders.baselines import contender_policy
-from initsearch.errors import ConfigError, InitSearchError
+from initsearch.errors import ConfigError, InitSearchError, PolicyError
 from initsearch.init.policy import CheckpointRef, InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
 from initsearch.proxy.losses import resolve_loss
@@ -406,6 +406,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return exit_quietly_on_broken_pipe(lambda: _validate(args))
 
 
+def for_this_command(message: str, policy: InitPolicy, settings: StudySettings) -> str:
+    """A policy error as the command line should say it: it has no ``strict=False`` (``apply_policy``'s way
+    past a rule that matches nothing), so the hint is the model the policy's provenance names, when that is
+    not the one this command trains."""
+    searched_on = (policy.provenance or {}).get("model")
+    trained = settings.model.get("_target_") or settings.model.get("name")
+    named = searched_on.get("_target_") or searched_on.get("name") if isinstance(searched_on, dict) else None
+    if named and named != trained:
+        hint = (f"the policy was searched on {named} (its provenance), this command trains {trained}: pass "
+                + (f"model._target_={named} and its arguments" if searched_on.get("_target_") else f"model={named}"))
+    else:
+        hint = "fix the name in the policy file"
+    return message.replace("fix the name, or pass strict=False to allow rules that match nothing", hint)
+
+
 def _validate(args: list[str]) -> int:
     from hydra import compose, initialize_config_dir
 
@@ -440,8 +455,11 @@ def _validate(args: list[str]) -> int:
         threads = choose_threads(alone, target, planned=planned)
         log.info("%s", threads.describe())
         with use_threads(threads):
-            report = run_validation(settings, policy, seeds=seeds, steps=steps, data=target.data,
-                                    example=(target.example_x, target.example_y), device=target.device)
+            try:
+                report = run_validation(settings, policy, seeds=seeds, steps=steps, data=target.data,
+                                        example=(target.example_x, target.example_y), device=target.device)
+            except PolicyError as exc:
+                raise PolicyError(for_this_command(str(exc), policy, settings)) from None
         out = Path(own.get("out") or f"outputs/{settings.study_name}/validate_{datetime.now():%Y-%m-%d_%H-%M-%S}")
         out.mkdir(parents=True, exist_ok=True)
         table = report.table()

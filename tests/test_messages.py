@@ -137,6 +137,14 @@ def test_validate_names_the_policy_file_of_a_rule_for_a_missing_layer(in_tmp):
     assert proc.returncode == 2
     one_error_line(err, "initsearch.validate")
     assert err.startswith("initsearch.validate: error: p.json: rules[0].layer: 'l9' matches no layer of the model"), err
+    assert "strict=False" not in err and err.rstrip().endswith("fix the name in the policy file")  # no such option here
+    provenance = {"study": "odd", "model": {"_target_": "mymods.OddCNN", "width": 8}}
+    (in_tmp / "p.json").write_text(json.dumps({**POLICY, "rules": [{"layer": "stem", "scheme": "orthogonal"}],
+                                               "provenance": provenance}))
+    err = command("initsearch.validate", ["policy=p.json", *TINY, "seeds=1", "steps=5"], in_tmp).stderr
+    one_error_line(err, "initsearch.validate")
+    assert err.rstrip().endswith("the policy was searched on mymods.OddCNN (its provenance), this command trains mlp: "
+                                 "pass model._target_=mymods.OddCNN and its arguments"), err
 
 
 @pytest.mark.parametrize("case", list(VALIDATE_ERRORS))
