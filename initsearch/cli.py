@@ -40,7 +40,14 @@ from initsearch.search.progress import Progress
 from initsearch.search.report import StudySummary, selected_trial, summarize
 from initsearch.search.selection import run_selection
 from initsearch.search.settings import StudySettings, is_rdb, settings_from_config
-from initsearch.search.storage import finished_trials, open_storage, write_fault
+from initsearch.search.storage import (
+    OWN_FILE,
+    check_storage_file,
+    finished_trials,
+    open_storage,
+    sqlite_file,
+    write_fault,
+)
 from initsearch.search.study import run_study
 from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import prepare
@@ -306,14 +313,32 @@ def check_output(out_dir: str | Path) -> None:
 
 
 def check_storage(settings: StudySettings) -> None:
-    """Before any data is loaded: open a database storage once (an unreachable server is one line at once);
-    for a journal file, its folder must exist (the file itself is created by the study)."""
+    """Before any data is loaded: the study and MLflow do not share one file; open a database storage once
+    (an unreachable server is one line at once); for a journal file, its folder must exist (the file itself
+    is created by the study) and a file already there must be an Optuna journal."""
+    check_own_files(settings)
     if is_rdb(settings.storage):
         open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period)
         return
     folder = Path(settings.storage).expanduser().absolute().parent
     if not folder.is_dir():
         raise ConfigError(f"storage: the folder of the journal file {settings.storage!r} does not exist ({folder})")
+    check_storage_file(settings.storage)
+
+
+def check_own_files(settings: StudySettings) -> None:
+    """``storage`` and a local SQLite ``tracking_uri`` name different files: Optuna would write its tables
+    (or journal records) into MLflow's store. Checked before either is opened or created."""
+    from initsearch.tracking.uri import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(settings.tracking_uri)
+    study_file = sqlite_file(settings.storage) if is_rdb(settings.storage) else settings.storage
+    if uri is None or not uri.startswith("sqlite:///") or study_file is None:
+        return
+    mlflow_file = uri[len("sqlite:///"):].partition("?")[0]
+    if Path(study_file).expanduser().resolve() == Path(mlflow_file).resolve():
+        raise ConfigError(f"storage: {settings.storage} is also the MLflow store (tracking_uri={uri}): Optuna and "
+                          f"MLflow never share one file; {OWN_FILE}")
 
 
 def open_tracker(settings: StudySettings) -> Any:

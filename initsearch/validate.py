@@ -425,6 +425,7 @@ def _validate(args: list[str]) -> int:
     from hydra import compose, initialize_config_dir
 
     from initsearch.cli import compose_problem, config_dir, report_error, report_unexpected, with_custom_groups
+    from initsearch.tracking.uri import resolve_tracking_uri
 
     verbose = "verbose=true" in args
     try:
@@ -449,6 +450,7 @@ def _validate(args: list[str]) -> int:
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})
         seeds, steps = _whole(own, "seeds", 5), _whole(own, "steps", None)
+        resolve_tracking_uri(settings.tracking_uri)  # a store MLflow refuses is one line before any training
         alone = replace(settings, model=full_size(settings.model), n_workers=1)  # what it trains, on every core
         target = prepare(alone)
         planned = (1 + len(settings.baselines)) * seeds * validation_budget(settings, steps)

@@ -127,6 +127,7 @@ VALIDATE_ERRORS = {
     "misspelt own key": (["polcy=p.json"], "polcy: no such key (did you mean policy?)"),
     "misspelt config key": (["policy=p.json", "train.stpes=3"], "train.stpes: no such key (did you mean train.steps?)"),
     "bad count": (["policy=p.json", "seeds=0"], "seeds: must be a whole number >= 1, got '0'"),
+    "file store": (["policy=p.json", "tracking_uri=mlruns"], "tracking_uri: mlruns is an MLflow file store"),
 }
 
 
@@ -204,3 +205,12 @@ def test_export_argument_errors_are_one_line(args, expected, small_study, capsys
     err = capsys.readouterr().err
     one_error_line(err, "initsearch.export")
     assert err.startswith("initsearch.export: error: " + expected), err
+
+
+def test_export_refuses_a_file_that_is_not_a_journal_and_leaves_it_untouched(in_tmp, capsys):
+    (in_tmp / "notes.txt").write_text("hi\n")
+    assert export.main(["study_name=small", "storage=notes.txt"]) == 2
+    err = capsys.readouterr().err
+    one_error_line(err, "initsearch.export")
+    assert err.startswith("initsearch.export: error: storage: notes.txt is not an Optuna journal file"), err
+    assert (in_tmp / "notes.txt").read_text() == "hi\n"

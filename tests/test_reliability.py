@@ -162,6 +162,11 @@ HOSTILE = {
     "unreachable storage": (["storage=postgresql://user:s3cret@127.0.0.1:{port}/db"],
                             "storage: cannot open postgresql://user:***@127.0.0.1:{port}/db: OperationalError: "),
     "journal in a missing folder": (["storage=no/such/s.journal"], "storage: the folder of the journal file "),
+    "postgres:// alias": (["storage=postgres://user:s3cret@127.0.0.1:{port}/db"],
+                          "storage: cannot open postgres://user:***@127.0.0.1:{port}/db: NoSuchModuleError: Can't load "
+                          "plugin: sqlalchemy.dialects:postgres (write postgresql://...: SQLAlchemy does not know"),
+    "tracking to a folder": (["tracking_uri=no/such/ml"], "tracking_uri: no/such/ml is an MLflow file store, which "
+                             "MLflow 3 does not support; give a database URL such as sqlite:///path/mlflow.db"),
 }
 
 
@@ -182,6 +187,83 @@ def test_hostile_inputs_are_one_line_and_status_2(case, in_tmp, monkeypatch, cap
     assert "s3cret" not in err
     assert not (in_tmp / "initsearch.journal").exists() and not (in_tmp / "mlflow.db").exists()
     assert time.monotonic() - started < 30  # unreachable stores fail fast, not after minutes of retries
+
+
+def sqlite_with(path: Path, *tables: str) -> Path:
+    """A SQLite file holding empty ``tables`` (``experiments``: as MLflow's store does)."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(path)) as conn:
+        for table in tables:
+            conn.execute(f"CREATE TABLE {table} (id INTEGER)")
+        conn.commit()
+    return path
+
+
+FOREIGN_FILES = {  # storage=..., the file it names, the line
+    "MLflow's store as the database": ("sqlite:///m.db", lambda d: sqlite_with(d / "m.db", "experiments", "runs"),
+                                       "storage: m.db is an MLflow tracking store, not an Optuna database: give the "
+                                       "study its own file (storage=sqlite:///optuna.db or a journal file)"),
+    "another program's database": ("sqlite:///o.db", lambda d: sqlite_with(d / "o.db", "notes"),
+                                   "storage: o.db is a database but not an Optuna one (no studies table; it has notes)"),
+    "MLflow's store as a journal": ("m.db", lambda d: sqlite_with(d / "m.db", "experiments"),
+                                    "storage: m.db is an MLflow tracking store, not an Optuna database"),
+    "a database as a journal": ("o.db", lambda d: sqlite_with(d / "o.db", "studies", "version_info"),
+                                "storage: o.db looks like a SQLite database, not an Optuna journal file; a database is "
+                                "given as storage=sqlite:///o.db"),
+    "a text file as a journal": ("notes.txt", lambda d: d.joinpath("notes.txt").write_text("hi\n") and d / "notes.txt",
+                                 "storage: notes.txt is not an Optuna journal file (its first line is not a JSON record "
+                                 "with an op_code); give a new path or the study's journal"),
+    "a policy file as a journal": ("p.json", lambda d: d.joinpath("p.json").write_text('{"format": "x"}') and d / "p.json",
+                                   "storage: p.json is not an Optuna journal file"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN_FILES))
+def test_a_file_that_is_not_optunas_is_refused_untouched(case, in_tmp, monkeypatch, capsys):
+    """Optuna writes into whatever ``storage=`` names (its tables, a journal record): a file that is not
+    Optuna's is one line naming ``storage`` before anything opens it, and keeps its bytes."""
+    storage, make, expected = FOREIGN_FILES[case]
+    path = make(in_tmp)
+    before = path.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["initsearch", *TINY, f"storage={storage}"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("initsearch: error: " + expected), err
+    assert path.read_bytes() == before
+    assert [p.name for p in in_tmp.iterdir() if p.name != "empty"] == [path.name]  # nothing else written either
+
+
+@pytest.mark.parametrize("storage", ["sqlite:///mlflow.db", "mlflow.db"])
+def test_the_study_and_mlflow_never_share_one_file(storage, in_tmp, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["initsearch", *TINY, f"storage={storage}", "tracking_uri=sqlite:///mlflow.db"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"initsearch: error: storage: {storage} is also the MLflow store (tracking_uri=sqlite:///"), err
+    assert not (in_tmp / "mlflow.db").exists()
+
+
+def test_a_new_an_empty_and_a_real_journal_pass_the_check(in_tmp):
+    """What the journal check must let through: a new path, an empty file, Optuna's own journal (resume),
+    and one whose first record another worker is still writing."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from initsearch.search.storage import check_storage_file
+
+    check_storage_file("new.journal")
+    (in_tmp / "empty.journal").write_bytes(b"")
+    check_storage_file("empty.journal")
+    optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend("real.journal")))
+    check_storage_file("real.journal")
+    (in_tmp / "torn.journal").write_bytes((in_tmp / "real.journal").read_bytes()[:20])
+    check_storage_file("torn.journal")
+    assert not (in_tmp / "new.journal").exists()
 
 
 def test_hydra_errors_are_one_line_and_status_2_in_a_real_process(in_tmp):

@@ -1,8 +1,9 @@
 """The Optuna storage of ``storage=``: a journal file on one machine, an RDB (with heartbeats) across machines.
 
 Optuna's own storages do the work; this module only picks one from the setting, gives RDBs the heartbeat
-that lets a surviving worker fail and retry a dead one's trial, and turns every way of failing to open one
-into a single ``ConfigError`` line with the password hidden.
+that lets a surviving worker fail and retry a dead one's trial, refuses a file that is not Optuna's before
+Optuna writes to it, and turns every way of failing to open one into a single ``ConfigError`` line with the
+password hidden.
 """
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import contextlib
 import errno
 import functools
 import inspect
+import json
 import logging
+import sqlite3
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
@@ -32,6 +36,9 @@ T = TypeVar("T")
 # The URL schemes of PostgreSQL: an unroutable host then fails after a connect timeout, not minutes of TCP retries.
 POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg2://", "postgresql+psycopg://")
 CONNECT_TIMEOUT_S = 10
+JOURNAL_PROBE_BYTES = 4096  # what is read of an existing journal file to see that it is Optuna's
+SQLITE_MAGIC = b"SQLite format 3\x00"
+OWN_FILE = "give the study its own file (storage=sqlite:///optuna.db or a journal file)"
 RECONNECT_S = 120.0  # how long a database that went away (restarted) is waited for before the worker gives up
 
 
@@ -48,6 +55,7 @@ def open_storage(
     seconds is failed and ``on_stale(study, trial)`` runs (default: enqueue it again once, ``retry_of``).
     A database that cannot be reached is one ``ConfigError`` line (at most ``CONNECT_TIMEOUT_S`` for
     PostgreSQL), password hidden."""
+    check_storage_file(url)
     if not is_rdb(url):
         try:
             return JournalStorage(JournalFileBackend(url))
@@ -74,13 +82,92 @@ def open_storage(
 
 
 def storage_problem(exc: Exception, url: str) -> str:
-    """The first line of a database error, the password hidden; a missing driver named with its package."""
+    """The first line of a database error, the password hidden; a missing driver named with its package;
+    ``postgres://`` answered with the scheme SQLAlchemy knows (it dropped that alias)."""
     missing = exc.__cause__ if isinstance(exc.__cause__, ModuleNotFoundError) else None
     if missing is not None:
         hint = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary"}.get(missing.name or "", missing.name)
         return f"its database driver is not installed (no module {missing.name!r}; pip install '{hint}')"
     hide_password_of(url)
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    problem = f"{type(exc).__name__}: {first_line(exc)}"
+    if url.startswith(("postgres://", "postgres+")):
+        problem += " (write postgresql://...: SQLAlchemy does not know the postgres:// alias)"
+    return problem
+
+
+# ---- a file that is not the study's ----------------------------------------------------------------------------
+def check_storage_file(url: str) -> None:
+    """Before Optuna opens ``storage=``: an existing file it names must be Optuna's, since Optuna writes to
+    whatever it is given (its tables into another SQLite database, a record appended to any file). A
+    missing or empty file is a new study. One ``ConfigError`` line naming ``storage`` if not; the file is
+    left as it was."""
+    if is_rdb(url):
+        path = sqlite_file(url)
+        if path is not None:
+            check_sqlite_storage(path)
+        return
+    try:
+        with open(url, "rb") as file:
+            head = file.read(JOURNAL_PROBE_BYTES)
+    except OSError:
+        return  # missing (a new study), or a folder: ``open_storage`` says what it cannot open
+    if not head:
+        return
+    if head.startswith(SQLITE_MAGIC):
+        check_sqlite_storage(url)  # another program's database says so first
+        raise ConfigError(f"storage: {url} looks like a SQLite database, not an Optuna journal file; "
+                          f"a database is given as storage=sqlite:///{url}")
+    if not is_journal_record(head):
+        raise ConfigError(f"storage: {url} is not an Optuna journal file (its first line is not a JSON record with "
+                          f"an op_code); give a new path or the study's journal")
+
+
+def is_journal_record(head: bytes) -> bool:
+    """Whether ``head`` (the start of a file) begins with one of Optuna's journal records: a JSON object
+    with ``op_code``. A first line cut short (another worker writing it, or longer than the probe) need
+    only start as Optuna writes every record: ``{"op_code":``."""
+    line, newline, _ = head.partition(b"\n")
+    if not newline:
+        return line.startswith(b'{"op_code":')
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return isinstance(record, dict) and "op_code" in record
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file of a ``sqlite:///`` URL (as given: relative to the working directory), else ``None``."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        path = make_url(url).database
+    except Exception:  # a malformed URL: Optuna's own error says so
+        return None
+    return path if path and path != ":memory:" and not path.startswith("file:") else None
+
+
+def check_sqlite_storage(path: str) -> None:
+    """An existing SQLite file that holds tables must hold Optuna's (``studies``, ``version_info``): Optuna
+    would add its tables to MLflow's store, or to any other program's database. Read only its table names
+    (opened read-write, never created: see ``tracking.uri.check_sqlite_store``)."""
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(Path(path).absolute().as_uri() + "?mode=rw", uri=True,
+                                                timeout=10.0)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise ConfigError(f"storage: cannot open the SQLite database {path}: {type(exc).__name__}: "
+                          f"{first_line(exc)}") from None
+    if not tables or tables & {"studies", "version_info"}:
+        return
+    if "experiments" in tables:
+        raise ConfigError(f"storage: {path} is an MLflow tracking store, not an Optuna database: {OWN_FILE}")
+    raise ConfigError(f"storage: {path} is a database but not an Optuna one (no studies table; it has "
+                      f"{', '.join(sorted(tables)[:4])}): {OWN_FILE}")
 
 
 def _journal_internals(storage: Any) -> bool:

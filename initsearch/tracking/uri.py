@@ -8,6 +8,7 @@ URI always means the same store, whichever folder a later run (a resume, the MLf
 from __future__ import annotations
 
 import http.client
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,12 +33,17 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str | None
 
     ``None``/empty -> ``DEFAULT_TRACKING_URI`` (``sqlite:///mlflow.db``); a relative SQLite path is made
     absolute against ``cwd`` (the working directory), so every run of the same command, and the MLflow UI
-    started in that folder, see the same database; a plain path (no ``://``) becomes a ``file:`` URI;
-    ``none``/``off`` -> ``None``; anything else (http, postgresql, ...) is kept as given.
+    started in that folder, see the same database; ``none``/``off`` -> ``None``; anything else (http,
+    postgresql, ...) is kept as given. A plain path (no ``://``) or a ``file:`` URI is MLflow's file store,
+    which MLflow 3 refuses (in a paragraph, after the study started): one ``ConfigError`` line here, unless
+    ``MLFLOW_ALLOW_FILE_STORE=true`` opts back in (then a plain path becomes a ``file:`` URI).
     """
     text = DEFAULT_TRACKING_URI if uri is None or not str(uri).strip() else str(uri).strip()
     if text.lower() in OFF_VALUES:
         return None
+    if ("://" not in text or text.lower().startswith("file:")) and not file_store_allowed():
+        raise ConfigError(f"tracking_uri: {text} is an MLflow file store, which MLflow 3 does not support; give a "
+                          f"database URL such as sqlite:///path/mlflow.db or a server http://host:port")
     base = Path.cwd() if cwd is None else cwd
     if text.startswith("sqlite:///"):
         path, sep, query = text[len("sqlite:///"):].partition("?")
@@ -50,6 +56,11 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str | None
         full = Path(text).expanduser()
         return (full if full.is_absolute() else base / full).absolute().as_uri()
     return text.rstrip("/") if is_http(text) else text
+
+
+def file_store_allowed() -> bool:
+    """Whether the user opted in to MLflow's file store (MLflow's own ``MLFLOW_ALLOW_FILE_STORE``)."""
+    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")
 
 
 def default_artifact_location(uri: str) -> str | None:
