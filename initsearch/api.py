@@ -84,12 +84,12 @@ def search(
                                    storage=storage, tracking_uri=tracking_uri, **settings)
     out = Path(out_dir) if out_dir is not None else \
         Path("outputs") / study_settings.study_name / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
-    made = not out.exists()
+    made = [folder for folder in (out, out.parent, out.parent.parent) if not folder.exists()]
     try:
         finished = run_settings(study_settings, cfg, out)
     except Exception as exc:
-        if made and bad_input(exc):  # the folder this call made, for a study that never ran: not left behind
-            remove_unused_output_dir(out)
+        if out in made and bad_input(exc):  # the folders this call made, for a study that never ran
+            remove_unused_output_dir(out, parents=len(made) - 1)
         raise
     return SearchResult(load_policy(finished.policy_path), finished.policy_path, finished.study,
                         finished.summary.table, finished.summary.format())

@@ -48,7 +48,7 @@ from initsearch.search.storage import (
     sqlite_file,
     write_fault,
 )
-from initsearch.search.study import run_study
+from initsearch.search.study import check_resumable, run_study
 from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import prepare
 from initsearch.search.workers import StudyLock
@@ -125,8 +125,20 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Path | None:
 
 def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) -> FinishedStudy:
     """``run`` with settings already made from ``cfg`` (``initsearch.search`` puts the user's objects into
-    them); ``cfg`` is what MLflow records and what helper workers start from."""
+    them); ``cfg`` is what MLflow records and what helper workers start from. An ``InitSearchError`` raised
+    once this process has finished a trial carries ``trained = True`` (its run's log is worth keeping)."""
+    progress: list[Progress] = []
+    try:
+        return _run_settings(settings, cfg, out_dir, progress)
+    except InitSearchError as exc:
+        exc.trained = bool(progress) and progress[0].ran > 0  # type: ignore[attr-defined]
+        raise
+
+
+def _run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path,
+                  progress: list[Progress]) -> FinishedStudy:
     check_storage(settings)
+    check_resume(settings)
     check_output(out_dir)
     with stop_on_signals():
         proxy = prepare(settings)
@@ -134,6 +146,7 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
         log.info("%s", threads.describe())
     with stop_on_signals(), use_threads(threads):
         tracker = Progress(open_tracker(settings), settings)
+        progress.append(tracker)
         helpers = Helpers.start(cfg, settings)
         study = None
         try:
@@ -324,6 +337,19 @@ def check_storage(settings: StudySettings) -> None:
     if not folder.is_dir():
         raise ConfigError(f"storage: the folder of the journal file {settings.storage!r} does not exist ({folder})")
     check_storage_file(settings.storage)
+
+
+def check_resume(settings: StudySettings) -> None:
+    """An existing study resumes only under its own settings (``study.check_resumable``): checked here,
+    before the data loads and helper workers start, so a refusal costs nothing. Writes nothing (a journal
+    file that is not there yet is a new study: opening it would create it)."""
+    if not is_rdb(settings.storage) and not (Path(settings.storage).is_file() and Path(settings.storage).stat().st_size):
+        return
+    try:
+        study = optuna.load_study(study_name=settings.study_name, storage=open_storage(settings.storage))
+    except KeyError:  # a new study
+        return
+    check_resumable(study, settings)
 
 
 def check_own_files(settings: StudySettings) -> None:
@@ -621,9 +647,10 @@ def _unknown_key(message: str) -> str | None:
 
 
 def bad_input(exc: BaseException) -> bool:
-    """An error in what the user gave (a value, a file, a model, data), found before the study trained:
-    nothing in the output folder is worth keeping. Not a study that failed or a disk that cannot be written."""
-    return isinstance(exc, (ConfigError, DataError, PolicyError))
+    """An error in what the user gave (a value, a file, a model, data), found before this process trained a
+    trial: nothing in the output folder is worth keeping. Not a study that failed, a disk that cannot be
+    written, or an error after trials trained (``run_settings`` marks those ``trained``)."""
+    return isinstance(exc, (ConfigError, DataError, PolicyError)) and not getattr(exc, "trained", False)
 
 
 def _unparsable(arg: str) -> bool:
@@ -636,10 +663,10 @@ def _unparsable(arg: str) -> bool:
     return False
 
 
-def remove_unused_output_dir(out_dir: str | Path, logs: bool = False) -> None:
+def remove_unused_output_dir(out_dir: str | Path, logs: bool = False, parents: int = 2) -> None:
     """After a failure before anything was written: remove the run folder Hydra made (its ``.hydra`` copy of
     the config and an empty log; ``logs``: any log, for an error in what the user gave, which the command
-    printed), and the two folders above it (``outputs/<study>/``) when they are empty then."""
+    printed), and up to ``parents`` folders above it (``outputs/<study>/``) when they are empty then."""
     out = Path(out_dir)
     if not out.is_dir():
         return
@@ -652,7 +679,7 @@ def remove_unused_output_dir(out_dir: str | Path, logs: bool = False) -> None:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    for folder in (out.parent, out.parent.parent):
+    for folder in (out.parent, out.parent.parent)[:parents]:
         try:
             folder.rmdir()  # only when empty
         except OSError:

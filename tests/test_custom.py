@@ -360,6 +360,14 @@ def test_a_path_that_does_not_import_leaves_out_hydras_error_log(tmp_path, monke
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("hydra")]
 
 
+def test_a_bad_input_removes_only_the_folders_the_call_made(tmp_path) -> None:
+    (tmp_path / "results").mkdir()  # the user's own, empty: kept
+    with pytest.raises(DataError):
+        initsearch.search(mynets.Regressor, _nan, n_trials=1, storage=str(tmp_path / "s.journal"),
+                          tracking_uri="none", out_dir=tmp_path / "results" / "run1" / "a")
+    assert (tmp_path / "results").is_dir() and not (tmp_path / "results" / "run1").exists()
+
+
 def test_the_cli_prints_a_bad_data_function_as_one_line(tmp_path) -> None:
     proc = run_cli("initsearch", ["data._target_=tests.test_custom._mismatch", "model._target_=examples.mynets.Regressor",
                                   f"storage={tmp_path / 's.journal'}", f"hydra.run.dir={tmp_path / 'out'}", *QUICK], REPO)

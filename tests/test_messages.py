@@ -214,3 +214,22 @@ def test_export_refuses_a_file_that_is_not_a_journal_and_leaves_it_untouched(in_
     one_error_line(err, "initsearch.export")
     assert err.startswith("initsearch.export: error: storage: notes.txt is not an Optuna journal file"), err
     assert (in_tmp / "notes.txt").read_text() == "hi\n"
+
+
+def test_an_error_after_trials_trained_keeps_the_runs_folder_and_its_log(in_tmp, monkeypatch, capsys):
+    """Only a start that trained nothing leaves no folder: a bad value found after trials ran (here, by the
+    selection stage) keeps the run's folder and its log."""
+    from initsearch.errors import ConfigError
+
+    def refuses(*args, **kwargs):
+        raise ConfigError("select.batch_trials: refused late, for this test")
+
+    monkeypatch.setattr("initsearch.cli.run_selection", refuses)
+    monkeypatch.setattr(sys, "argv", ["initsearch", *TINY, f"storage={in_tmp}/s.journal"])
+    with pytest.raises(SystemExit) as info:
+        study_main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err  # the progress lines, then the error
+    assert err.strip().splitlines()[-1] == "initsearch: error: select.batch_trials: refused late, for this test"
+    logs = list((in_tmp / "outputs").glob("*/*/__main__.log"))
+    assert len(logs) == 1 and logs[0].stat().st_size > 0

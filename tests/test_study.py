@@ -260,17 +260,46 @@ def test_resuming_with_other_scheme_choices_is_one_line_and_writes_nothing(in_tm
     ("data.synthetic.n_train=256", "data.synthetic.n_train", 512, 256),
     ("seed=1", "seed", 0, 1),
 ])
-def test_resuming_under_other_scoring_settings_is_one_line_and_writes_nothing(in_tmp, override, key, old, new):
+def test_resuming_under_other_scoring_settings_is_one_line_and_writes_nothing(in_tmp, monkeypatch, override, key,
+                                                                              old, new):
     """Scores taken on another network, data, seed or training run do not compare with the study's: resuming
     under them stops at once, naming the setting; what only says how to run (n_trials, the pruner) resumes."""
     storage = str(in_tmp / "s.journal")
     base = TINY + [f"storage={storage}", "study_name=contract", "score.seeds=1"]
     run(compose_config(base), in_tmp / "out")
     before = len(_study(storage, "contract").get_trials())
-    with pytest.raises(ConfigError) as info:
-        run(compose_config(base + ["n_trials=3", override]), in_tmp / "out2")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the refusal")
+
+    with monkeypatch.context() as patch:  # refused before the data loads (and before helper workers start)
+        patch.setattr("initsearch.cli.prepare", no_data)
+        with pytest.raises(ConfigError) as info:
+            run(compose_config(base + ["n_trials=3", override]), in_tmp / "out2")
     assert str(info.value).startswith(f"{key}: study 'contract' was run with {old!r}, this command has {new!r}; ")
-    assert "\n" not in str(info.value)
+    assert str(info.value).endswith("or resume_check=false to resume anyway") and "\n" not in str(info.value)
     assert len(_study(storage, "contract").get_trials()) == before
-    run(compose_config(base + ["n_trials=3", "pruner=none", "train.eval_batch_size=7"]), in_tmp / "out3")
+    # what changes only float rounding, or a setting the metric does not read, resumes
+    run(compose_config(base + ["n_trials=3", "pruner=none", "train.eval_batch_size=7", "train.bf16=false",
+                               "score.target_acc=0.5"]), in_tmp / "out3")
     assert len(_study(storage, "contract").get_trials()) == before + 1
+    run(compose_config(base + ["n_trials=4", "train.lr=0.2", "resume_check=false"]), in_tmp / "out4")  # the way past
+    assert len(_study(storage, "contract").get_trials()) == before + 2
+
+
+def test_the_scoring_check_compares_only_what_both_sides_recorded(in_tmp):
+    """A study recorded by another version (a key it did not have, one it had and this version has not)
+    resumes on the keys both have; one recorded before the check existed records them on its next start."""
+    storage = str(in_tmp / "s.journal")
+    base = TINY + [f"storage={storage}", "study_name=older", "score.seeds=1"]
+    run(compose_config(base), in_tmp / "out")
+    study = _study(storage, "older")
+    recorded = dict(study.user_attrs["scoring"])
+    recorded["train"] = {k: v for k, v in recorded["train"].items() if k != "loss"} | {"retired_key": 3}
+    study.set_user_attr("scoring", recorded)
+    run(compose_config(base + ["n_trials=3"]), in_tmp / "out2")
+    with pytest.raises(ConfigError, match=r"^train\.steps: study 'older' was run with 20, this command has 30; "):
+        run(compose_config(base + ["n_trials=4", "train.steps=30"]), in_tmp / "out3")
+    study.set_user_attr("scoring", None)  # as before this check
+    run(compose_config(base + ["n_trials=4", "train.steps=30"]), in_tmp / "out4")  # nothing to compare: resumes
+    assert _study(storage, "older").user_attrs["scoring"]["train"]["steps"] == 30  # and records this start's

@@ -115,6 +115,7 @@ class StudySettings:
     warm_start: tuple[str, ...] = ()
     tracking: TrackingSettings = TrackingSettings()
     tracking_only: bool = False  # log to MLflow what it misses, run no trial
+    resume_check: bool = True  # a study resumes only under the settings its scores depend on (study.py)
     # ("score",): one objective; ("score", "params"): the score and the network's trainable parameters
     # together (a joint search; Optuna keeps the Pareto front, and prunes nothing)
     objectives: tuple[str, ...] = ("score",)
@@ -268,6 +269,7 @@ def settings_from_config(cfg: DictConfig | Mapping[str, Any]) -> StudySettings:
         warm_start=_warm_start(c.get("warm_start")),
         tracking=_tracking(c.get("tracking") or {}),
         tracking_only=_bool(c.get("tracking_only", False), "tracking_only"),
+        resume_check=_bool(c.get("resume_check", True), "resume_check"),
         objectives=_objectives(c.get("objectives", ["score"]), c, sampler),
     )
 

@@ -75,34 +75,45 @@ def open_study(settings: StudySettings, storage: optuna.storages.BaseStorage | N
         directions=settings.directions,
         load_if_exists=True,
     )
+    if not study.user_attrs:  # a new study: what later runs of it must match
+        study.set_user_attr("metric", settings.score.metric)
+        study.set_user_attr("model", recorded_model(settings.model))
+        study.set_user_attr("data", data_name(settings.data))
+        study.set_user_attr("scoring", scoring_settings(settings))
+        return study
+    check_resumable(study, settings)
+    if not isinstance(study.user_attrs.get("scoring"), dict):  # recorded before this check existed: from now on
+        study.set_user_attr("scoring", scoring_settings(settings))
+    return study
+
+
+def check_resumable(study: optuna.Study, settings: StudySettings) -> None:
+    """An existing study resumes only under what its scores depend on: its objectives, metric, data, network
+    and scoring settings (``check_scoring_unchanged``). One ``ConfigError`` line naming the first that
+    differs; nothing is written. ``cli`` calls it before any data is loaded, ``open_study`` again."""
+    attrs = study.user_attrs
     if len(study.directions) != len(settings.directions):  # an existing study keeps its own directions
         raise ConfigError(
             f"objectives: study {settings.study_name!r} was run with {len(study.directions)} objective(s), got "
             f"[{','.join(settings.objectives)}]; use another study_name"
         )
-    attrs = study.user_attrs
     model = recorded_model(settings.model)
-    if not attrs:
-        study.set_user_attr("metric", settings.score.metric)
-        study.set_user_attr("model", model)
-        study.set_user_attr("data", data_name(settings.data))
-    elif attrs.get("metric") not in (None, settings.score.metric):
+    if attrs.get("metric") not in (None, settings.score.metric):
         raise ConfigError(
             f"score.metric: study {settings.study_name!r} was run with {attrs['metric']!r}, got {settings.score.metric!r}; "
             "use another study_name"
         )
-    elif isinstance(attrs.get("data"), str) and canonical(attrs["data"]) != canonical(data_name(settings.data)):
+    if isinstance(attrs.get("data"), str) and canonical(attrs["data"]) != canonical(data_name(settings.data)):
         raise ConfigError(
             f"study_name: study {settings.study_name!r} holds trials on the data {attrs['data']}, and this "
             f"command's data is {data_name(settings.data)}; give the new study a name of its own (study_name=...)"
         )
-    elif isinstance(attrs.get("model"), dict) and network(attrs["model"]) != network(model):
+    if isinstance(attrs.get("model"), dict) and network(attrs["model"]) != network(model):
         raise ConfigError(
             f"study_name: study {settings.study_name!r} holds trials of the model {network(attrs['model'])}, and this "
             f"command's model is {network(model)}; give the new study a name of its own (study_name=...)"
         )
     check_scoring_unchanged(study, settings)
-    return study
 
 
 # Data settings that say where the data is, or how it gets here, not what it is: another machine may differ.
@@ -112,9 +123,12 @@ DATA_WHERE = {"_target_", "root", "url", "md5", "download", "max_bytes"}
 def scoring_settings(settings: StudySettings) -> dict[str, Any]:
     """What a trial's score depends on besides its policy: the network's settings, the data's, the seed (the
     data split and the evaluation seeds), the training run, LSUV's batch and the scoring rule. Scores taken
-    under other values do not compare, so a study resumes only under these. The class and the dataset
-    themselves are checked apart (``open_study``); objects given from Python are left out."""
-    train = {key: value for key, value in asdict(settings.train).items() if key != "eval_batch_size"}  # chunks only
+    under other values do not compare, so a study resumes only under these. Left out: the class and the
+    dataset themselves (``check_resumable`` checks them apart), objects given from Python, where the data
+    lives (``DATA_WHERE``), and what only changes float rounding (``train.eval_batch_size``, ``train.bf16``,
+    the device); ``score.target_acc`` counts only for ``steps_to_target``."""
+    skip = {"eval_batch_size", "bf16"}
+    train = {key: value for key, value in asdict(settings.train).items() if key not in skip}
     score = settings.score
     return {
         "model": _plain(recorded_model(settings.model), skip={"_target_"}),
@@ -122,26 +136,26 @@ def scoring_settings(settings: StudySettings) -> dict[str, Any]:
         "seed": settings.seed,
         "train": train,
         "lsuv_batch": settings.lsuv_batch,
-        "score": {"seeds": score.seeds, "aggregate": score.aggregate, "target_acc": score.target_acc},
+        "score": {"seeds": score.seeds, "aggregate": score.aggregate,
+                  **({"target_acc": score.target_acc} if score.metric == "steps_to_target" else {})},
     }
 
 
 def check_scoring_unchanged(study: optuna.Study, settings: StudySettings) -> None:
     """Refuse to resume a study under scoring settings other than those it recorded (``scoring``): one
-    ``ConfigError`` line naming the first key that differs, before anything is written. A study recorded
-    before this check existed records them now."""
-    now = scoring_settings(settings)
+    ``ConfigError`` line naming the first key that differs, before anything is written. Only keys both
+    sides have are compared (a study recorded by another version, a value that was an object); a study
+    recorded before this check has nothing to compare. ``resume_check=false`` resumes anyway."""
     recorded = study.user_attrs.get("scoring")
-    if not isinstance(recorded, dict):
-        study.set_user_attr("scoring", now)
+    if not isinstance(recorded, dict) or not settings.resume_check:
         return
-    old, new = _flat(recorded), _flat(now)
-    for key in sorted(old.keys() | new.keys()):
-        if not _same(old.get(key), new.get(key)):
+    old, new = _flat(recorded), _flat(scoring_settings(settings))
+    for key in sorted(old.keys() & new.keys()):
+        if not _same(old[key], new[key]):
             raise ConfigError(
-                f"{key}: study {settings.study_name!r} was run with {old.get(key)!r}, this command has "
-                f"{new.get(key)!r}; their scores would not compare: run it with its own settings, or give the new "
-                "study a name of its own (study_name=...)")
+                f"{key}: study {settings.study_name!r} was run with {old[key]!r}, this command has {new[key]!r}; "
+                "their scores would not compare: run it with the study's settings, give the new study a name of "
+                "its own (study_name=...), or resume_check=false to resume anyway")
 
 
 def _plain(config: Mapping[str, Any], skip: set[str]) -> dict[str, Any]:
