@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -37,11 +38,13 @@ from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
 from initsearch.proxy.train import Curve
 from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
+from initsearch.search.study import canonical
 from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import population_size, prepare, train_contenders
 
 log = logging.getLogger("initsearch")
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a provenance's study name validate takes as its own
 FRESH_SEED_OFFSET = 1_000_000  # the search scores on seed*1000 + i (i < score.seeds): these never collide
 POLICY = "policy"
 
@@ -134,13 +137,16 @@ class ValidationReport:
                 "other baselines: " if self.is_baseline else "")
         if not baselines:
             return note + "no baseline finished: nothing to compare the policy with"
-        return note + self._against(policy, baselines) + self._held_out(policy, baselines)
+        sentence = self._against(policy, baselines)
+        if sentence.startswith(("the policy beats", "the policy is not distinguishable")):
+            sentence += self._held_out(policy, baselines)
+        return note + sentence
 
     def _held_out(self, policy: ContenderResult, baselines: list[ContenderResult]) -> str:
-        """A second sentence when the score is not the validation loss and the policy ends with a validation
-        loss worse than the best baseline's there, over the whole 95% interval: a faster fit of the training
-        data that generalizes worse. Empty otherwise."""
-        if self.metric == "final_val_loss":
+        """A second sentence when the score is the training loss's area (``auc_loss``), on which the policy
+        did not lose, and it ends with a validation loss worse than the best baseline's there, over the whole
+        95% interval: a faster fit of the training data that generalizes worse. Empty otherwise."""
+        if self.metric != "auc_loss":
             return ""
         finals = {r.name: [v for v in r.final_val_losses if math.isfinite(v)] for r in baselines}
         ranked = [r for r in baselines if finals[r.name]]
@@ -411,9 +417,9 @@ def for_this_command(message: str, policy: InitPolicy, settings: StudySettings) 
     past a rule that matches nothing), so the hint is the model the policy's provenance names, when that is
     not the one this command trains."""
     searched_on = (policy.provenance or {}).get("model")
-    trained = settings.model.get("_target_") or settings.model.get("name")
+    trained = str(settings.model.get("_target_") or settings.model.get("name"))
     named = searched_on.get("_target_") or searched_on.get("name") if isinstance(searched_on, dict) else None
-    if named and named != trained:
+    if isinstance(named, str) and canonical(named) != canonical(trained):
         hint = (f"the policy was searched on {named} (its provenance), this command trains {trained}: pass "
                 + (f"model._target_={named} and its arguments" if searched_on.get("_target_") else f"model={named}"))
     else:
@@ -443,9 +449,9 @@ def _validate(args: list[str]) -> int:
             with open_dict(cfg):
                 cfg.model = OmegaConf.load(model_file)
         searched_in = (policy.provenance or {}).get("study")
-        if isinstance(searched_in, str) and searched_in and not any(
-                o.lstrip("+~").startswith("study_name=") for o in overrides):
-            cfg.study_name = searched_in  # its MLflow experiment and output folder, not the preset's
+        if (isinstance(searched_in, str) and STUDY_NAME.fullmatch(searched_in) and ".." not in searched_in
+                and not any(o.lstrip("+~").startswith("study_name=") for o in overrides)):
+            cfg.study_name = searched_in  # its MLflow experiment and output folder (a plain name only: a path part)
         settings = together_unless_told(settings_from_config(cfg), overrides)
         subset = _whole(own, "subset", None)
         settings = replace(settings, data={**settings.data, "subset": subset})

@@ -209,9 +209,13 @@ def test_the_verdict_says_when_the_policy_ends_worse_on_the_validation_data() ->
                             f"(paired {gain:+.3g} ± {half:.2g}): it fits the training data faster and generalizes worse")
     close = {**overfit, "policy": [0.50, 0.62, 0.54, 0.60, 0.58]}  # mean 0.568 against 0.554: inside the interval
     assert "validation data" not in _with_final_val_losses(_report(planted), close).verdict()
-    scored_on_it = _with_final_val_losses(_report(planted), overfit)
-    scored_on_it.metric = "final_val_loss"
-    assert "validation data" not in scored_on_it.verdict()
+    for metric in ("final_val_loss", "val_acc_at_budget"):  # scores read on the validation data themselves
+        scored_there = _with_final_val_losses(_report(planted), overfit)
+        scored_there.metric = metric
+        assert "validation data" not in scored_there.verdict()
+    slow = {**planted, "policy": [0.80, 0.81, 0.79, 0.80, 0.82]}  # worse on the score too: no "But"
+    verdict = _with_final_val_losses(_report(slow), overfit).verdict()
+    assert verdict.startswith("the policy is worse than the best baseline (he)") and "validation data" not in verdict
 
 
 def test_batch_trials_trains_the_contenders_of_a_seed_together_with_the_same_results(monkeypatch):
