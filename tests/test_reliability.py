@@ -166,7 +166,7 @@ HOSTILE = {
                           "storage: cannot open postgres://user:***@127.0.0.1:{port}/db: NoSuchModuleError: Can't load "
                           "plugin: sqlalchemy.dialects:postgres (write postgresql://...: SQLAlchemy does not know"),
     "tracking to a folder": (["tracking_uri=no/such/ml"], "tracking_uri: no/such/ml is an MLflow file store, which "
-                             "MLflow 3 does not support; give a database URL such as sqlite:///path/mlflow.db"),
+                             "MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; give a database URL"),
 }
 
 
@@ -596,3 +596,25 @@ def test_ctrl_c_while_waiting_for_the_helpers_exports_this_process_s_finished_st
         run(cfg, in_tmp / "out")
     assert info.value.study is not None
     assert (in_tmp / "out" / "best_policy.json").is_file() and (in_tmp / "out" / "trials.csv").is_file()
+
+
+def test_a_worker_waiting_for_trials_running_elsewhere_says_so_once(tmp_path, caplog):
+    """No room for another trial while another worker's trial runs: the worker waits (up to grace_period
+    for a lost one), and says why once, instead of sitting silent."""
+    import logging
+    import time
+
+    from initsearch.search.storage import open_storage
+    from initsearch.search.workers import StudyLock, TrialGate
+
+    url = str(tmp_path / "s.journal")
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="busy", storage=storage)
+    study.ask()  # RUNNING, under no worker of this process
+    gate = TrialGate(StudyLock(url, storage, "busy"), total=1, poll_s=0.05, deadline=time.monotonic() + 0.4)
+    with caplog.at_level(logging.INFO, logger="initsearch"):
+        assert gate.admit(study) is False
+    said = [r.getMessage() for r in caplog.records if "still RUNNING under other workers" in r.getMessage()]
+    assert said == ["study 'busy': waiting for 1 trial(s) still RUNNING under other workers; one whose worker is "
+                    "gone is failed and run again (its process not found on this machine, or no heartbeat for "
+                    "grace_period)"]

@@ -503,10 +503,11 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     assert resolve_tracking_uri("http://127.0.0.1:5000/", tmp_path) == "http://127.0.0.1:5000"
     assert resolve_tracking_uri("None", tmp_path) is None
     for folder in ("/nonexistent/dir/ml", "mlruns", "file:///tmp/mlruns"):  # MLflow 3 refuses a file store
-        with pytest.raises(ConfigError, match=f"^tracking_uri: {folder} is an MLflow file store, which MLflow 3 does "
-                                              "not support; give a database URL such as sqlite:///path/mlflow.db or a "
-                                              "server http://host:port$"):
+        with pytest.raises(ConfigError, match=f"^tracking_uri: {folder} is an MLflow file store, which MLflow 3 "
+                                              "refuses unless MLFLOW_ALLOW_FILE_STORE=true; give a database URL such as "
+                                              "sqlite:///path/mlflow.db or a server http://host:port$"):
             resolve_tracking_uri(folder, tmp_path)
+    assert resolve_tracking_uri("databricks", tmp_path) == "databricks"  # a scheme MLflow takes alone, not a folder
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in still works
     assert resolve_tracking_uri("mlruns", tmp_path) == (tmp_path / "mlruns").as_uri()
     assert default_artifact_location(f"sqlite:///{tmp_path}/x.db") == (tmp_path / "mlartifacts").as_uri()

@@ -80,7 +80,8 @@ def adapt(policy: InitPolicy, space: SearchSpace, layers: Sequence[LayerInfo],
         missing = unmatched_names(policy, names)
         if not missing:
             raise
-        rules = " and ".join(f"rules[{index}].layer {name!r}" for index, name in missing)
+        shown_rules = [f"rules[{index}].layer {name!r}" for index, name in missing[:3]]
+        rules = " and ".join(shown_rules) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ValueError(f"{rules} {'matches' if len(missing) == 1 else 'match'} no layer of this model (its "
                          f"layers: {shown}); without {'it' if len(missing) == 1 else 'them'}, {exc}") from None

@@ -41,9 +41,11 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str | None
     text = DEFAULT_TRACKING_URI if uri is None or not str(uri).strip() else str(uri).strip()
     if text.lower() in OFF_VALUES:
         return None
-    if ("://" not in text or text.lower().startswith("file:")) and not file_store_allowed():
-        raise ConfigError(f"tracking_uri: {text} is an MLflow file store, which MLflow 3 does not support; give a "
-                          f"database URL such as sqlite:///path/mlflow.db or a server http://host:port")
+    if (("://" not in text and text.lower() not in SCHEME_ONLY) or text.lower().startswith("file:")) \
+            and not file_store_allowed():
+        raise ConfigError(f"tracking_uri: {text} is an MLflow file store, which MLflow 3 refuses unless "
+                          f"MLFLOW_ALLOW_FILE_STORE=true; give a database URL such as sqlite:///path/mlflow.db "
+                          f"or a server http://host:port")
     base = Path.cwd() if cwd is None else cwd
     if text.startswith("sqlite:///"):
         path, sep, query = text[len("sqlite:///"):].partition("?")
@@ -52,10 +54,13 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str | None
             full = full if full.is_absolute() else base / full
             return f"sqlite:///{full.absolute().as_posix()}{sep}{query}"
         return text
-    if "://" not in text:
+    if "://" not in text and text.lower() not in SCHEME_ONLY:
         full = Path(text).expanduser()
         return (full if full.is_absolute() else base / full).absolute().as_uri()
     return text.rstrip("/") if is_http(text) else text
+
+
+SCHEME_ONLY = ("databricks", "databricks-uc", "uc")  # tracking URIs MLflow takes without "://": not folders
 
 
 def file_store_allowed() -> bool:
