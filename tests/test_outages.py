@@ -174,10 +174,11 @@ def test_a_spool_folder_that_cannot_be_written_is_one_warning(tmp_path, caplog):
 FILLS_UP = """
 import errno, sys
 from optuna.storages.journal import JournalFileBackend
-append, calls = JournalFileBackend.append_logs, []
-def fills_up(self, logs):  # the disk fills up after 40 journal writes: in the middle of a trial
+append, calls, full = JournalFileBackend.append_logs, [], []
+def fills_up(self, logs):  # the disk fills up after 40 journal writes, as a trial writes its end
     calls.append(1)
-    if len(calls) > 40:
+    if len(calls) > 40 and (full or any(log["op_code"] == 6 for log in logs)):  # SET_TRIAL_STATE_VALUES
+        full.append(1)
         raise OSError(errno.ENOSPC, "No space left on device")
     return append(self, logs)
 JournalFileBackend.append_logs = fills_up

@@ -425,10 +425,16 @@ class TrialGate:
     def admit(self, study: optuna.Study) -> bool:
         if self._holding:
             return True
+        said = False
         while True:
             room, others = self._check(study)
             if room or not others or (self.deadline is not None and time.monotonic() + self.poll_s > self.deadline):
                 return room
+            if not said:  # a wait can last up to grace_period: say why the command seems idle
+                log.info("study %r: waiting for %d trial(s) still RUNNING under other workers; one whose worker "
+                         "is gone is failed and run again (its process not found on this machine, or no heartbeat "
+                         "for grace_period)", study.study_name, others)
+                said = True
             time.sleep(self.poll_s)
 
     def _check(self, study: optuna.Study) -> tuple[bool, int]:
