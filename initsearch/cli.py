@@ -138,10 +138,10 @@ def run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path) 
 def _run_settings(settings: StudySettings, cfg: DictConfig, out_dir: str | Path,
                   progress: list[Progress]) -> FinishedStudy:
     check_storage(settings)
-    check_resume(settings)
     check_output(out_dir)
     with stop_on_signals():
-        proxy = prepare(settings)
+        proxy = prepare(settings)  # a bad model or data is said first
+        check_resume(settings)
         threads = choose_threads(settings, proxy)
         log.info("%s", threads.describe())
     with stop_on_signals(), use_threads(threads):
@@ -340,9 +340,9 @@ def check_storage(settings: StudySettings) -> None:
 
 
 def check_resume(settings: StudySettings) -> None:
-    """An existing study resumes only under its own settings (``study.check_resumable``): checked here,
-    before the data loads and helper workers start, so a refusal costs nothing. Writes nothing (a journal
-    file that is not there yet is a new study: opening it would create it)."""
+    """An existing study resumes only under its own settings (``study.check_resumable``): checked once the
+    model and data are known good, before the thread count is measured and helper workers start. Writes
+    nothing (a journal file that is not there yet is a new study: opening it would create it)."""
     if not is_rdb(settings.storage) and not (Path(settings.storage).is_file() and Path(settings.storage).stat().st_size):
         return
     try:

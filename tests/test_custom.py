@@ -499,7 +499,8 @@ def test_a_resumed_study_knows_its_network_under_another_spelling() -> None:
 
 
 def test_a_custom_model_without_its_target_is_one_line(tmp_path) -> None:
-    proc = run_cli("initsearch", ["model=custom", f"hydra.run.dir={tmp_path / 'out'}", *QUICK], REPO)
+    proc = run_cli("initsearch", ["model=custom", f"hydra.run.dir={tmp_path / 'out'}", f"storage={tmp_path / 's.journal'}",
+                                  *QUICK], REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "initsearch: error: model._target_: give your class as model._target_=package.module.Class")

@@ -269,11 +269,11 @@ def test_resuming_under_other_scoring_settings_is_one_line_and_writes_nothing(in
     run(compose_config(base), in_tmp / "out")
     before = len(_study(storage, "contract").get_trials())
 
-    def no_data(*args, **kwargs):
-        raise AssertionError("the data was loaded before the refusal")
+    def too_late(*args, **kwargs):
+        raise AssertionError("the thread count was measured before the refusal")
 
-    with monkeypatch.context() as patch:  # refused before the data loads (and before helper workers start)
-        patch.setattr("initsearch.cli.prepare", no_data)
+    with monkeypatch.context() as patch:  # refused before the thread probe, the tracker and helper workers
+        patch.setattr("initsearch.cli.choose_threads", too_late)
         with pytest.raises(ConfigError) as info:
             run(compose_config(base + ["n_trials=3", override]), in_tmp / "out2")
     assert str(info.value).startswith(f"{key}: study 'contract' was run with {old!r}, this command has {new!r}; ")
