@@ -163,6 +163,15 @@ def test_study_with_pretrained_runs_both_baselines_and_exports_a_version_2_polic
         assert trial.state == optuna.trial.TrialState.COMPLETE
         assert trial.user_attrs["policy"]["checkpoints"]["pretrained"]["path"] == str(path.resolve())
     assert json.loads(exported.read_text())["format"] == "initsearch-policy"
+    # other weights under the same path: the checkpoint trials' scores would not compare, so no resume
+    before = len(study.get_trials())
+    settings = _settings([])
+    save_state_dict(fresh_model(settings.model, prepare(settings).data, torch.device("cpu"), seed=7), path)
+    with pytest.raises(ConfigError, match=r"^pretrained: study 'pt' was run with '[0-9a-f]{64}', this command has "
+                                          r"'[0-9a-f]{64}'; their scores would not compare"):
+        run(compose_config(TINY + [f"pretrained={path}", f"storage={storage}", "study_name=pt", *GROUPED,
+                                   "n_trials=4"]), in_tmp / "out2")
+    assert len(optuna.load_study(study_name="pt", storage=open_storage(storage)).get_trials()) == before
 
 
 # ---------------------------------------------------------------------------------------------- data.classes

@@ -122,7 +122,8 @@ DATA_WHERE = {"_target_", "root", "url", "md5", "download", "max_bytes"}
 
 def scoring_settings(settings: StudySettings) -> dict[str, Any]:
     """What a trial's score depends on besides its policy: the network's settings, the data's, the seed (the
-    data split and the evaluation seeds), the training run, LSUV's batch and the scoring rule. Scores taken
+    data split and the evaluation seeds), the training run, LSUV's batch, the pre-trained weights' sha256
+    and the scoring rule. Scores taken
     under other values do not compare, so a study resumes only under these. Left out: the class and the
     dataset themselves (``check_resumable`` checks them apart), objects given from Python, where the data
     lives (``DATA_WHERE``), and what only changes float rounding (``train.eval_batch_size``, ``train.bf16``,
@@ -136,6 +137,7 @@ def scoring_settings(settings: StudySettings) -> dict[str, Any]:
         "seed": settings.seed,
         "train": train,
         "lsuv_batch": settings.lsuv_batch,
+        "pretrained": settings.pretrained.sha256 if settings.pretrained is not None else None,  # the bytes, not the path
         "score": {"seeds": score.seeds, "aggregate": score.aggregate,
                   **({"target_acc": score.target_acc} if score.metric == "steps_to_target" else {})},
     }
