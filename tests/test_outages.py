@@ -271,3 +271,30 @@ def test_tracking_only_on_a_study_that_does_not_exist_is_one_line_and_creates_no
     with pytest.raises(ConfigError, match=r"^tracking_only: no study named 'nothing' in "):
         run(tiny(tmp_path, "study_name=nothing", "tracking_only=true", "tracking_uri=sqlite:///mlflow.db"), tmp_path / "o")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "o").exists()
+
+
+FILLS_UP_AFTER_A_CREATION = FILLS_UP.replace(
+    "(full or any(log[\"op_code\"] == 6 for log in logs))", "(full or calls[-2:-1] == [4])").replace(
+    "    calls.append(1)\n", "    calls.append(logs[0][\"op_code\"])\n")
+
+
+def test_a_trial_names_its_worker_as_it_is_created_so_a_crash_right_after_is_seen_at_once(tmp_path):
+    """The disk fills on the first write after a trial's creation: the trial stays RUNNING, and since its
+    creation record named this process, the next run fails and retries it at once (its process is gone),
+    not after grace_period without a heartbeat."""
+    from tests.conftest import PYTHON
+    from tests.reliability_helpers import cli, load_trials
+    from tests.test_tracking import BASE
+
+    args = [*BASE, f"storage={tmp_path}/s.journal", "n_trials=6", "study_name=full", "tracking_uri=none"]
+    assert FILLS_UP_AFTER_A_CREATION != FILLS_UP
+    (tmp_path / "fills_up.py").write_text(FILLS_UP_AFTER_A_CREATION)
+    full = subprocess.run([PYTHON, str(tmp_path / "fills_up.py"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=cli_env(), timeout=240)
+    assert full.returncode == 2, full.stderr
+    [left] = [t for t in load_trials(f"{tmp_path}/s.journal", "full") if t.state.name == "RUNNING"]
+    assert isinstance(left.user_attrs.get("worker"), str)  # named in the record that created it
+    again = cli(args, tmp_path)
+    assert again.returncode == 0, again.stderr
+    [retry] = [t for t in load_trials(f"{tmp_path}/s.journal", "full") if t.user_attrs.get("retry_of") == left.number]
+    assert retry.user_attrs["retry_reason"].startswith("worker died: process "), retry.user_attrs["retry_reason"]

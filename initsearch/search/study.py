@@ -27,7 +27,7 @@ from initsearch.search.settings import StudySettings, is_rdb
 from initsearch.search.storage import open_storage
 from initsearch.search.trial import Proxy
 from initsearch.search.warm import describe_network, enqueue_warm_starts, warm_starts
-from initsearch.search.workers import StaleTrials, StudyLock, counted
+from initsearch.search.workers import StaleTrials, StudyLock, counted, name_new_trials
 
 log = logging.getLogger("initsearch")
 
@@ -331,6 +331,7 @@ def run_study(settings: StudySettings, proxy: Proxy, tracker: Tracker | None = N
     stale = StaleTrials(tracker, settings.grace_period, heartbeats=is_rdb(settings.storage))
     storage = open_storage(settings.storage, heartbeat_interval=settings.heartbeat_interval,
                            grace_period=settings.grace_period, on_stale=stale.on_rdb_stale)
+    name_new_trials(storage)
     study = None
     # earlier winners, read before this study is created or written (a missing source fails here)
     warm = warm_starts(settings.warm_start, storage, settings.space, proxy.layers, proxy.pretrained)

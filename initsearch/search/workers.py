@@ -28,6 +28,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,26 @@ def worker_alive(worker: str) -> bool | None:
     if fields[0] in ("Z", "X"):
         return False
     return not start or (len(fields) > 19 and fields[19] == start)
+
+
+def name_new_trials(storage: optuna.storages.BaseStorage) -> None:
+    """A journal storage's new trials name this process as their worker in the record that creates them.
+    Otherwise the worker is written next: a process that died between the two writes would leave a RUNNING
+    trial that names no worker, which only ``grace_period`` without a heartbeat can fail. Enqueued trials
+    (a template given) and other storages are left as they are (an RDB has Optuna's heartbeats)."""
+    if not isinstance(storage, optuna.storages.JournalStorage):
+        return
+    create = storage.create_new_trial
+
+    def create_new_trial(study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        if template_trial is None:
+            template_trial = FrozenTrial(
+                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+                datetime_complete=None, params={}, distributions={}, user_attrs={"worker": worker_id()},
+                system_attrs={}, intermediate_values={}, trial_id=-1)
+        return create(study_id, template_trial)
+
+    storage.create_new_trial = create_new_trial  # type: ignore[method-assign]
 
 
 def mark_worker(trial: optuna.Trial) -> None:
