@@ -359,9 +359,9 @@ def check_own_files(settings: StudySettings) -> None:
 
     uri = resolve_tracking_uri(settings.tracking_uri)
     study_file = sqlite_file(settings.storage) if is_rdb(settings.storage) else settings.storage
-    if uri is None or not uri.startswith("sqlite:///") or study_file is None:
+    mlflow_file = sqlite_file(uri) if uri is not None else None
+    if mlflow_file is None or study_file is None:
         return
-    mlflow_file = uri[len("sqlite:///"):].partition("?")[0]
     if Path(study_file).expanduser().resolve() == Path(mlflow_file).resolve():
         raise ConfigError(f"storage: {settings.storage} is also the MLflow store (tracking_uri={uri}): Optuna and "
                           f"MLflow never share one file; {OWN_FILE}")

@@ -31,14 +31,14 @@ from omegaconf import OmegaConf, open_dict
 
 from initsearch.contenders.baselines import contender_policy
 from initsearch.errors import ConfigError, InitSearchError, PolicyError
-from initsearch.init.policy import CheckpointRef, InitPolicy, load_policy
+from initsearch.init.policy import UNMATCHED_RULE_HINT, CheckpointRef, InitPolicy, load_policy
 from initsearch.proxy.data import Dataset
 from initsearch.proxy.losses import resolve_loss
 from initsearch.proxy.scoring import interval, paired_gains, score_or_nan
 from initsearch.proxy.train import Curve
 from initsearch.search.progress import Steps
 from initsearch.search.settings import StudySettings, settings_from_config
-from initsearch.search.study import canonical
+from initsearch.search.study import network
 from initsearch.search.threads import choose_threads, use_threads
 from initsearch.search.trial import population_size, prepare, train_contenders
 
@@ -137,10 +137,8 @@ class ValidationReport:
                 "other baselines: " if self.is_baseline else "")
         if not baselines:
             return note + "no baseline finished: nothing to compare the policy with"
-        sentence = self._against(policy, baselines)
-        if sentence.startswith(("the policy beats", "the policy is not distinguishable")):
-            sentence += self._held_out(policy, baselines)
-        return note + sentence
+        sentence, lost = self._against(policy, baselines)
+        return note + sentence + ("" if lost else self._held_out(policy, baselines))
 
     def _held_out(self, policy: ContenderResult, baselines: list[ContenderResult]) -> str:
         """A second sentence when the score is the training loss's area (``auc_loss``), on which the policy
@@ -162,13 +160,14 @@ class ValidationReport:
                 f"{best.name}'s {statistics.fmean(finals[best.name]):.4g} (paired {gain:+.3g} ± {half:.2g}): it "
                 "fits the training data faster and generalizes worse")
 
-    def _against(self, policy: ContenderResult, baselines: list[ContenderResult]) -> str:
+    def _against(self, policy: ContenderResult, baselines: list[ContenderResult]) -> tuple[str, bool]:
+        """The verdict's sentence against the best baseline, and whether the policy lost (diverged, or worse)."""
         pick = min if self.direction == "minimize" else max
         best = pick(baselines, key=lambda r: r.mean_score())
         p, b = policy.mean_score(), best.mean_score()
         n = len(self.seeds)
         if not math.isfinite(p):
-            return f"the policy does NOT beat the best baseline ({best.name}): it diverged on every one of {n} fresh seeds"
+            return f"the policy does NOT beat the best baseline ({best.name}): it diverged on every one of {n} fresh seeds", True
         gains = paired_gains(policy.scores, best.scores, self.direction)
         gain, half = interval(gains)
         pct = 100.0 * gain / abs(b) if b else math.nan
@@ -176,13 +175,13 @@ class ValidationReport:
                   f"policy {p:.4g}, {best.name} {b:.4g}; {self.steps} steps")
         if policy.diverged:
             return (f"the policy does NOT beat the best baseline ({best.name}): it diverged on "
-                    f"{policy.diverged}/{n} fresh seeds ({paired})")
+                    f"{policy.diverged}/{n} fresh seeds ({paired})"), True
         if len(gains) > 1 and gain - half > 0:
-            return f"the policy beats the best baseline ({best.name}) by {pct:.1f}% on {self.metric} ({paired})"
+            return f"the policy beats the best baseline ({best.name}) by {pct:.1f}% on {self.metric} ({paired})", False
         if len(gains) > 1 and gain + half < 0:
-            return f"the policy is worse than the best baseline ({best.name}) by {-pct:.1f}% on {self.metric} ({paired})"
+            return f"the policy is worse than the best baseline ({best.name}) by {-pct:.1f}% on {self.metric} ({paired})", True
         return (f"the policy is not distinguishable from the best baseline ({best.name}) on {self.metric}: "
-                f"{pct:+.1f}% ({paired})")
+                f"{pct:+.1f}% ({paired})"), False
 
 
 def _steps_to_target(curve: Curve, target: float) -> int | None:
@@ -417,14 +416,13 @@ def for_this_command(message: str, policy: InitPolicy, settings: StudySettings) 
     past a rule that matches nothing), so the hint is the model the policy's provenance names, when that is
     not the one this command trains."""
     searched_on = (policy.provenance or {}).get("model")
-    trained = str(settings.model.get("_target_") or settings.model.get("name"))
-    named = searched_on.get("_target_") or searched_on.get("name") if isinstance(searched_on, dict) else None
-    if isinstance(named, str) and canonical(named) != canonical(trained):
+    named, trained = (network(searched_on) if isinstance(searched_on, dict) else None), network(settings.model)
+    if named is not None and named != trained:
         hint = (f"the policy was searched on {named} (its provenance), this command trains {trained}: pass "
                 + (f"model._target_={named} and its arguments" if searched_on.get("_target_") else f"model={named}"))
     else:
         hint = "fix the name in the policy file"
-    return message.replace("fix the name, or pass strict=False to allow rules that match nothing", hint)
+    return message.replace(UNMATCHED_RULE_HINT, hint)
 
 
 def _validate(args: list[str]) -> int:

@@ -953,6 +953,10 @@ def save_policy(policy: InitPolicy | Mapping, path: str | os.PathLike) -> pathli
 # ----------------------------------------------------------------------------------------------------------
 
 
+# how a rule that matches no layer is answered (``validate`` has no strict=False, and says its own)
+UNMATCHED_RULE_HINT = "fix the name, or pass strict=False to allow rules that match nothing"
+
+
 def unmatched_names(policy: InitPolicy, names: Sequence[str]) -> list[tuple[int, str]]:
     """``(rule index, layer)`` of each rule whose ``layer`` is an exact name (no glob characters) that is none
     of ``names``: a rule written for another model, which matches nothing here."""
@@ -972,8 +976,7 @@ def _check_exact_names(policy: InitPolicy, names: Sequence[str]) -> None:
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     _fail(
         f"rules[{index}].layer",
-        f"{name!r} matches no layer of the model (layers: {shown}){hint}; "
-        "fix the name, or pass strict=False to allow rules that match nothing",
+        f"{name!r} matches no layer of the model (layers: {shown}){hint}; {UNMATCHED_RULE_HINT}",
     )
 
 

@@ -90,7 +90,8 @@ def open_study(settings: StudySettings, storage: optuna.storages.BaseStorage | N
 def check_resumable(study: optuna.Study, settings: StudySettings) -> None:
     """An existing study resumes only under what its scores depend on: its objectives, metric, data, network
     and scoring settings (``check_scoring_unchanged``). One ``ConfigError`` line naming the first that
-    differs; nothing is written. ``cli`` calls it before any data is loaded, ``open_study`` again."""
+    differs; nothing is written. ``cli`` calls it before the thread probe and helper workers, ``open_study``
+    again."""
     attrs = study.user_attrs
     if len(study.directions) != len(settings.directions):  # an existing study keeps its own directions
         raise ConfigError(
